@@ -1,0 +1,264 @@
+"""``edgediff export``: a Stable Diffusion model in, validated ONNX graphs plus a manifest out.
+
+Work happens in a hidden staging folder beside OUT; each graph there gets a ``done.json`` once it
+is exported and validated, so an interrupted export resumes where it stopped. At the end the
+staging folder is renamed to OUT and the manifest is written last, atomically.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.manifest import (GRAPH_NAMES, GraphEntry, Manifest, read_manifest, sha256_file,
+                                       write_manifest)
+
+from . import optimize as opt
+from .graphs import GRAPHS, GraphSpec, example_sizes, model_dims, size_rule
+from .validate import runnable_providers, validate
+
+PRECISIONS = ("fp16", "fp32", "int8")
+OPSET = 17
+FLOAT_DTYPE = {"fp16": "float16", "fp32": "float32", "int8": "float32"}
+
+
+def default_target(precision: str) -> str:
+    """fp16 graphs are for GPUs; CPU runs want fp32 or int8 graphs (DESIGN.md)."""
+    return "cuda" if precision == "fp16" else "cpu"
+
+
+def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
+                 graphs: tuple[str, ...] = GRAPH_NAMES, allow_pickle: bool = False,
+                 prediction_type: str | None = None, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None) -> Manifest:
+    """Export ``source`` into ``out`` and return the manifest written there."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    if precision not in PRECISIONS:
+        raise EdgediffError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    target = optimize_for or default_target(precision)
+    if target not in opt.TARGETS:
+        raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
+    out = Path(out)
+    staging = _prepare_folders(out, overwrite)
+
+    log(f"loading {source}")
+    from .load import load_pipeline
+
+    pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
+    _reset_if_stale(staging, settings)
+
+    entries = {}
+    for index, name in enumerate(graphs, 1):
+        prefix = f"[{index}/{len(graphs)}] {name}"
+        done = staging / name / "done.json"
+        if done.is_file():
+            entries[name] = GraphEntry.from_dict(json.loads(done.read_text()))
+            log(f"{prefix}: already exported, skipping")
+            continue
+        entries[name] = _export_graph(pipe, GRAPHS[name], staging, precision, target, prefix, log)
+        done.write_text(json.dumps(entries[name].to_dict(), indent=2))
+
+    manifest = _manifest(pipe, origin, precision, target, entries)
+    _write_assets(pipe, staging)
+    if out.exists():
+        shutil.rmtree(out)  # empty, or complete and --overwrite given (checked in _prepare_folders)
+    for name in graphs:
+        (staging / name / "done.json").unlink()
+    (staging / "settings.json").unlink()
+    staging.rename(out)
+    write_manifest(out, manifest)
+    log(f"done: {out} ({_folder_mb(out):.1f} MB)")
+    return manifest
+
+
+def _prepare_folders(out: Path, overwrite: bool) -> Path:
+    if (out / "manifest.json").exists() and not overwrite:
+        raise EdgediffError(f"{out} already holds an exported model; pass --overwrite to replace it")
+    if out.exists() and not (out / "manifest.json").exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EdgediffError(f"{out} exists and is not an edgediff model; choose a new or empty folder")
+    staging = out.parent / f".{out.name}.partial"
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EdgediffError(f"cannot write to {out.parent}: {error.strerror}") from None
+    return staging
+
+
+def _reset_if_stale(staging: Path, settings: dict) -> None:
+    """Finished graphs are reused only when they were made with the same settings."""
+    marker = staging / "settings.json"
+    if marker.is_file() and json.loads(marker.read_text()) != settings:
+        shutil.rmtree(staging)
+        staging.mkdir()
+    marker.write_text(json.dumps(settings))
+
+
+def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: str, prefix: str,
+                  log) -> GraphEntry:
+    started = time.perf_counter()
+    dims = model_dims(pipe)
+    module = spec.wrap(pipe).eval()
+    folder = staging / spec.name
+    raw_dir = folder / "raw"
+    shutil.rmtree(folder, ignore_errors=True)
+    raw_dir.mkdir(parents=True)
+
+    log(f"{prefix}: tracing")
+    trace_inputs = spec.example_inputs(dims, example_sizes(pipe, batch=2, latent_units=2))
+    raw = raw_dir / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            module, trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+            input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(),
+        )
+    if target != "none":
+        log(f"{prefix}: optimizing for {target}")
+    model = opt.optimize(raw, spec.optimizer_type, target)
+
+    inputs = spec.resolve(spec.inputs, dims, FLOAT_DTYPE[precision])
+    outputs = spec.resolve(spec.outputs, dims, FLOAT_DTYPE[precision])
+    check_inputs = spec.example_inputs(dims, example_sizes(pipe, batch=1, latent_units=3))
+    providers = runnable_providers(target)
+    path = folder / "model.onnx"
+    kept_fp32: list[str] = []
+    graph_precision = precision
+
+    if precision == "fp16":
+        log(f"{prefix}: converting to fp16")
+        opt.name_nodes(model)
+        keep_io = [s.name for s in inputs if s.dtype == "float32"]
+        attention = opt.attention_score_nodes(model)
+        upcast = spec.name == "unet" and getattr(pipe.unet.config, "upcast_attention", False)
+        # Escalate only as far as needed: all fp16, then attention scores in fp32, then all fp32.
+        for keep, why in ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
+                          (attention, "attention scores and softmax (fp16 overflow)"),
+                          (None, "whole graph (fp16 overflow)")):
+            if keep is None:
+                graph_precision, converted = "fp32", model
+                inputs = spec.resolve(spec.inputs, dims, "float32")
+                outputs = spec.resolve(spec.outputs, dims, "float32")
+                kept_fp32 = [why]
+            else:
+                converted = opt.to_fp16(_copy(model), keep, keep_io)
+                kept_fp32 = [f"{why}: {len(keep)} nodes"] if keep else []
+            opt.save(converted, path)
+            if providers is None:
+                break
+            report = validate(module, path, check_inputs, inputs, outputs, providers)
+            if all(r["finite"] for r in report.values()):
+                break
+            log(f"{prefix}: fp16 output overflowed; keeping more in fp32")
+    elif precision == "int8" and spec.name == "unet":
+        log(f"{prefix}: quantizing MatMul weights to int8")
+        opt.save(model, raw_dir / "optimized.onnx")
+        opt.quantize_int8(raw_dir / "optimized.onnx", path)
+        kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
+    else:
+        if precision == "int8":
+            kept_fp32 = ["whole graph (int8 applies to the U-Net)"]
+            graph_precision = "fp32"
+        opt.save(model, path)
+    del model
+    shutil.rmtree(raw_dir)
+
+    validation = _validate_and_report(module, spec, path, check_inputs, inputs, outputs, providers,
+                                      graph_precision if precision != "int8" else precision, prefix, log)
+    entry = GraphEntry(
+        path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
+        inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation,
+    )
+    log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
+    return entry
+
+
+def _validate_and_report(module, spec, path, check_inputs, inputs, outputs, providers, precision, prefix,
+                         log) -> dict:
+    tolerance = spec.tolerance[precision]
+    if providers is None:
+        log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here")
+        return {"validated": False, "reason": "graph needs CUDAExecutionProvider", "tolerance": tolerance}
+    report = validate(module, path, check_inputs, inputs, outputs, providers)
+    failed = []
+    for output, result in report.items():
+        ok = result["finite"] and result["relative"] <= tolerance
+        log(f"{prefix}: validate {output}: max abs diff {result['max_abs_diff']:.2e} "
+            f"(relative {result['relative']:.2e}, tolerance {tolerance:.0e}) {'ok' if ok else 'FAILED'}")
+        if not ok:
+            failed.append(output)
+    if failed:
+        raise EdgediffError(f"{spec.name} graph does not match torch ({', '.join(failed)} over tolerance "
+                            f"{tolerance:.0e}); nothing was written to the output folder")
+    return {"validated": True, "providers": providers[:1], "tolerance": tolerance, "outputs": report}
+
+
+def _copy(model):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _manifest(pipe, origin, precision, target, entries) -> Manifest:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    vae_scale_factor, latent_multiple = size_rule(pipe)
+    tokenizer = pipe.tokenizer
+    scheduler = json.loads(json.dumps(dict(pipe.scheduler.config), default=list))
+    scheduler["_class_name"] = type(pipe.scheduler).__name__
+    return Manifest(
+        # OpenAI CLIP (quick_gelu) conditions SD 1.x; OpenCLIP (gelu) conditions SD 2.x.
+        family="sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2",
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scheduler=scheduler,
+        latent_channels=pipe.vae.config.latent_channels,
+        vae_scale_factor=vae_scale_factor,
+        scaling_factor=float(pipe.vae.config.scaling_factor),
+        shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
+        latent_multiple=latent_multiple,
+        default_size=int(pipe.unet.config.sample_size) * vae_scale_factor,
+        tokenizer={
+            "path": "tokenizer/tokenizer.json",
+            "max_length": int(tokenizer.model_max_length),
+            "pad_token_id": int(tokenizer.pad_token_id),
+            "bos_token_id": int(tokenizer.bos_token_id),
+            "eos_token_id": int(tokenizer.eos_token_id),
+        },
+        graphs=entries,
+        precision=precision,
+        optimized_for=target,
+        source={**origin, "opset": OPSET, "exporter": "torch.onnx (TorchScript)",
+                "libraries": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                              "transformers": transformers.__version__, "onnx": onnx.__version__,
+                              "onnxruntime": onnxruntime.__version__}},
+    )
+
+
+def _write_assets(pipe, staging: Path) -> None:
+    (staging / "tokenizer").mkdir(exist_ok=True)
+    pipe.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"))
+    alphas_cumprod = getattr(pipe.scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        from diffusers import DDPMScheduler
+
+        alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    np.save(staging / "alphas_cumprod.npy", np.asarray(alphas_cumprod, dtype=np.float64))
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
+__all__ = ["export_model", "read_manifest", "PRECISIONS", "default_target"]

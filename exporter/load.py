@@ -1,0 +1,102 @@
+"""Load a Stable Diffusion 1.x/2.x model from a diffusers folder, a single file or a hub id."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from edgediff.runtime.errors import EdgediffError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# A key only OpenCLIP (SD 2.x) text encoders have in original-format checkpoints.
+SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+
+
+def _configs_dir() -> Path:
+    from edgediff.models import configs_dir
+
+    return configs_dir()
+
+
+def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None):
+    """Return a float32 ``StableDiffusionPipeline`` on the CPU and a description of its source."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(source)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise EdgediffError(f"{path} is not a diffusers model folder (no model_index.json)")
+        import json
+
+        cls = json.loads(index.read_text()).get("_class_name")
+        if cls not in SUPPORTED_PIPELINES:
+            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x and 2.x pipelines")
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
+        )
+        origin = {"kind": "diffusers-folder", "path": str(path.resolve())}
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in SINGLE_FILE_SUFFIXES:
+            raise EdgediffError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt checkpoint")
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise EdgediffError(
+                f"{path} is a pickled checkpoint: loading it runs code from the file. Convert it to "
+                ".safetensors, or pass --allow-pickle if you trust its source"
+            )
+        pipe = _load_single_file(path, prediction_type)
+        origin = {"kind": "single-file", "path": str(path.resolve())}
+    elif source.count("/") == 1 and not source.startswith((".", "/")) and not path.suffix:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
+        except Exception as error:  # hub errors come in many types; one line is what the user needs
+            raise EdgediffError(f"could not load '{source}' from the hub: {str(error).splitlines()[0]}") from None
+        origin = {"kind": "hub", "id": source}
+    else:
+        raise EdgediffError(f"export source not found: {source}")
+
+    if prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, origin
+
+
+def _load_single_file(path: Path, prediction_type: str | None):
+    """Single-file checkpoints carry no config: take the matching shipped diffusers config."""
+    from diffusers import StableDiffusionPipeline
+
+    family = "sd21" if SD2_TEXT_KEY in _checkpoint_keys(path) else "sd15"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / family
+        shutil.copytree(_configs_dir() / family, config)
+        tokenizer = config / "tokenizer"
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(_configs_dir().parent / "clip_tokenizer" / name, tokenizer / name)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), local_files_only=True, safety_checker=None,
+                torch_dtype=torch.float32,
+                **({"prediction_type": prediction_type} if prediction_type else {}),
+            )
+        except Exception as error:
+            raise EdgediffError(f"could not read {path} as a Stable Diffusion checkpoint: "
+                                f"{str(error).splitlines()[0]}") from None
+    return pipe
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return set(handle.keys())
+        except Exception as error:
+            raise EdgediffError(f"{path} is not a readable safetensors file ({error})") from None
+    state = torch.load(str(path), map_location="cpu", weights_only=False)  # consent given by the caller
+    return set(state.get("state_dict", state).keys())

@@ -1,0 +1,95 @@
+"""Graph optimization per target and precision conversion (fp16, int8) of exported graphs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+TARGETS = ("cuda", "dml", "cpu", "none")
+# Fusions whose kernels exist only in the CUDA execution provider (DESIGN.md).
+CUDA_ONLY_FUSIONS = (
+    "enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+    "enable_bias_add", "enable_packed_qkv", "enable_packed_kv",
+)
+TWO_GB = 2 * 1024**3
+
+
+def optimize(model_path: Path, optimizer_type: str, target: str) -> onnx.ModelProto:
+    """Fuse attention, LayerNorm, GELU...; the CUDA-only fusions only when targeting CUDA."""
+    if target == "none":
+        return onnx.load(str(model_path))
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(optimizer_type)
+    if target != "cuda":
+        for flag in CUDA_ONLY_FUSIONS:
+            if hasattr(options, flag):
+                setattr(options, flag, False)
+    optimized = optimize_model(
+        str(model_path), model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
+        optimization_options=options, use_gpu=target == "cuda",
+    )
+    return optimized.model
+
+
+def attention_score_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of unfused attention Softmax nodes and the score MatMuls that feed them.
+
+    These overflow float16 in SD 2.x (diffusers' ``upcast_attention``), so they stay float32.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        names.append(node.name)
+        current = producers.get(node.input[0])
+        while current is not None and current.op_type in ("Mul", "Div", "Add", "Cast"):
+            current = producers.get(current.input[0])
+        if current is not None and current.op_type == "MatMul":
+            names.append(current.name)
+    return names
+
+
+def to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str], keep_io: list[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(
+        model, keep_io_types=keep_io, node_block_list=keep_fp32_nodes or None, disable_shape_infer=True
+    )
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes stable names so a node block list can refer to them."""
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save a graph; over 2 GB its weights go to one external-data file beside it, never hundreds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if model.ByteSize() < TWO_GB - 64 * 1024**2:
+        onnx.save_model(model, str(path))
+        return [path]
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
+
+
+def quantize_int8(model_path: Path, out_path: Path) -> None:
+    """Dynamic int8 weights for MatMul/Attention/Gemm (onnxruntime.quantization).
+
+    ``DefaultTensorType`` is needed on fused graphs, whose contrib ops lack type information.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(model_path), str(out_path), weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Attention", "Gemm"],
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        use_external_data_format=model_path.stat().st_size > TWO_GB // 2,
+    )

@@ -1,0 +1,52 @@
+"""Check an exported graph against the torch module it came from, output by output."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+
+
+def runnable_providers(target: str) -> list[str] | None:
+    """The providers this machine can validate a graph with, or None where it cannot.
+
+    Graphs optimized for CUDA contain CUDA-only fused ops that the CPU provider cannot load.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if target == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else None
+    if target == "dml" and "DmlExecutionProvider" in available:
+        return ["DmlExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def validate(module: torch.nn.Module, graph_path: Path, inputs: tuple[torch.Tensor, ...], input_specs,
+             output_specs, providers: list[str]) -> dict[str, dict]:
+    """Run torch (float32) and ONNX Runtime on the same inputs; report each output's max abs diff.
+
+    The difference is also given relative to the reference's peak magnitude, the number the
+    tolerance applies to, since outputs of untrained and trained models differ in scale.
+    """
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        expected = module(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(graph_path), options, providers=providers)
+    feed = {spec.name: tensor.numpy().astype(NUMPY[spec.dtype]) for spec, tensor in zip(input_specs, inputs)}
+    actual = session.run([spec.name for spec in output_specs], feed)
+    report = {}
+    for spec, ref, got in zip(output_specs, expected, actual):
+        ref = ref.numpy().astype(np.float64)
+        got = got.astype(np.float64)
+        finite = bool(np.isfinite(got).all())
+        diff = float(np.abs(ref - got).max()) if finite else float("inf")
+        scale = max(1.0, float(np.abs(ref).max()))
+        report[spec.name] = {"max_abs_diff": diff, "relative": diff / scale, "finite": finite}
+    return report
