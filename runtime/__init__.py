@@ -1,0 +1,9 @@
+"""The torch-free runtime: ``Pipeline.load(model_dir)`` then ``pipe(prompt, ...)``.
+
+Needs only numpy, onnxruntime, tokenizers, pillow (and click for the CLI).
+"""
+from .errors import EdgediffError, ModelFolderError, ProviderError
+from .pipeline import Pipeline, Result
+from .sessions import available_providers
+
+__all__ = ["Pipeline", "Result", "EdgediffError", "ModelFolderError", "ProviderError", "available_providers"]

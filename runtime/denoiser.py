@@ -1,0 +1,47 @@
+"""The one place model output becomes the clean-latent estimate, with classifier-free guidance.
+
+k-diffusion's ``CompVisDenoiser``/``CompVisVDenoiser`` in sigma space (Karras et al. 2022,
+"Elucidating the Design Space of Diffusion-Based Generative Models", Table 1): the U-Net sees
+``x * c_in`` at timestep ``t(sigma)``; epsilon, v (Salimans & Ho 2022, "Progressive Distillation")
+and sample predictions are mapped to ``denoised``. Guidance follows Ho & Salimans 2022
+("Classifier-Free Diffusion Guidance").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+UNet = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (x_in, t, context) -> output
+
+
+def to_denoised(model_output: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
+    if prediction_type == "epsilon":
+        return x - sigma * model_output
+    if prediction_type == "v_prediction":
+        return x / (sigma**2 + 1) - model_output * (sigma / (sigma**2 + 1) ** 0.5)
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def make_denoiser(unet: UNet, timestep: Callable[[float], float], prediction_type: str,
+                  cond: np.ndarray, uncond: np.ndarray | None, guidance: float
+                  ) -> Callable[[np.ndarray, float], np.ndarray]:
+    """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch."""
+    guided = uncond is not None
+    context = np.concatenate([uncond, cond]) if guided else cond
+
+    def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
+        c_in = np.float32(1.0 / (sigma**2 + 1) ** 0.5)
+        x_in = np.concatenate([x, x]) if guided else x
+        t = np.full(x_in.shape[0], timestep(sigma), dtype=np.float32)
+        output = unet(x_in * c_in, t, context)
+        if guided:
+            output_uncond, output_cond = np.split(output, 2)
+            output = output_uncond + np.float32(guidance) * (output_cond - output_uncond)
+        return to_denoised(output, x, sigma, prediction_type).astype(np.float32, copy=False)
+
+    return denoise

@@ -1,0 +1,31 @@
+"""What ``edgediff info`` prints: a model's graphs and the providers this machine offers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import read_manifest
+from .sessions import available_providers
+
+
+def describe(model_dir: Path | None) -> str:
+    if model_dir is None:
+        from edgediff.models import default_model_dir
+
+        model_dir = default_model_dir()
+    m = read_manifest(model_dir)
+    lines = [
+        f"model      {model_dir}",
+        f"family     {m.family}, {m.prediction_type}, scheduler {m.scheduler.get('_class_name', '?')}",
+        f"precision  {m.precision}, optimized for {m.optimized_for}",
+        f"size       default {m.default_size}x{m.default_size}, sides a multiple of {m.size_multiple}",
+        "graphs",
+    ]
+    for name, g in m.graphs.items():
+        megabytes = sum(p.stat().st_size for p in (Path(model_dir) / g.path).parent.glob("model.onnx*")) / 1e6
+        v = g.validation
+        check = (f"max rel diff {max(o['relative'] for o in v['outputs'].values()):.1e} (tol {v['tolerance']:.0e})"
+                 if v.get("validated") else f"not validated ({v.get('reason', 'unknown')})")
+        kept = f"; fp32 kept: {', '.join(g.kept_fp32)}" if g.kept_fp32 else ""
+        lines.append(f"  {name:13} {g.precision:5} {megabytes:8.1f} MB  {check}{kept}")
+    lines.append(f"providers  {', '.join(available_providers())}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""ONNX Runtime sessions: provider choice and fallback, input checks, memory policy.
+
+This is the only module that imports onnxruntime.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import ModelFolderError, ProviderError
+from .manifest import GraphEntry, Manifest, TensorSpec
+
+PROVIDERS = {
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+EXTRA_FOR = {"cuda": "edgediff[cuda]", "tensorrt": "edgediff[cuda] and TensorRT", "dml": "edgediff[directml]",
+             "cpu": "edgediff[cpu]"}
+# TensorRT builds engines for minutes on first use, so "auto" never picks it: ask for it by name.
+AUTO_ORDER = ("cuda", "dml", "cpu")
+MEMORY_MODES = ("low", "high")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ProviderError("onnxruntime is not installed: pip install 'edgediff[cpu]' "
+                            "(or edgediff[cuda] / edgediff[directml])") from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build offers, best first."""
+    offered = set(_ort().get_available_providers())
+    return [short for short, full in PROVIDERS.items() if full in offered]
+
+
+def resolve_provider(name: str) -> str:
+    """"auto" picks the best available; a named provider that is not installed is an error."""
+    available = available_providers()
+    if name == "auto":
+        return next(short for short in AUTO_ORDER if short in available)
+    if name not in PROVIDERS:
+        raise ProviderError(f"unknown provider {name!r}; choose auto, {', '.join(PROVIDERS)}")
+    if name not in available:
+        raise ProviderError(f"provider '{name}' is not available in this onnxruntime "
+                            f"(it offers: {', '.join(available)}); install {EXTRA_FOR[name]}")
+    return name
+
+
+class GraphSession:
+    """One graph: inputs are checked against the manifest where they enter, then cast to its dtypes."""
+
+    def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
+                 optimized_for: str, warn: Callable[[str], None]):
+        ort = _ort()
+        self.name = name
+        self.entry = entry
+        path = model_dir / entry.path
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # provider load failures are reported below, in one line
+        if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
+            options.enable_mem_pattern = False
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = _provider_list(provider, model_dir, entry)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if "implementation" in message and optimized_for == "cuda" and provider != "cuda":
+                raise ModelFolderError(
+                    f"{name} graph was optimized for CUDA and cannot run on '{provider}'; "
+                    "re-export with --optimize-for cpu (or dml)") from None
+            raise ModelFolderError(f"{name} graph {path} cannot be loaded (corrupt or incomplete?): "
+                                   f"{message[:200]}") from None
+        active = self.session.get_providers()[0]
+        if active != PROVIDERS[provider]:
+            warn(f"{PROVIDERS[provider]} could not start (onnxruntime-gpu needs CUDA 13 and cuDNN 9); "
+                 f"{name} runs on {active} instead")
+        self.provider = active
+        self._inputs = {spec.name: spec for spec in entry.inputs}
+
+    def close(self) -> None:
+        """Drop the ONNX Runtime session, freeing its weights and arena (also on the GPU)."""
+        self.session = None
+
+    def run(self, **feed: np.ndarray) -> list[np.ndarray]:
+        if self.session is None:
+            raise RuntimeError(f"{self.name} session was released")
+        checked = check_inputs(self.name, self.entry.inputs, feed)
+        outputs = self.session.run([spec.name for spec in self.entry.outputs], checked)
+        return [out.astype(np.float32, copy=False) if out.dtype == np.float16 else out for out in outputs]
+
+
+def check_inputs(graph: str, specs: list[TensorSpec], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check names, ranks and fixed/shared axes; cast to the graph's dtypes. Name what is wrong."""
+    missing = [spec.name for spec in specs if spec.name not in feed]
+    extra = sorted(set(feed) - {spec.name for spec in specs})
+    if missing or extra:
+        raise ValueError(f"{graph}: missing inputs {missing}, unexpected inputs {extra}")
+    axes: dict[str, tuple[int, str]] = {}
+    checked = {}
+    for spec in specs:
+        value = np.asarray(feed[spec.name])
+        expected = "(" + ", ".join(map(str, spec.shape)) + ")"
+        if value.ndim != len(spec.shape):
+            raise ValueError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
+        for size, axis in zip(value.shape, spec.shape):
+            if isinstance(axis, int) and size != axis:
+                raise ValueError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
+            if isinstance(axis, str):
+                seen = axes.setdefault(axis, (size, spec.name))
+                if seen[0] != size:
+                    raise ValueError(f"{graph} input '{spec.name}': axis '{axis}' is {size} but "
+                                     f"'{seen[1]}' has {seen[0]}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ValueError(f"{graph} input '{spec.name}' contains NaN or infinity")
+        checked[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
+    return checked
+
+
+def _provider_list(provider: str, model_dir: Path, entry: GraphEntry) -> list:
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested",
+                                           "cudnn_conv_algo_search": "HEURISTIC"}),
+                "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        cache = str(tensorrt_cache_dir(model_dir))
+        return [("TensorrtExecutionProvider", {
+                    "trt_fp16_enable": entry.precision == "fp16",
+                    "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}),
+                ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
+                "CPUExecutionProvider"]
+    return [PROVIDERS[provider], "CPUExecutionProvider"]
+
+
+def tensorrt_cache_dir(model_dir: Path) -> Path:
+    """Engines persist under the model folder; a read-only install caches in the user's cache."""
+    cache = model_dir / "tensorrt_cache"
+    try:
+        cache.mkdir(exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgediff" / "tensorrt" / model_dir.name
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+class Sessions:
+    """The graphs of one model under a memory policy.
+
+    ``high`` keeps each session resident once created; ``low`` creates a session when a stage needs
+    it and releases it when the stage ends, so only one graph's weights are in memory at a time.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Manifest, provider: str, memory: str,
+                 warn: Callable[[str], None] | None = None):
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be 'low' or 'high', not {memory!r}")
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.provider = resolve_provider(provider)
+        self.memory = memory
+        self.load_seconds: dict[str, float] = {}
+        self._resident: dict[str, GraphSession] = {}
+        self._warned: set[str] = set()
+        self._warn = warn or (lambda line: print(f"edgediff: {line}", file=sys.stderr))
+
+    def _warn_once(self, line: str) -> None:
+        if line.split(";")[0] not in self._warned:
+            self._warned.add(line.split(";")[0])
+            self._warn(line)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[GraphSession]:
+        if name not in self.manifest.graphs:
+            raise ModelFolderError(f"this model has no {name} graph")
+        session = self._resident.get(name)
+        if session is None:
+            started = time.perf_counter()
+            session = GraphSession(name, self.model_dir, self.manifest.graphs[name], self.provider,
+                                   self.manifest.optimized_for, self._warn_once)
+            self.load_seconds[name] = self.load_seconds.get(name, 0.0) + time.perf_counter() - started
+            if self.memory == "high":
+                self._resident[name] = session
+        try:
+            yield session
+        finally:
+            if self.memory == "low":
+                session.close()
+
+    def release(self) -> None:
+        self._resident.clear()

@@ -1,0 +1,43 @@
+"""CLIP tokenization from ``tokenizer.json`` with the ``tokenizers`` library (no transformers).
+
+Matches transformers' ``CLIPTokenizer(..., padding="max_length", truncation=True)``: BOS, at most
+``max_length - 2`` tokens, EOS, then the model's pad token up to ``max_length``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFolderError
+
+
+class ClipTokenizer:
+    def __init__(self, path: str | Path, *, max_length: int, pad_token_id: int, bos_token_id: int,
+                 eos_token_id: int):
+        from tokenizers import Tokenizer
+
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises plain Exception on bad JSON
+            raise ModelFolderError(f"cannot read tokenizer {path}: {error}") from None
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_manifest(cls, model_dir: Path, spec: dict) -> "ClipTokenizer":
+        return cls(Path(model_dir) / spec["path"], max_length=spec["max_length"],
+                   pad_token_id=spec["pad_token_id"], bos_token_id=spec["bos_token_id"],
+                   eos_token_id=spec["eos_token_id"])
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Token ids of shape (len(texts), max_length), int32."""
+        ids = np.full((len(texts), self.max_length), self.pad_token_id, dtype=np.int32)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+            tokens = [self.bos_token_id, *encoding.ids[: self.max_length - 2], self.eos_token_id]
+            ids[row, : len(tokens)] = tokens
+        return ids
