@@ -34,6 +34,7 @@ from ..schedules import (
 from . import ddim as _ddim
 from . import dpmpp as _dpmpp
 from . import euler as _euler
+from . import lms as _lms
 
 __all__ = ["make_plan", "list_samplers", "resolve_sampler", "SamplerPlan", "SamplerSpec", "SAMPLERS"]
 
@@ -260,3 +261,25 @@ register(SamplerSpec("dpmpp_2m", _dpmpp.sample_dpmpp_2m, "dpm", "DPM-Solver++(2M
                      ("DPM++ 2M", "k_dpmpp_2m", "DPMSolverMultistepScheduler")))
 register(SamplerSpec("dpmpp_2m_karras", _dpmpp.sample_dpmpp_2m, "dpm", "DPM-Solver++(2M) on the Karras schedule",
                      ("DPM++ 2M Karras", "k_dpmpp_2m_karras"), schedule="karras"))
+register(SamplerSpec("heun", _euler.sample_heun, "k", "Heun, 2nd order, 2 model calls per step (Karras et al. 2022)",
+                     ("Heun", "k_heun", "HeunDiscreteScheduler")))
+register(SamplerSpec("dpm2", _euler.sample_dpm_2, "k", "DPM-Solver-2 (Lu et al. 2022), 2 model calls per step",
+                     ("DPM2", "dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler")))
+register(SamplerSpec("dpm2_a", _euler.sample_dpm_2_ancestral, "k", "DPM-Solver-2 ancestral, stochastic",
+                     ("DPM2 a", "dpm_2_ancestral", "dpm2_ancestral", "k_dpm_2_a", "KDPM2AncestralDiscreteScheduler")))
+register(SamplerSpec("lms", _lms.sample_lms, "k", "Linear multistep, order 4",
+                     ("LMS", "k_lms", "LMSDiscreteScheduler")))
+register(SamplerSpec("ddpm", _ddim.sample_ddpm, "ddim", "DDPM ancestral (Ho et al. 2020), stochastic",
+                     ("DDPM", "DDPMScheduler"), defaults={"timestep_spacing": "leading"}))
+register(SamplerSpec("dpmpp_2m_sde", _dpmpp.sample_dpmpp_2m_sde, "dpm", "DPM-Solver++(2M) SDE, stochastic",
+                     ("DPM++ 2M SDE", "k_dpmpp_2m_sde")))
+register(SamplerSpec("dpmpp_3m", _dpmpp.sample_dpmpp_3m, "dpm", "DPM-Solver++(3M) multistep, deterministic",
+                     ("DPM++ 3M",)))
+register(SamplerSpec("dpmpp_3m_sde", _dpmpp.sample_dpmpp_3m_sde, "dpm", "DPM-Solver++(3M) SDE, stochastic",
+                     ("DPM++ 3M SDE", "k_dpmpp_3m_sde")))
+register(SamplerSpec("dpmpp_2s_a", _dpmpp.sample_dpmpp_2s_ancestral, "k",
+                     "DPM-Solver++(2S) ancestral, stochastic, 2 model calls per step",
+                     ("DPM++ 2S a", "dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "k_dpmpp_2s_a")))
+register(SamplerSpec("dpmpp_sde", _dpmpp.sample_dpmpp_sde, "k",
+                     "DPM-Solver++ SDE singlestep, stochastic, 2 model calls per step",
+                     ("DPM++ SDE", "k_dpmpp_sde", "DPMSolverSDEScheduler")))

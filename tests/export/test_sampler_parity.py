@@ -43,6 +43,14 @@ COUNTERPARTS = {
     "ddim": ("DDIMScheduler", {}, {"eta": 0.0}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
+    "heun": ("HeunDiscreteScheduler", {}, {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}, {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    "lms": ("LMSDiscreteScheduler", {}, {}),
+    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}, {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, {}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
 }
 
 STEPS = (1, 4, 20, 50)
@@ -125,6 +133,8 @@ def assert_close(ours, ref, rtol=1e-5):
 def test_parity(sampler, config_name, steps, monkeypatch):
     config = CONFIGS[config_name]()
     cls_name, extra, step_kwargs = COUNTERPARTS[sampler]
+    if cls_name == "LMSDiscreteScheduler":
+        pytest.importorskip("scipy")  # diffusers' LMS integrates its coefficients with scipy
     noise = np.random.default_rng(1234).standard_normal(SHAPE, dtype=np.float32)
     ours, draws = run_ours(sampler, config, steps, noise)
     ref = run_diffusers(cls_name, extra, step_kwargs, config, steps, noise, draws, monkeypatch)
