@@ -34,6 +34,7 @@ from ..schedules import (
 from . import ddim as _ddim
 from . import dpmpp as _dpmpp
 from . import euler as _euler
+from . import lcm as _lcm
 from . import lms as _lms
 
 __all__ = ["make_plan", "list_samplers", "resolve_sampler", "SamplerPlan", "SamplerSpec", "SAMPLERS"]
@@ -159,7 +160,12 @@ def _build(spec: SamplerSpec, sched: NoiseSchedule, config: dict, steps: int, sc
         spacing, schedule = schedule, None
     elif schedule == "sgm_uniform":  # diffusers' equivalent of SGM uniform is trailing spacing
         spacing, schedule = "trailing", None
-    ts = spaced_timesteps(family, T, steps, spacing, offset)
+    if family == "lcm":
+        original = int(_config_value(config, spec, "original_inference_steps") or 50)
+        ts = _lcm.lcm_timesteps(T, steps, original)
+        family = "ddim"
+    else:
+        ts = spaced_timesteps(family, T, steps, spacing, offset)
     if family == "k":
         sigmas = sched.t_to_sigma(ts)
         lo, hi = float(sigmas[-1]), float(sigmas[0])
@@ -283,3 +289,14 @@ register(SamplerSpec("dpmpp_2s_a", _dpmpp.sample_dpmpp_2s_ancestral, "k",
 register(SamplerSpec("dpmpp_sde", _dpmpp.sample_dpmpp_sde, "k",
                      "DPM-Solver++ SDE singlestep, stochastic, 2 model calls per step",
                      ("DPM++ SDE", "k_dpmpp_sde", "DPMSolverSDEScheduler")))
+
+
+def _bind_lcm(info):
+    scaling = float(_config_value(info["config"], SAMPLERS["lcm"], "timestep_scaling") or 10.0)
+    c_skip, c_out = _lcm.lcm_boundary_scalings(info["timesteps"], scaling)
+    return {"c_skip": c_skip, "c_out": c_out}
+
+
+register(SamplerSpec("lcm", _lcm.sample_lcm, "lcm", "Latent Consistency Model sampling (Luo et al. 2023), 2-8 steps",
+                     ("LCM", "LCMScheduler"), bind=_bind_lcm,
+                     defaults={"timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}))

@@ -50,6 +50,7 @@ COUNTERPARTS = {
     "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}, {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, {}),
+    "lcm": ("LCMScheduler", {}, {}),
     "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
 }
 
