@@ -5,24 +5,32 @@ from __future__ import annotations
 import numpy as np
 
 
-def lms_coefficients(sigmas, order: int = 4) -> list[np.ndarray]:
+_GL_NODES, _GL_WEIGHTS = (v.tolist() for v in np.polynomial.legendre.leggauss(4))  # exact to degree 7
+
+
+def lms_coefficients(sigmas, order: int = 4) -> list[list[float]]:
     """Per-step Adams-Bashforth weights: for step i with history of length k = min(i + 1, order),
     coefficient j integrates the Lagrange basis polynomial through sigmas[i], ..., sigmas[i - k + 1]
-    over [sigmas[i], sigmas[i + 1]] (exactly, with polynomial arithmetic; k-diffusion and diffusers
-    use numerical quadrature of the same integral)."""
-    sigmas = np.asarray(sigmas, dtype=np.float64)
+    over [sigmas[i], sigmas[i + 1]].  The basis has degree < 4, so 4-point Gauss-Legendre is exact
+    (k-diffusion and diffusers use adaptive quadrature of the same integral)."""
+    sigmas = [float(s) for s in sigmas]
     table = []
     for i in range(len(sigmas) - 1):
         k = min(i + 1, order)
-        nodes = sigmas[i - np.arange(k)]
-        coeffs = np.empty(k)
+        nodes = [sigmas[i - m] for m in range(k)]
+        a, b = sigmas[i], sigmas[i + 1]
+        half, mid = 0.5 * (b - a), 0.5 * (b + a)
+        taus = [mid + half * u for u in _GL_NODES]
+        coeffs = []
         for j in range(k):
-            poly = np.polynomial.Polynomial([1.0])
-            for m in range(k):
-                if m != j:
-                    poly = poly * np.polynomial.Polynomial([-nodes[m], 1.0]) / (nodes[j] - nodes[m])
-            integral = poly.integ()
-            coeffs[j] = integral(sigmas[i + 1]) - integral(sigmas[i])
+            total = 0.0
+            for tau, w in zip(taus, _GL_WEIGHTS):
+                prod = 1.0
+                for m in range(k):
+                    if m != j:
+                        prod *= (tau - nodes[m]) / (nodes[j] - nodes[m])
+                total += w * prod
+            coeffs.append(total * half)
         table.append(coeffs)
     return table
 
@@ -42,5 +50,5 @@ def sample_lms(denoise, x, sigmas, *, rng=None, on_step=None, order: int = 4):
         if len(ds) > order:
             ds.pop()
         for coeff, d in zip(coefficients[i], ds):
-            x = x + d * float(coeff)
+            x = x + d * coeff
     return x
