@@ -185,6 +185,10 @@ def _build(spec: SamplerSpec, sched: NoiseSchedule, config: dict, steps: int, sc
         ts = sched.sigma_to_t(sigmas)
         if family == "dpm" and schedule == "karras" and _config_value(config, spec, "beta_schedule") != "squaredcos_cap_v2":
             ts = np.round(ts)
+        if family == "dpm":
+            # DPMSolver-style schedulers hand the model int64 timesteps (truncated).  diffusers
+            # truncates float32 round-off too (sigma_max -> t = 998.99994 -> 998); we do not.
+            ts = np.floor(ts + 1e-4)
     return _f32(sigmas), ts, spacing
 
 
