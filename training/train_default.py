@@ -151,11 +151,19 @@ def phase_vae(args, images, t0):
     vae = AutoencoderKL(**VAE_CONFIG)
     log(f"vae: {nparams(vae):,} params; training {args.vae_steps} steps, batch {args.vae_batch}", t0)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
+    t_vae = time.time()
+
+    def vae_progress(step):
+        return max(step / args.vae_steps, (time.time() - t_vae) / (60 * args.vae_minutes))
     rng = np.random.default_rng(args.seed + 1)
     vae.train()
     run = None
-    for step in range(1, args.vae_steps + 1):
+    step = 0
+    while vae_progress(step) < 1.0:
+        step += 1
+        frac = vae_progress(step)
+        for g in opt.param_groups:
+            g["lr"] = args.vae_lr * min(1.0, step / 30) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
         idx = rng.integers(0, len(images), args.vae_batch)
         x = to_tensor(images[idx])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.vae_fp32):
@@ -170,10 +178,11 @@ def phase_vae(args, images, t0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        sched.step()
         run = l1.item() if run is None else 0.98 * run + 0.02 * l1.item()
         if step % 50 == 0 or step == 1:
-            log(f"vae step {step}/{args.vae_steps} l1 {run:.4f} kl {kl.item():.3f}", t0)
+            log(f"vae step {step} ({100 * frac:.0f}%) l1 {run:.4f} kl {kl.item():.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}", t0)
+    log(f"vae: trained {step} steps in {(time.time() - t_vae) / 60:.1f} min", t0)
     vae.eval()
     # scaling factor = 1 / std of the latents (SD's convention), measured on latent means
     with torch.no_grad():
@@ -229,12 +238,14 @@ def phase_unet(args, latents, attrs, t0):
     acp = noise_sched.alphas_cumprod.float()
     ckpt = os.path.join(args.work, "unet_ckpt.pt")
     start = 0
+    elapsed0 = 0.0
     rng_state = None
     if os.path.exists(ckpt):
         s = torch.load(ckpt, weights_only=False)
         te.load_state_dict(s["te"]); unet.load_state_dict(s["unet"])
         ema_te.load_state_dict(s["ema_te"]); ema_unet.load_state_dict(s["ema_unet"])
         opt.load_state_dict(s["opt"]); start = s["step"]; rng_state = s["rng"]
+        elapsed0 = s.get("elapsed", 0.0)
         torch.set_rng_state(s["torch_rng"])
         log(f"unet: resumed at step {start}", t0)
     else:
@@ -246,16 +257,24 @@ def phase_unet(args, latents, attrs, t0):
     total = args.unet_steps
     warmup = 200
 
+    # progress = max(step fraction, wall-time fraction of --unet-minutes): the run ends on whichever
+    # budget is spent first, with the cosine schedule following it (resumes count time from the resume)
+    budget_s = 60 * args.unet_minutes
+    t_budget = time.time()
+
+    def progress(step):
+        return max(step / total, (elapsed0 + time.time() - t_budget) / budget_s)
+
     def lr_at(step):
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, total - warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(progress(step), 1.0))))
 
     te.train(); unet.train()
     run = None
     t_start = time.time()
-    for step in range(start, total):
+    step = start
+    while progress(step) < 1.0:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         idx = rng.integers(0, len(lat), args.batch)
@@ -285,19 +304,22 @@ def phase_unet(args, latents, attrs, t0):
                 for ps, pd in zip(src.parameters(), dst.parameters()):
                     pd.lerp_(ps, 1 - decay)
         run = loss.item() if run is None else 0.99 * run + 0.01 * loss.item()
-        done = step + 1
+        done = step = step + 1
+        finished = progress(done) >= 1.0
         if done % 25 == 0 or done == start + 1:
             rate = (done - start) / (time.time() - t_start)
-            log(f"unet step {done}/{total} loss {run:.4f} lr {lr_at(step):.2e} "
-                f"{rate:.2f} it/s, eta {(total - done) / rate / 60:.1f} min", t0)
-        if done % args.ckpt_every == 0 or done == total:
+            log(f"unet step {done} ({100 * progress(done):.0f}%) loss {run:.4f} lr {lr_at(step):.2e} "
+                f"{rate:.2f} it/s", t0)
+        if done % args.ckpt_every == 0 or finished:
             tmp = ckpt + ".tmp"
             torch.save({"te": te.state_dict(), "unet": unet.state_dict(), "ema_te": ema_te.state_dict(),
                         "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict(), "step": done,
+                        "elapsed": elapsed0 + time.time() - t_budget,
                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
             os.replace(tmp, ckpt)
-            if done % (args.ckpt_every * 4) == 0 or done == total:
+            if done % (args.ckpt_every * 4) == 0 or finished:
                 save_pipeline(args, ema_te, ema_unet, os.path.join(args.work, "default-diffusers-latest"), t0)
+    log(f"unet: trained {step} steps, {(elapsed0 + time.time() - t_budget) / 60:.1f} min", t0)
     return ema_te, ema_unet
 
 
@@ -328,11 +350,13 @@ def main(argv=None):
     p.add_argument("--out", default="/work/checkpoints/default-diffusers")
     p.add_argument("--work", default="/work/checkpoints", help="checkpoints and intermediate data")
     p.add_argument("--n", type=int, default=20000, help="data set size")
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1200, help="at most this many VAE steps")
+    p.add_argument("--vae-minutes", type=float, default=10.0, help="VAE phase wall-time budget")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=6000, help="at most this many U-Net steps")
+    p.add_argument("--unet-minutes", type=float, default=33.0, help="U-Net phase wall-time budget")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
@@ -340,7 +364,8 @@ def main(argv=None):
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the U-Net phase")
     p.add_argument("--vae-fp32", action="store_true", help="no bf16 autocast in the VAE phase")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="1 is faster than 2 on a loaded 2-core machine (threads wait on each other)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
