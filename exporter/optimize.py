@@ -91,5 +91,11 @@ def quantize_int8(model_path: Path, out_path: Path) -> None:
         str(model_path), str(out_path), weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Attention", "Gemm"],
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        use_external_data_format=model_path.stat().st_size > TWO_GB // 2,
+        # Count the external-data file too: a >2 GB graph is saved as a small .onnx beside its weights.
+        use_external_data_format=_size_on_disk(model_path) > TWO_GB // 2,
     )
+
+
+def _size_on_disk(model_path: Path) -> int:
+    data = model_path.with_name(model_path.name + ".data")
+    return model_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
