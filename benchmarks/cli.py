@@ -42,6 +42,7 @@ def _one_line_errors(function):
 @click.option("--repeats", type=int, default=3, show_default=True, help="Steady-state runs per stage.")
 @click.option("--threads", type=int, default=None, help="CPU threads for both engines [default: all cores].")
 @click.option("--no-diffusers", is_flag=True, help="Skip the diffusers/PyTorch side.")
+@click.option("--no-bf16", is_flag=True, help="Skip diffusers with bf16 autocast on the CPU.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where built models and exports are cached [default: ~/.cache/edgediff/bench].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
@@ -49,7 +50,7 @@ def _one_line_errors(function):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @_one_line_errors
 def bench(model, resolution, steps, batch, providers, precisions, memory, repeats, threads, no_diffusers,
-          cache, out, seed):
+          no_bf16, cache, out, seed):
     """Latency and memory per stage and provider, side by side with diffusers, on full-size architectures."""
     from .report import write_outputs
     from .runner import BenchParams, run_benchmark
@@ -61,7 +62,7 @@ def bench(model, resolution, steps, batch, providers, precisions, memory, repeat
     params = BenchParams(model=model, resolution=resolution, steps=steps, batch=batch,
                          providers=tuple(providers) or None, precisions=tuple(precisions) or None,
                          memory=tuple(memory) or MEMORY_MODES, repeats=repeats, threads=threads,
-                         seed=seed, diffusers=not no_diffusers, out=out,
+                         seed=seed, diffusers=not no_diffusers, diffusers_bf16=not no_bf16, out=out,
                          **({"cache": cache} if cache is not None else {}))
     params.check()
     document = run_benchmark(params)

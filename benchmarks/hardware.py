@@ -165,8 +165,19 @@ class GpuMemoryMonitor:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
+    """This process's peak resident set size so far.
+
+    Linux: VmHWM from /proc/self/status. Not ``ru_maxrss``: across fork+exec it keeps the parent's
+    RSS at fork time, so a small worker started by a big parent would report the parent's size.
+    """
     import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if platform.system() == "Darwin" else peak * 1024

@@ -43,6 +43,7 @@ class BenchParams:
     threads: int | None = None  # None: every core this process may use, for both engines
     seed: int = 0
     diffusers: bool = True  # measure diffusers/PyTorch on the same weights in the same run
+    diffusers_bf16: bool = True  # also diffusers with bf16 autocast on the CPU
     timeout_s: int = 3600  # per configuration
 
     def check(self) -> None:
@@ -101,8 +102,9 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
         wants_gpu = any(p in ("cuda", "tensorrt") for p in providers)
         if wants_cpu and (not params.precisions or {"fp32", "int8"} & set(params.precisions)):
             configs.append(Config("diffusers", "cpu", "fp32"))
-            configs.append(Config("diffusers", "cpu", "bf16", unmeasured=None if bf16 else
-                                  "unmeasured (this CPU has no native bf16: AMX-BF16 or AVX512-BF16)"))
+            if params.diffusers_bf16:
+                configs.append(Config("diffusers", "cpu", "bf16", unmeasured=None if bf16 else
+                                      "unmeasured (this CPU has no native bf16: AMX-BF16 or AVX512-BF16)"))
         if wants_gpu and (not params.precisions or "fp16" in params.precisions):
             configs.append(Config("diffusers", "cuda", "fp16", unmeasured=None if cuda_torch else
                                   "unmeasured (no GPU lent to this session)" if not hardware.gpus() else

@@ -94,7 +94,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     params = runner.BenchParams(model=str(folder), cache=tmp_path_factory.mktemp("cache"), out=out,
                                 resolution=64, steps=2, batch=1, providers=("cpu",), precisions=("fp32",),
-                                memory=("low",), repeats=1)
+                                memory=("low",), repeats=1, diffusers_bf16=False)
     document = runner.run_benchmark(params, log=lambda line: None)
     return document, write_outputs(document, out)
 
@@ -103,13 +103,16 @@ def test_tiny_benchmark_writes_json_markdown_and_png(tiny_run):
     document, paths = tiny_run
     data = json.loads(paths["json"].read_text())
     rows = {r["label"]: r for r in data["summary"]["rows"]}
-    for label in ("edgediff cpu fp32 low", "diffusers cpu fp32"):
+    assert set(rows) == {"edgediff cpu fp32 low", "diffusers cpu fp32"}
+    for label in rows:
         row = rows[label]
         assert not row.get("error"), row
         for key in ("text_encoder_s", "unet_s", "vae_decoder_s", "e2e_s", "peak_rss_gb", "unet_load_s",
                     "unet_first_run_s", "unet_tflops"):
             assert row[key] > 0, (label, key)
     assert rows["edgediff cpu fp32 low"]["unet_ratio"] > 0
+    # Each configuration runs in its own process: the torch-free edgediff worker is far below the parent.
+    assert rows["edgediff cpu fp32 low"]["peak_rss_gb"] < rows["diffusers cpu fp32"]["peak_rss_gb"]
     assert data["unet_flops"]["fp32-cpu"]["total"] > 0
     assert data["threads"]["torch"] >= 1 and data["versions"]["onnxruntime"]
     text = paths["markdown"].read_text()
