@@ -52,9 +52,29 @@ def attention_score_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Turn Constant nodes into initializers.
+
+    The fp16 converter keeps initializers that feed fp32-only inputs (Resize scales) in fp32, but
+    would convert the same tensor held by a Constant node and make the graph invalid.
+    """
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
 def to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str], keep_io: list[str]) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    constants_to_initializers(model)
     return convert_float_to_float16(
         model, keep_io_types=keep_io, node_block_list=keep_fp32_nodes or None, disable_shape_infer=True
     )

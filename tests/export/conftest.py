@@ -1,0 +1,35 @@
+"""Tiny SD 1.x / 2.x pipelines saved as diffusers folders and exported once per test session."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edgediff.cli import main  # noqa: E402
+from tiny_models import save_pipeline  # noqa: E402
+
+
+def export(source, out, *args):
+    result = CliRunner().invoke(main, ["export", str(source), str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return {kind: save_pipeline(kind, root / kind) for kind in ("sd1", "sd2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_sources, tmp_path_factory):
+    """{(kind, precision): exported folder}, fp16 graphs optimized for the CPU so they run here."""
+    root = tmp_path_factory.mktemp("exports")
+    exports = {}
+    for kind, source in tiny_sources.items():
+        exports[kind, "fp32"] = export(source, root / f"{kind}-fp32", "--precision", "fp32")
+        exports[kind, "fp16"] = export(source, root / f"{kind}-fp16", "--precision", "fp16", "--optimize-for", "cpu")
+    return exports
