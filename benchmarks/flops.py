@@ -20,6 +20,15 @@ ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 def _with_concrete_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    # Weights stored as external data (not loaded) become shaped graph inputs: shape inference needs
+    # their shapes, never their values.
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    if external:
+        kept = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        del copy.graph.initializer[:]
+        copy.graph.initializer.extend(kept)
     for value in copy.graph.input:
         if value.name not in input_shapes:
             continue
