@@ -107,6 +107,7 @@ def quantize_int8(model_path: Path, out_path: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    _declare_contrib_domain(model_path)
     quantize_dynamic(
         str(model_path), str(out_path), weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Attention", "Gemm"],
@@ -114,6 +115,21 @@ def quantize_int8(model_path: Path, out_path: Path) -> None:
         # Count the external-data file too: a >2 GB graph is saved as a small .onnx beside its weights.
         use_external_data_format=_size_on_disk(model_path) > TWO_GB // 2,
     )
+
+
+def _declare_contrib_domain(model_path: Path) -> None:
+    """The transformer optimizer writes com.microsoft ops (Attention, SkipLayerNormalization...) without
+    importing that domain; ONNX shape inference, which quantize_dynamic runs first, then rejects the
+    graph ("No opset import for domain com.microsoft"). Declare the domain in the saved graph."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    domains = {node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")}
+    declared = {opset.domain for opset in model.opset_import}
+    missing = sorted(domains - declared)
+    if not missing:
+        return
+    for domain in missing:
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    onnx.save_model(model, str(model_path))  # weights stay where they are (inline or external)
 
 
 def _size_on_disk(model_path: Path) -> int:
