@@ -32,7 +32,22 @@ def user_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors too are one line on stderr (exit 2), without click's usage banner."""
+
+    def main(self, *args, standalone_mode=True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def main():
     """Export Stable Diffusion to ONNX once; generate images without torch."""
@@ -75,7 +90,7 @@ def _list_samplers(ctx, param, value):
 @click.argument("prompt", required=False)
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Exported model folder [default: the shipped default model].")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Image file to write [default: edgediff-SEED.png].")
 @click.option("--negative", default="", help="Negative prompt.")
 @click.option("--steps", type=int, default=20, show_default=True)

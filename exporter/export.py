@@ -45,11 +45,12 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     target = optimize_for or default_target(precision)
     if target not in opt.TARGETS:
         raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
+    from .load import check_source, load_pipeline
+
+    check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     staging = _prepare_folders(out, overwrite)
-
     log(f"loading {source}")
-    from .load import load_pipeline
 
     pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}

@@ -1,6 +1,7 @@
 """Load a Stable Diffusion 1.x/2.x model from a diffusers folder, a single file or a hub id."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,25 +23,21 @@ def _configs_dir() -> Path:
     return configs_dir()
 
 
-def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None):
-    """Return a float32 ``StableDiffusionPipeline`` on the CPU and a description of its source."""
-    from diffusers import StableDiffusionPipeline
-
+def check_source(source: str, *, allow_pickle: bool = False) -> str:
+    """Cheap checks before anything is loaded or written; returns the source kind."""
     path = Path(source)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
             raise EdgediffError(f"{path} is not a diffusers model folder (no model_index.json)")
-        import json
-
-        cls = json.loads(index.read_text()).get("_class_name")
+        try:
+            cls = json.loads(index.read_text()).get("_class_name")
+        except ValueError:
+            raise EdgediffError(f"{index} is not valid JSON") from None
         if cls not in SUPPORTED_PIPELINES:
             raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x and 2.x pipelines")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
-        )
-        origin = {"kind": "diffusers-folder", "path": str(path.resolve())}
-    elif path.is_file():
+        return "diffusers-folder"
+    if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in SINGLE_FILE_SUFFIXES:
             raise EdgediffError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt checkpoint")
@@ -49,16 +46,35 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: s
                 f"{path} is a pickled checkpoint: loading it runs code from the file. Convert it to "
                 ".safetensors, or pass --allow-pickle if you trust its source"
             )
+        return "single-file"
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not path.suffix:
+        return "hub"
+    raise EdgediffError(f"export source not found: {source}")
+
+
+def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None):
+    """Return a float32 ``StableDiffusionPipeline`` on the CPU and a description of its source."""
+    from diffusers import StableDiffusionPipeline
+
+    kind = check_source(source, allow_pickle=allow_pickle)
+    path = Path(source)
+    if kind == "diffusers-folder":
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
+            )
+        except Exception as error:  # diffusers raises many types for unreadable weights/configs
+            raise EdgediffError(f"could not load {path}: {str(error).splitlines()[0][:300]}") from None
+        origin = {"kind": kind, "path": str(path.resolve())}
+    elif kind == "single-file":
         pipe = _load_single_file(path, prediction_type)
-        origin = {"kind": "single-file", "path": str(path.resolve())}
-    elif source.count("/") == 1 and not source.startswith((".", "/")) and not path.suffix:
+        origin = {"kind": kind, "path": str(path.resolve())}
+    else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None)
         except Exception as error:  # hub errors come in many types; one line is what the user needs
             raise EdgediffError(f"could not load '{source}' from the hub: {str(error).splitlines()[0]}") from None
         origin = {"kind": "hub", "id": source}
-    else:
-        raise EdgediffError(f"export source not found: {source}")
 
     if prediction_type:
         pipe.scheduler.register_to_config(prediction_type=prediction_type)

@@ -1,7 +1,7 @@
 """Parity with diffusers: same weights, same starting noise, same prompts -> the same image.
 
 fp32 graphs must agree within 2e-3 (pixels in [0, 1]). fp16 graphs are compared with the same
-fp32 diffusers run; FP16_TOLERANCE is the measured worst case on these tiny models with margin.
+fp32 diffusers run; FP16_TOLERANCE is 3x the worst case measured on these tiny models.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from edgediff.runtime import Pipeline
 from tiny_models import build_pipeline
 
 FP32_TOLERANCE = 2e-3
-FP16_TOLERANCE = 1e-2
+FP16_TOLERANCE = 3e-3  # measured worst case 1.0e-3 (sd2, ddim); fp32 runs differ by ~1e-6
 PROMPT, NEGATIVE = "a red circle on a white background", "blurry, dark"
 STEPS, GUIDANCE = 12, 7.5
 # Our deterministic samplers and the diffusers scheduler (and config overrides) each one matches.
