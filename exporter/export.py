@@ -123,7 +123,11 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
         )
     if target != "none":
         log(f"{prefix}: optimizing for {target}")
-    model = opt.optimize(raw, spec.optimizer_type, target)
+    # SD 2.x attention overflows fp16. CUDA's fused attention kernel is what ONNX Runtime's own
+    # SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its scores can stay fp32.
+    upcast = spec.name == "unet" and bool(getattr(pipe.unet.config, "upcast_attention", False))
+    model = opt.optimize(raw, spec.optimizer_type, target,
+                         fuse_attention=not (upcast and precision == "fp16" and target != "cuda"))
 
     inputs = spec.resolve(spec.inputs, dims, FLOAT_DTYPE[precision])
     outputs = spec.resolve(spec.outputs, dims, FLOAT_DTYPE[precision])
@@ -138,7 +142,6 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
         opt.name_nodes(model)
         keep_io = [s.name for s in inputs if s.dtype == "float32"]
         attention = opt.attention_score_nodes(model)
-        upcast = spec.name == "unet" and getattr(pipe.unet.config, "upcast_attention", False)
         # Escalate only as far as needed: all fp16, then attention scores in fp32, then all fp32.
         for keep, why in ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
                           (attention, "attention scores and softmax (fp16 overflow)"),

@@ -14,14 +14,18 @@ CUDA_ONLY_FUSIONS = (
 TWO_GB = 2 * 1024**3
 
 
-def optimize(model_path: Path, optimizer_type: str, target: str) -> onnx.ModelProto:
-    """Fuse attention, LayerNorm, GELU...; the CUDA-only fusions only when targeting CUDA."""
+def optimize(model_path: Path, optimizer_type: str, target: str, fuse_attention: bool = True) -> onnx.ModelProto:
+    """Fuse attention, LayerNorm, GELU...; the CUDA-only fusions only when targeting CUDA.
+
+    ``fuse_attention=False`` keeps attention as MatMul/Softmax so its scores can stay fp32.
+    """
     if target == "none":
         return onnx.load(str(model_path))
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions(optimizer_type)
+    options.enable_attention = fuse_attention
     if target != "cuda":
         for flag in CUDA_ONLY_FUSIONS:
             if hasattr(options, flag):
