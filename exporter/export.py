@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +53,7 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     staging = _prepare_folders(out, overwrite)
     log(f"loading {source}")
 
+    _quiet_libraries()
     pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
@@ -78,6 +80,17 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     write_manifest(out, manifest)
     log(f"done: {out} ({_folder_mb(out):.1f} MB)")
     return manifest
+
+
+def _quiet_libraries() -> None:
+    """Our progress lines replace the libraries' own bars and notices."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _prepare_folders(out: Path, overwrite: bool) -> Path:
@@ -115,7 +128,9 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
     log(f"{prefix}: tracing")
     trace_inputs = spec.example_inputs(dims, example_sizes(pipe, batch=2, latent_units=2))
     raw = raw_dir / "model.onnx"
-    with torch.no_grad():
+    # The tracer warns about every Python-level shape check in diffusers; validation is our check.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             module, trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
             input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,9 +61,11 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: s
     path = Path(source)
     if kind == "diffusers-folder":
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
-            )
+            with warnings.catch_warnings():  # torch_dtype's rename in newer diffusers
+                warnings.simplefilter("ignore", FutureWarning)
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
+                )
         except Exception as error:  # diffusers raises many types for unreadable weights/configs
             raise EdgediffError(f"could not load {path}: {str(error).splitlines()[0][:300]}") from None
         origin = {"kind": kind, "path": str(path.resolve())}
