@@ -36,6 +36,7 @@ from . import dpmpp as _dpmpp
 from . import euler as _euler
 from . import lcm as _lcm
 from . import lms as _lms
+from . import unipc as _unipc
 
 __all__ = ["make_plan", "list_samplers", "resolve_sampler", "SamplerPlan", "SamplerSpec", "SAMPLERS"]
 
@@ -304,3 +305,6 @@ def _bind_lcm(info):
 register(SamplerSpec("lcm", _lcm.sample_lcm, "lcm", "Latent Consistency Model sampling (Luo et al. 2023), 2-8 steps",
                      ("LCM", "LCMScheduler"), bind=_bind_lcm,
                      defaults={"timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}))
+register(SamplerSpec("unipc", _unipc.sample_unipc, "dpm",
+                     "UniPC multistep predictor-corrector (Zhao et al. 2023), bh2, order 2",
+                     ("UniPC", "uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler")))

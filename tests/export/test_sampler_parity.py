@@ -52,6 +52,7 @@ COUNTERPARTS = {
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, {}),
     "lcm": ("LCMScheduler", {}, {}),
     "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
+    "unipc": ("UniPCMultistepScheduler", {}, {}),
 }
 
 STEPS = (1, 4, 20, 50)
