@@ -32,6 +32,7 @@ from ..schedules import (
     spaced_timesteps,
 )
 from . import ddim as _ddim
+from . import deis as _deis
 from . import dpmpp as _dpmpp
 from . import euler as _euler
 from . import lcm as _lcm
@@ -49,7 +50,8 @@ class SamplerSpec:
     description: str
     aliases: tuple = ()
     schedule: str | None = None  # the sigma schedule the name implies (dpmpp_2m_karras -> karras)
-    final: str = "zero"  # "zero": ends at sigma 0; "alpha_to_one": DDIM rule (set_alpha_to_one)
+    final: str = "zero"  # "zero": ends at sigma 0; "alpha_to_one": DDIM rule (set_alpha_to_one);
+    # "sigma_min": ends at alphas_cumprod[0]'s sigma (DEIS)
     bind: Callable | None = None  # bind(plan_info) -> dict of extra keyword args for fn
     # The diffusers counterpart's own defaults.  Config keys that diffusers marks as defaults of
     # the model's original scheduler (``_use_default_values``) or that are missing take these,
@@ -232,6 +234,8 @@ def make_plan(
     sigmas, ts, spacing = _build(spec, sched, config, steps, schedule)
     if spec.final == "alpha_to_one":
         final = 0.0 if _config_value(config, spec, "set_alpha_to_one") else float(_f32(sched.sigmas[0]))
+    elif spec.final == "sigma_min":
+        final = float(_f32(sched.sigmas[0]))
     else:
         final = 0.0
     if spec.family == "k":
@@ -308,3 +312,6 @@ register(SamplerSpec("lcm", _lcm.sample_lcm, "lcm", "Latent Consistency Model sa
 register(SamplerSpec("unipc", _unipc.sample_unipc, "dpm",
                      "UniPC multistep predictor-corrector (Zhao et al. 2023), bh2, order 2",
                      ("UniPC", "uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler")))
+register(SamplerSpec("deis", _deis.sample_deis, "dpm",
+                     "DEIS multistep, logrho, order 2 (Zhang & Chen 2023), ends at sigma_min",
+                     ("DEIS", "deis_2m", "DEISMultistepScheduler"), final="sigma_min"))

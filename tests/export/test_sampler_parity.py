@@ -53,6 +53,7 @@ COUNTERPARTS = {
     "lcm": ("LCMScheduler", {}, {}),
     "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}),
+    "deis": ("DEISMultistepScheduler", {}, {}),
 }
 
 STEPS = (1, 4, 20, 50)

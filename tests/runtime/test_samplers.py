@@ -91,14 +91,17 @@ def _clean_denoiser(x0):
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("steps", [1, 4, 20])
 def test_exact_denoiser_lands_on_the_clean_latent(sampler, steps):
-    """A denoiser that returns the true clean latent: every sampler must end on it."""
+    """A denoiser that returns the true clean latent: every sampler must end on it (a walk that
+    ends at sigma_min > 0, as DEIS, on the noised latent there, x_t = (x0 + sigma_min noise) * sqrt(a_0))."""
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
     plan = make_plan(sampler, ALPHAS, dict(SD15, set_alpha_to_one=True), steps)
-    x = x0 + rng.standard_normal(x0.shape, dtype=np.float32) * np.float32(plan.sigmas[0])
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    x = x0 + noise * np.float32(plan.sigmas[0])
     out = plan.run(_clean_denoiser(x0), x, rng=np.random.default_rng(1))
     assert out.dtype == np.float32 and out.shape == x0.shape
-    np.testing.assert_allclose(out, x0, atol=2e-4 * max(1.0, plan.sigmas[0] / 100))
+    expected = (x0 + noise * np.float32(plan.sigmas[-1])) * np.float32(plan.final_scale)
+    np.testing.assert_allclose(out, expected, atol=2e-4 * max(1.0, plan.sigmas[0] / 100))
 
 
 def test_on_step_called_once_per_step():
