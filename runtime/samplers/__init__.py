@@ -37,6 +37,7 @@ from . import dpmpp as _dpmpp
 from . import euler as _euler
 from . import lcm as _lcm
 from . import lms as _lms
+from . import tcd as _tcd
 from . import unipc as _unipc
 
 __all__ = ["make_plan", "list_samplers", "resolve_sampler", "SamplerPlan", "SamplerSpec", "SAMPLERS"]
@@ -315,3 +316,13 @@ register(SamplerSpec("unipc", _unipc.sample_unipc, "dpm",
 register(SamplerSpec("deis", _deis.sample_deis, "dpm",
                      "DEIS multistep, logrho, order 2 (Zhang & Chen 2023), ends at sigma_min",
                      ("DEIS", "deis_2m", "DEISMultistepScheduler"), final="sigma_min"))
+
+
+def _bind_tcd(info):
+    return {"sigmas_s": _tcd.tcd_tables(info["timesteps"], info["schedule"].sigmas, gamma=0.3)}
+
+
+register(SamplerSpec("tcd", _tcd.sample_tcd, "lcm",
+                     "Trajectory Consistency Distillation sampling (Zheng et al. 2024), gamma 0.3, stochastic",
+                     ("TCD", "TCDScheduler"), final="sigma_min", bind=_bind_tcd,
+                     defaults={"timestep_spacing": "leading", "original_inference_steps": 50}))

@@ -54,6 +54,7 @@ COUNTERPARTS = {
     "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}),
     "deis": ("DEISMultistepScheduler", {}, {}),
+    "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
 }
 
 STEPS = (1, 4, 20, 50)

@@ -92,15 +92,17 @@ def _clean_denoiser(x0):
 @pytest.mark.parametrize("steps", [1, 4, 20])
 def test_exact_denoiser_lands_on_the_clean_latent(sampler, steps):
     """A denoiser that returns the true clean latent: every sampler must end on it (a walk that
-    ends at sigma_min > 0, as DEIS, on the noised latent there, x_t = (x0 + sigma_min noise) * sqrt(a_0))."""
+    ends at sigma_min > 0, as DEIS and TCD, on the noised latent there: x_t = (x0 + sigma_min eps) * sqrt(a_0),
+    eps the noise in the last model input)."""
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
     plan = make_plan(sampler, ALPHAS, dict(SD15, set_alpha_to_one=True), steps)
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
-    x = x0 + noise * np.float32(plan.sigmas[0])
-    out = plan.run(_clean_denoiser(x0), x, rng=np.random.default_rng(1))
+    x = x0 + rng.standard_normal(x0.shape, dtype=np.float32) * np.float32(plan.sigmas[0])
+    last = {}
+    out = plan.run(_clean_denoiser(x0), x, rng=np.random.default_rng(1),
+                   on_step=lambda i, sigma, x, d: last.update(eps=(x - x0) / np.float32(sigma)))
     assert out.dtype == np.float32 and out.shape == x0.shape
-    expected = (x0 + noise * np.float32(plan.sigmas[-1])) * np.float32(plan.final_scale)
+    expected = (x0 + last["eps"] * np.float32(plan.sigmas[-1])) * np.float32(plan.final_scale)
     np.testing.assert_allclose(out, expected, atol=2e-4 * max(1.0, plan.sigmas[0] / 100))
 
 
