@@ -230,7 +230,7 @@ def other_load() -> list[str]:
         except psutil.Error:
             continue
         if proc.pid != me and share >= 20:
-            cmd = " ".join(proc.info.get("cmdline") or [proc.info.get("name") or "?"])[:80]
+            cmd = " ".join(" ".join(proc.info.get("cmdline") or [proc.info.get("name") or "?"]).split())[:80]
             busy.append(f"{cmd} ({share:.0f}% of a core)")
     return busy
 
