@@ -1,0 +1,51 @@
+"""The shipped full-size configs (no weights) describe the real SD 1.5 and SD 2.1 architectures."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from edgediff.benchmarks.hardware import estimate_bytes  # noqa: E402
+from edgediff.benchmarks.models import config_source, copy_config  # noqa: E402
+
+
+def _load(family, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    folder = copy_config(family, tmp_path / family)  # + vocab.json/merges.txt, as the single-file loader does
+    return (UNet2DConditionModel.load_config(folder / "unet"), AutoencoderKL.load_config(folder / "vae"),
+            CLIPTextConfig.from_pretrained(folder / "text_encoder"), CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+            folder)
+
+
+def test_sd15_config(tmp_path):
+    unet, vae, text, tokenizer, folder = _load("sd15", tmp_path)
+    assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768
+    assert unet["attention_head_dim"] == 8 and unet["sample_size"] == 64
+    assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["scaling_factor"] == 0.18215
+    assert (text.num_hidden_layers, text.hidden_size, text.hidden_act) == (12, 768, "quick_gelu")
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.model_max_length == 77
+    import json
+
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "PNDMScheduler" and scheduler["steps_offset"] == 1
+    assert scheduler["skip_prk_steps"] and scheduler["beta_schedule"] == "scaled_linear"
+    sizes = estimate_bytes(config_source("sd15"))
+    assert 859e6 < sizes["unet"] / 4 < 860e6  # SD 1.5 U-Net: 859.5 M parameters
+    assert 123e6 < sizes["text_encoder"] / 4 < 124e6  # CLIP ViT-L/14 text tower: 123.1 M
+
+
+def test_sd21_config(tmp_path):
+    unet, vae, text, tokenizer, folder = _load("sd21", tmp_path)
+    assert unet["attention_head_dim"] == [5, 10, 20, 20] and unet["use_linear_projection"]
+    assert unet["upcast_attention"] and unet["cross_attention_dim"] == 1024 and unet["sample_size"] == 96
+    assert (text.num_hidden_layers, text.hidden_size, text.hidden_act) == (23, 1024, "gelu")
+    assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
+    import json
+
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "v_prediction"
+    sizes = estimate_bytes(config_source("sd21"))
+    assert 865e6 < sizes["unet"] / 4 < 866e6  # SD 2.x U-Net: 865.9 M parameters
