@@ -63,9 +63,12 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .ckpt checkpoints (loading them runs code).")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
+                   "config its keys match].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
-def export(source, out, precision, optimize_for, allow_pickle, prediction_type, overwrite):
+def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
     """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT."""
     try:
         from edgediff.exporter.export import export_model
@@ -73,7 +76,7 @@ def export(source, out, precision, optimize_for, allow_pickle, prediction_type, 
         raise EdgediffError(f"the exporter needs the export extra ({error.name} is missing): "
                             "pip install 'edgediff[export]'") from None
     export_model(source, out, precision=precision, optimize_for=optimize_for, allow_pickle=allow_pickle,
-                 prediction_type=prediction_type, overwrite=overwrite)
+                 prediction_type=prediction_type, config=config, overwrite=overwrite)
 
 
 def _list_samplers(ctx, param, value):
@@ -105,9 +108,13 @@ def _list_samplers(ctx, param, value):
               show_default=True)
 @click.option("--memory", type=click.Choice(["low", "high"]), default="low", show_default=True,
               help="low: one graph in memory at a time (same speed for a single image).")
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="img2img: start from this picture (resized to --width/--height when given).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="img2img: how much of the picture to repaint, in (0, 1].")
 @user_errors
 def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory):
+             provider, memory, image, strength):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
 
@@ -115,6 +122,7 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
         _check_writable(output)
+    picture = _open_image(image) if image is not None else None
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()
 
@@ -123,7 +131,7 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step)
+                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
     try:
@@ -133,6 +141,18 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
     t = result.timings
     click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
                f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except FileNotFoundError:
+        raise EdgediffError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise EdgediffError(f"cannot read image {path}: {error}") from None
 
 
 def _check_writable(output: Path) -> None:

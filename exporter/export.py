@@ -37,7 +37,7 @@ def default_target(precision: str) -> str:
 
 def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] = GRAPH_NAMES, allow_pickle: bool = False,
-                 prediction_type: str | None = None, overwrite: bool = False,
+                 prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> Manifest:
     """Export ``source`` into ``out`` and return the manifest written there."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -54,7 +54,7 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     log(f"loading {source}")
 
     _quiet_libraries()
-    pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type, config=config)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
 

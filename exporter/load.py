@@ -53,7 +53,8 @@ def check_source(source: str, *, allow_pickle: bool = False) -> str:
     raise EdgediffError(f"export source not found: {source}")
 
 
-def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None):
+def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None,
+                  config: str | Path | None = None):
     """Return a float32 ``StableDiffusionPipeline`` on the CPU and a description of its source."""
     from diffusers import StableDiffusionPipeline
 
@@ -70,7 +71,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: s
             raise EdgediffError(f"could not load {path}: {str(error).splitlines()[0][:300]}") from None
         origin = {"kind": kind, "path": str(path.resolve())}
     elif kind == "single-file":
-        pipe = _load_single_file(path, prediction_type)
+        pipe = _load_single_file(path, prediction_type, Path(config) if config else None)
         origin = {"kind": kind, "path": str(path.resolve())}
     else:
         try:
@@ -85,17 +86,22 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: s
     return pipe, origin
 
 
-def _load_single_file(path: Path, prediction_type: str | None):
-    """Single-file checkpoints carry no config: take the matching shipped diffusers config."""
+def _load_single_file(path: Path, prediction_type: str | None, config_dir: Path | None):
+    """Single-file checkpoints carry no config: take ``config_dir`` (a diffusers folder without
+    weights) or the shipped config of the family the checkpoint's keys reveal."""
     from diffusers import StableDiffusionPipeline
 
-    family = "sd21" if SD2_TEXT_KEY in _checkpoint_keys(path) else "sd15"
+    if config_dir is None:
+        config_dir = _configs_dir() / ("sd21" if SD2_TEXT_KEY in _checkpoint_keys(path) else "sd15")
+    elif not (config_dir / "model_index.json").is_file():
+        raise EdgediffError(f"--config {config_dir} is not a diffusers config folder (no model_index.json)")
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / family
-        shutil.copytree(_configs_dir() / family, config)
+        config = Path(tmp) / config_dir.name
+        shutil.copytree(config_dir, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
         tokenizer = config / "tokenizer"
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(_configs_dir().parent / "clip_tokenizer" / name, tokenizer / name)
+        for name in ("vocab.json", "merges.txt"):  # shipped once, in models/clip_tokenizer
+            if not (tokenizer / name).exists():
+                shutil.copy(_configs_dir().parent / "clip_tokenizer" / name, tokenizer / name)
         try:
             pipe = StableDiffusionPipeline.from_single_file(
                 str(path), config=str(config), local_files_only=True, safety_checker=None,

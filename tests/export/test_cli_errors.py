@@ -145,3 +145,20 @@ def test_real_process_exit_and_stderr(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: model folder not found: {tmp_path / 'nope'}"]
+
+
+def test_img2img_image_missing(model):
+    assert_one_line_error(*generate(model, "--image", model.parent / "none.png"), "image not found")
+
+
+def test_img2img_image_unreadable(model):
+    (model.parent / "bad.png").write_bytes(b"not a png")
+    assert_one_line_error(*generate(model, "--image", model.parent / "bad.png"), "cannot read image")
+
+
+@pytest.mark.parametrize("strength", ["0", "1.5"])
+def test_img2img_bad_strength(model, strength):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(model.parent / "in.png")
+    assert_one_line_error(*generate(model, "--image", model.parent / "in.png", "--strength", strength), "strength")
