@@ -37,6 +37,7 @@ from . import dpmpp as _dpmpp
 from . import euler as _euler
 from . import lcm as _lcm
 from . import lms as _lms
+from . import pndm as _pndm
 from . import tcd as _tcd
 from . import unipc as _unipc
 
@@ -326,3 +327,12 @@ register(SamplerSpec("tcd", _tcd.sample_tcd, "lcm",
                      "Trajectory Consistency Distillation sampling (Zheng et al. 2024), gamma 0.3, stochastic",
                      ("TCD", "TCDScheduler"), final="sigma_min", bind=_bind_tcd,
                      defaults={"timestep_spacing": "leading", "original_inference_steps": 50}))
+def _bind_pndm(info):
+    return {"prediction_type": _config_value(info["config"], SAMPLERS["pndm"], "prediction_type")}
+
+
+register(SamplerSpec("pndm", _pndm.sample_pndm, "ddim",
+                     "PLMS: pseudo linear multistep, order 4 (Liu et al. 2022), first step 2 model calls",
+                     ("PLMS", "PNDM", "k_plms", "PNDMScheduler"), final="alpha_to_one", bind=_bind_pndm,
+                     defaults={"timestep_spacing": "leading", "set_alpha_to_one": False,
+                               "prediction_type": "epsilon"}))

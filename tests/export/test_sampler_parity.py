@@ -55,6 +55,7 @@ COUNTERPARTS = {
     "unipc": ("UniPCMultistepScheduler", {}, {}),
     "deis": ("DEISMultistepScheduler", {}, {}),
     "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, {}),
 }
 
 STEPS = (1, 4, 20, 50)
