@@ -34,6 +34,12 @@ SD15 = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "
     ("euler_karras", ("euler", "karras")),
     ("Euler a Karras", ("euler_a", "karras")),
     ("DDIM", ("ddim", None)),
+    ("UniPC", ("unipc", None)),
+    ("unipc_karras", ("unipc", "karras")),
+    ("DEIS", ("deis", None)),
+    ("TCD", ("tcd", None)),
+    ("PLMS", ("pndm", None)),
+    ("PNDMScheduler", ("pndm", None)),
 ])
 def test_aliases(alias, expected):
     assert resolve_sampler(alias) == expected
