@@ -169,6 +169,10 @@ SCHEDULE_CASES = [
     ("dpmpp_2m_sde", "karras", "sd2_v", "DPMSolverMultistepScheduler",
      {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     ("ddim", None, "sd15_trailing", "DDIMScheduler", {}),
+    ("unipc", "karras", "sd15_eps", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    ("unipc", None, "sd15_trailing", "UniPCMultistepScheduler", {}),
+    ("unipc", None, "sd2_v_linspace", "UniPCMultistepScheduler", {}),
+    ("deis", None, "sd15_trailing", "DEISMultistepScheduler", {}),
 ]
 
 
