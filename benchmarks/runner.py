@@ -264,7 +264,7 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
     document = {
         "params": {**asdict(params), "cache": str(params.cache), "out": str(params.out)},
         "machine": hardware.machine(), "versions": hardware.versions(),
-        "threads": {"torch": threads, "onnxruntime_intra_op": f"default ({hardware.usable_cores()} cores)"},
+        "threads": {"torch": threads, "onnxruntime_intra_op": f"default (the {threads} cores the worker may use)"},
         "bf16": bf16_why, "cpu_peak": hardware.cpu_peak(threads), "unet_flops": flops,
         "command": " ".join(["edgediff", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
         "warnings": warnings, "rows": rows,

@@ -236,8 +236,22 @@ def _warn(line: str) -> None:
     print(f"warning {line}", flush=True)
 
 
+def _limit_cpus(threads: int) -> None:
+    """Both engines get the same cores: torch via set_num_threads, ONNX Runtime (whose default
+    intra-op pool matches the cores it may use) via this process's CPU affinity."""
+    import os
+
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return
+    if threads < len(allowed):
+        os.sched_setaffinity(0, allowed[:threads])
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
+    _limit_cpus(spec["threads"])
     started = time.perf_counter()
     result = WORK[(spec["engine"], spec["phase"])](spec)
     result.update({"wall_s": time.perf_counter() - started, "warnings": WARNINGS})
