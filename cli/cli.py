@@ -167,12 +167,13 @@ def _check_writable(output: Path) -> None:
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Also check every graph file against its sha256.")
 @user_errors
-def info(model):
+def info(model, verify):
     """Show a model's graphs and precision, and the providers available here."""
     from edgediff.runtime.info import describe
 
-    click.echo(describe(model))
+    click.echo(describe(model, verify=verify))
 
 
 def _register_bench():

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .manifest import read_manifest
+from .errors import ModelFolderError
+from .manifest import read_manifest, sha256_file
 from .sessions import available_providers
 
 
-def describe(model_dir: Path | None) -> str:
+def describe(model_dir: Path | None, verify: bool = False) -> str:
+    """A summary of the model; ``verify`` also checks each graph file against its sha256."""
     if model_dir is None:
         from edgediff.models import default_model_dir
 
@@ -21,6 +23,9 @@ def describe(model_dir: Path | None) -> str:
         "graphs",
     ]
     for name, g in m.graphs.items():
+        if verify and sha256_file(Path(model_dir) / g.path) != g.sha256:
+            raise ModelFolderError(f"{name} graph {Path(model_dir) / g.path} does not match the sha256 in "
+                                   "the manifest (corrupt or replaced); export the model again")
         megabytes = sum(p.stat().st_size for p in (Path(model_dir) / g.path).parent.glob("model.onnx*")) / 1e6
         v = g.validation
         check = (f"max rel diff {max(o['relative'] for o in v['outputs'].values()):.1e} (tol {v['tolerance']:.0e})"
@@ -28,4 +33,6 @@ def describe(model_dir: Path | None) -> str:
         kept = f"; fp32 kept: {', '.join(g.kept_fp32)}" if g.kept_fp32 else ""
         lines.append(f"  {name:13} {g.precision:5} {megabytes:8.1f} MB  {check}{kept}")
     lines.append(f"providers  {', '.join(available_providers())}")
+    if verify:
+        lines.append("verified   every graph matches its sha256")
     return "\n".join(lines)

@@ -162,3 +162,11 @@ def test_img2img_bad_strength(model, strength):
 
     Image.new("RGB", (32, 32)).save(model.parent / "in.png")
     assert_one_line_error(*generate(model, "--image", model.parent / "in.png", "--strength", strength), "strength")
+
+
+def test_info_verify_catches_a_changed_graph(model):
+    code, _ = run("info", model, "--verify")
+    assert code == 0
+    with open(model / "vae_decoder" / "model.onnx", "ab") as graph:
+        graph.write(b"\0")
+    assert_one_line_error(*run("info", model, "--verify"), "vae_decoder graph", "sha256")
