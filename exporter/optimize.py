@@ -96,7 +96,9 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    if model.ByteSize() < TWO_GB - 64 * 1024**2:
+    # protobuf cannot even size a message over 2 GB, so count the weights instead of ByteSize().
+    weights = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    if weights < TWO_GB - 64 * 1024**2:
         onnx.save_model(model, str(path))
         return [path]
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
