@@ -91,8 +91,11 @@ def _load_single_file(path: Path, prediction_type: str | None, config_dir: Path 
     weights) or the shipped config of the family the checkpoint's keys reveal."""
     from diffusers import StableDiffusionPipeline
 
+    hint = ""
     if config_dir is None:
         config_dir = _configs_dir() / ("sd21" if SD2_TEXT_KEY in _checkpoint_keys(path) else "sd15")
+        hint = (f" (read with the shipped {config_dir.name} config; for another architecture pass --config "
+                "with a diffusers folder of it)")
     elif not (config_dir / "model_index.json").is_file():
         raise EdgediffError(f"--config {config_dir} is not a diffusers config folder (no model_index.json)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +112,8 @@ def _load_single_file(path: Path, prediction_type: str | None, config_dir: Path 
                 **({"prediction_type": prediction_type} if prediction_type else {}),
             )
         except Exception as error:
-            raise EdgediffError(f"could not read {path} as a Stable Diffusion checkpoint: "
-                                f"{str(error).splitlines()[0]}") from None
+            message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise EdgediffError(f"could not read {path} as a Stable Diffusion checkpoint: {message}{hint}") from None
     return pipe
 
 
@@ -123,5 +126,12 @@ def _checkpoint_keys(path: Path) -> set[str]:
                 return set(handle.keys())
         except Exception as error:
             raise EdgediffError(f"{path} is not a readable safetensors file ({error})") from None
-    state = torch.load(str(path), map_location="cpu", weights_only=False)  # consent given by the caller
-    return set(state.get("state_dict", state).keys())
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=False)  # consent given by the caller
+    except Exception as error:  # unpickling raises many types
+        raise EdgediffError(f"{path} is not a readable PyTorch checkpoint ({str(error).strip()[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise EdgediffError(f"{path} holds a {type(state).__name__}, not a checkpoint's state dict")
+    return set(state.keys())

@@ -75,3 +75,29 @@ def test_loaded_weights_are_the_checkpoints(single_files, tiny_sources):
         want, got = getattr(source, name).state_dict(), getattr(loaded, name).state_dict()
         assert set(got) == set(want), name
         assert all(torch.equal(got[key], want[key]) for key in want), name
+
+
+def _one_line_error(*args):
+    result = CliRunner().invoke(main, ["export", *map(str, args)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code != 0 and "Traceback" not in result.stderr, result.stderr
+    # progress lines ("loading ...") may come first; the failure itself is one "error:" line, the last
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, lines
+    return lines
+
+
+def test_unreadable_pickles_fail_in_one_line(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a pickle")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    for name, fragment in (("junk.ckpt", "not a readable PyTorch checkpoint"), ("list.ckpt", "holds a list")):
+        lines = _one_line_error(tmp_path / name, tmp_path / "out", "--allow-pickle")
+        assert fragment in lines[-1], lines
+        assert not (tmp_path / "out").exists()
+
+
+def test_architecture_mismatch_suggests_config(single_files, tmp_path):
+    """A checkpoint that is not SD 1.5-sized, read with the shipped config: the error names --config."""
+    folder, _ = single_files["sd1"]
+    lines = _one_line_error(folder / "model.safetensors", tmp_path / "out")
+    assert "expected shape" in lines[-1] and "--config" in lines[-1], lines
+    assert not (tmp_path / "out").exists()
