@@ -101,3 +101,13 @@ def test_architecture_mismatch_suggests_config(single_files, tmp_path):
     lines = _one_line_error(folder / "model.safetensors", tmp_path / "out")
     assert "expected shape" in lines[-1] and "--config" in lines[-1], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_family_key_picks_the_shipped_config(single_files):
+    """Without --config the SD 2.x-only OpenCLIP key picks sd21; our original-format writer emits it."""
+    from edgediff.exporter.load import SD2_TEXT_KEY, _checkpoint_keys
+
+    for kind, expected in (("sd1", False), ("sd2", True)):
+        folder, _ = single_files[kind]
+        for name in ("model.safetensors", "model.ckpt"):
+            assert (SD2_TEXT_KEY in _checkpoint_keys(folder / name)) is expected, (kind, name)
