@@ -27,7 +27,8 @@ from train_default import foreground_weight, log, shapes, to_tensor  # noqa: E40
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("vae")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data set (train_default --seed)")
+    p.add_argument("--rng-seed", type=int, default=11, help="batch sampling seed")
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--work", default="/work/checkpoints")
     p.add_argument("--minutes", type=float, default=8.0)
@@ -50,7 +51,7 @@ def main(argv=None):
         m.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    rng = np.random.default_rng(args.seed + 11)
+    rng = np.random.default_rng(args.seed + args.rng_seed)
     step, run = 0, None
     t_start = time.time()
     while (frac := (time.time() - t_start) / (60 * args.minutes)) < 1.0:

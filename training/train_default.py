@@ -304,12 +304,22 @@ def phase_unet(args, latents, attrs, t0):
         x0 = lat[idx]
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (len(idx),))
+        hi = step >= args.hi_t_from_step
+        if hi:
+            # half the batch from the noisiest 40% of timesteps, where the caption decides the image
+            t[: len(idx) // 2] = torch.randint(600, 1000, (len(idx) // 2,))
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             h = te(ids).last_hidden_state
             pred = unet(xt, t, h).sample
-        loss = F.mse_loss(pred.float(), noise)
+        if hi:
+            # epsilon loss hides the caption's contribution at high noise (x_t is mostly noise);
+            # weight by 1/SNR clamped to [1, snr_weight_max] so those steps carry more gradient
+            w = ((1 - a) / a).clamp(1.0, args.snr_weight_max)
+            loss = ((pred.float() - noise).pow(2) * w).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -379,6 +389,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--drop", type=float, default=0.1, help="caption dropout for classifier-free guidance")
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--hi-t-from-step", type=int, default=0,
+                   help="from this step on: half of each batch at t>=600 and 1/SNR loss weight")
+    p.add_argument("--snr-weight-max", type=float, default=5.0)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the U-Net phase")
     p.add_argument("--vae-fp32", action="store_true", help="no bf16 autocast in the VAE phase")
