@@ -20,12 +20,34 @@ Phases (each resumable; outputs under --work, default /work/checkpoints):
 Usage:
     nice -n 10 python training/train_default.py --seed 0 --out /work/checkpoints/default-diffusers
 
-Measured run (the shipped model), on the shared 2-core x86 CPU machine (no GPU, torch 2.13 CPU,
-2 threads, nice 10, sharing the cores with other jobs): see TRAINING_LOG at the bottom of this
-docstring, filled in after the run.
+Machine: the shared 2-core x86 VM (no GPU), torch 2.13.0 CPU, 1 thread per process (2 threads
+were ~5x slower while other jobs loaded the cores: OpenMP threads wait on each other), nice 10.
+Throughput there: VAE ~1 step/s (batch 16, bf16 autocast), U-Net+text ~1.3-2 steps/s (batch 32,
+fp32), encoding the 20k-image data set ~8 min.
 
-TRAINING_LOG:
-    (filled in after the run)
+TRAINING_LOG (2026-11-22, session for issue 4; all under /work/checkpoints):
+    data      20,000 images, seed 0 (20 s)
+    vae       v1: 576 steps / 9 min, plain L1+MSE -> colours wrong on reconstruction (green came
+              back blue, 52% colour accuracy through the evaluator);
+              v2: +512 steps / 8 min with the foreground-weighted loss (--vae-init v1);
+              decoder-only fine-tune (training/finetune_decoder.py) 498 + ~880 steps / 23 min,
+              run alongside the U-Net phase; scaling_factor 0.41449.
+              Reconstruction through the evaluator (192 images): colour 95.8%, shape 94.3%,
+              background/position/size 100%; mean abs error 2.3/255.
+    unet      2,181,252 params + text encoder 1,608,992, batch 32, lr 1e-3 cosine, EMA 0.999:
+              steps 0-1200 plain epsilon loss (14.8 min); resumed with --hi-t-from-step 1200
+              --unet-minutes 30 until the 30-minute budget.
+    command   nice -n 10 python training/train_default.py --seed 0 --batch 32 --vae-minutes 8
+              --vae-lr 1e-3 --vae-init <v1> --unet-minutes 30 --hi-t-from-step 1200
+    RESULT    the U-Net learned to denoise (loss 0.013) but barely uses the caption yet: predicted
+              noise for different prompts differs by ~1e-4 MSE at t=900, and samples look the
+              same for every prompt. Final (2856 steps, EMA, decoder from the fine-tune):
+              python training/eval_torch.py /work/checkpoints/default-diffusers  (DPM++ 20 steps,
+              guidance 7.5, 72 grid entries): colour 20.8%, shape 36.1%, background 36.1%,
+              position 12.5%, size 77.8% -- far below issue 4's targets. Next run:
+              much longer U-Net phase, high-noise emphasis from step 0, and a global text path
+              (UNet2DConditionModel addition_embed_type="text", pooled caption added to the time
+              embedding) so the caption conditions every ResNet block, not only cross-attention.
 """
 
 from __future__ import annotations
