@@ -267,7 +267,7 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
 
 def _write_assets(pipe, staging: Path) -> None:
     (staging / "tokenizer").mkdir(exist_ok=True)
-    pipe.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"))
+    pipe.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"), pretty=False)
     alphas_cumprod = getattr(pipe.scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         from diffusers import DDPMScheduler
