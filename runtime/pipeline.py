@@ -15,7 +15,7 @@ from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
 from .samplers import make_plan
-from .sessions import GraphSession, Sessions
+from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
 
 DEFAULT_SAMPLER = "dpmpp_2m_karras"
@@ -52,7 +52,11 @@ class Pipeline:
         if model_dir is None:
             from edgediff.models import default_model_dir
 
-            model_dir = default_model_dir()
+            # GPUs get the shipped fp16 export where it exists; the CPU runs fp32 faster (DESIGN.md).
+            gpu = resolve_provider(provider) in ("cuda", "tensorrt", "dml")
+            model_dir = default_model_dir("fp16")
+            if not (gpu and model_dir.is_dir()):
+                model_dir = default_model_dir()
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         tokenizer = ClipTokenizer.from_manifest(model_dir, manifest.tokenizer)
