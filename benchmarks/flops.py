@@ -51,7 +51,17 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        # On an incomplete inference it writes sym_shape_infer_temp.onnx into the working directory.
+        import os
+        import tempfile
+
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)
+            try:
+                inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            finally:
+                os.chdir(here)
     except Exception:
         inferred = None
     if inferred is None:
