@@ -1,30 +1,14 @@
 """``edgediff bench``: parses arguments and calls the library (benchmarks.runner / benchmarks.report)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from edgediff.errors import user_errors
 from edgediff.runtime.errors import EdgediffError
 
 from .runner import ALL_PROVIDERS, MEMORY_MODES, PRECISIONS
-
-
-def _one_line_errors(function):
-    from functools import wraps
-
-    @wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except EdgediffError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 @click.command()
@@ -48,7 +32,7 @@ def _one_line_errors(function):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Folder for bench.json, bench.md and bench.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@_one_line_errors
+@user_errors
 def bench(model, resolution, steps, batch, providers, precisions, memory, repeats, threads, no_diffusers,
           no_bf16, cache, out, seed):
     """Latency and memory per stage and provider, side by side with diffusers, on full-size architectures."""

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {pipe.model_dir} ({pipe.manifest.precision}), {size}x{size}, {args.steps} steps, "
           f"{args.sampler}, guidance {args.guidance}, provider {pipe.provider}")
     timing = speed(pipe.model_dir, provider=args.provider, steps=args.steps, sampler=args.sampler)
-    print(f"\n| end to end (median of 5, sessions resident) | U-Net step | text encoder | VAE decode | cold run incl. session creation |")
+    print("\n| end to end (median of 5, sessions resident) | U-Net step | text encoder | VAE decode | cold run incl. session creation |")
     print("|---|---|---|---|---|")
     print(f"| {timing['total_median']:.3f} s | {timing['unet_per_step_median'] * 1000:.1f} ms | "
           f"{timing['text_encoder_median'] * 1000:.1f} ms | {timing['vae_decoder_median'] * 1000:.1f} ms | "

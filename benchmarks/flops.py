@@ -131,7 +131,7 @@ def _node_macs(node, shapes) -> int | None:
         qk_hidden = weight[1] // 3
         return batch * seq * hidden_in * weight[1] + 2 * batch * seq * seq * qk_hidden
     if op == "MultiHeadAttention":
-        q, k, v = get(0), get(1), get(2)
+        q, k = get(0), get(1)
         if q is None or out is None:
             return None
         batch, seq_q = q[0], q[1]

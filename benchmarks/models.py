@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -123,42 +122,9 @@ def ensure_export(diffusers_folder: Path, precision: str, target: str, graphs: t
     from edgediff.exporter.export import export_model
 
     log(f"exporting {diffusers_folder} ({precision}, optimized for {target}) into {out}")
-    with _large_graph_save():
-        export_model(str(diffusers_folder), out, precision=precision, optimize_for=target, graphs=graphs,
-                     overwrite=True, log=log)
+    export_model(str(diffusers_folder), out, precision=precision, optimize_for=target, graphs=graphs,
+                 overwrite=True, log=log)
     return out
-
-
-@contextmanager
-def _large_graph_save():
-    """Work around exporter.optimize.save failing on full-size U-Nets (reported to the team lead).
-
-    ``save`` asks ``model.ByteSize()`` to choose between one file and external data, but protobuf
-    refuses to size a message over 2 GB (``EncodeError: Failed to serialize proto``), which every
-    fp32 SD U-Net is. Where that happens, save with one external-data file, as ``save`` intends.
-    """
-    import onnx
-    from google.protobuf.message import EncodeError
-
-    from edgediff.exporter import optimize
-
-    original = optimize.save
-
-    def save(model, path):
-        try:
-            return original(model, path)
-        except (EncodeError, ValueError):
-            data = path.with_name(path.name + ".data")
-            data.unlink(missing_ok=True)
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-            return [path, data]
-
-    optimize.save = save
-    try:
-        yield
-    finally:
-        optimize.save = original
 
 
 def _stderr(line: str) -> None:

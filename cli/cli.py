@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import wraps
 from pathlib import Path
 
 import click
@@ -14,22 +13,9 @@ import click
 from edgediff import __version__
 from edgediff.runtime.errors import EdgediffError
 
+from .errors import user_errors
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def user_errors(command):
-    """Turn EdgediffError (and a missing extra) into one line on stderr and exit status 1."""
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except EdgediffError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 class OneLineErrors(click.Group):

@@ -179,6 +179,7 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
     elif precision == "int8" and spec.name == "unet":
         log(f"{prefix}: quantizing MatMul weights to int8")
         opt.save(model, raw_dir / "optimized.onnx")
+        model = None  # a full-size fp32 U-Net is 3.4 GB: free it before the quantizer loads its own copy
         opt.quantize_int8(raw_dir / "optimized.onnx", path)
         kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     else:

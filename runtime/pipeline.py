@@ -134,11 +134,10 @@ class Pipeline:
                 return unet.run(sample=x_in, timestep=t, encoder_hidden_states=ctx)[0]
 
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
-            callback = None
-            if on_step is not None:
-                def callback(i, sigma, x_i, denoised):
-                    on_step(i + 1, plan.steps, x_i)
-            x = plan.run(denoise, x, rng=rng, on_step=callback)
+            def callback(i, sigma, x_i, denoised):
+                on_step(i + 1, plan.steps, x_i)
+
+            x = plan.run(denoise, x, rng=rng, on_step=callback if on_step is not None else None)
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
