@@ -34,7 +34,16 @@ def optimize(model_path: Path, optimizer_type: str, target: str, fuse_attention:
         str(model_path), model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
         optimization_options=options, use_gpu=target == "cuda",
     )
-    return optimized.model
+    model = optimized.model
+    declare_contrib_domain(model)
+    return model
+
+
+def declare_contrib_domain(model: onnx.ModelProto) -> None:
+    """Fused ops live in ONNX Runtime's com.microsoft domain, which the optimizer leaves undeclared."""
+    uses = any(node.domain == "com.microsoft" for node in model.graph.node)
+    if uses and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
 def attention_score_nodes(model: onnx.ModelProto) -> list[str]:
@@ -113,7 +122,6 @@ def quantize_int8(model_path: Path, out_path: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _declare_contrib_domain(model_path)
     quantize_dynamic(
         str(model_path), str(out_path), weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Attention", "Gemm"],
@@ -121,21 +129,6 @@ def quantize_int8(model_path: Path, out_path: Path) -> None:
         # Count the external-data file too: a >2 GB graph is saved as a small .onnx beside its weights.
         use_external_data_format=_size_on_disk(model_path) > TWO_GB // 2,
     )
-
-
-def _declare_contrib_domain(model_path: Path) -> None:
-    """The transformer optimizer writes com.microsoft ops (Attention, SkipLayerNormalization...) without
-    importing that domain; ONNX shape inference, which quantize_dynamic runs first, then rejects the
-    graph ("No opset import for domain com.microsoft"). Declare the domain in the saved graph."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    domains = {node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")}
-    declared = {opset.domain for opset in model.opset_import}
-    missing = sorted(domains - declared)
-    if not missing:
-        return
-    for domain in missing:
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    onnx.save_model(model, str(model_path))  # weights stay where they are (inline or external)
 
 
 def _size_on_disk(model_path: Path) -> int:
