@@ -67,15 +67,7 @@ def sample_dpm_2(denoise, x, sigmas, *, rng=None, on_step=None):
         denoised = denoise(x, sigma)
         if on_step is not None:
             on_step(i, sigma, x, denoised)
-        d = (x - denoised) / sigma
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_next)))
-            x_2 = x + d * (sigma_mid - sigma)
-            denoised_2 = denoise(x_2, sigma_mid)
-            d_2 = (x_2 - denoised_2) / sigma_mid
-            x = x + d_2 * (sigma_next - sigma)
+        x = _dpm_2_step(denoise, x, (x - denoised) / sigma, sigma, sigma_next)
     return x
 
 
@@ -88,15 +80,18 @@ def sample_dpm_2_ancestral(denoise, x, sigmas, *, rng=None, on_step=None, eta=1.
         if on_step is not None:
             on_step(i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        d = (x - denoised) / sigma
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_down)))
-            x_2 = x + d * (sigma_mid - sigma)
-            denoised_2 = denoise(x_2, sigma_mid)
-            d_2 = (x_2 - denoised_2) / sigma_mid
-            x = x + d_2 * (sigma_down - sigma)
+        x = _dpm_2_step(denoise, x, (x - denoised) / sigma, sigma, sigma_down)
         if sigma_next > 0:
             x = x + noise_like(rng, x) * (s_noise * sigma_up)
     return x
+
+
+def _dpm_2_step(denoise, x, d, sigma, sigma_to):
+    """One DPM-Solver-2 step from sigma to sigma_to: the derivative re-evaluated at the midpoint
+    sigma_mid = sqrt(sigma * sigma_to); a plain Euler step when sigma_to is 0."""
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_to)))
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = (x_2 - denoise(x_2, sigma_mid)) / sigma_mid
+    return x + d_2 * (sigma_to - sigma)

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from edgediff.runtime import Pipeline
+from torch_blocker import BLOCK_TORCH
 from edgediff.runtime.sessions import check_inputs
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 def test_generates_where_torch_cannot_be_imported(tiny_exports, tmp_path):

@@ -8,16 +8,9 @@ import textwrap
 
 from edgediff.models import default_model_dir, shapes
 from edgediff.runtime import Pipeline
+from torch_blocker import BLOCK_TORCH
 from edgediff.runtime.manifest import read_manifest
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 def test_shipped_models_are_complete_and_validated():
