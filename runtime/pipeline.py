@@ -89,9 +89,12 @@ class Pipeline:
         if not prompts or len(negatives) != len(prompts):
             raise EdgediffError("give one negative prompt per prompt")
         if image is not None:
-            image = _as_rgb(image, width, height)
-            width, height = image.size
+            image = _as_rgb(image)
+            width = image.width if width is None else width
+            height = image.height if height is None else height
         width, height = self._check_size(width, height)
+        if image is not None and image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
         if not isinstance(steps, int) or steps < 1:
             raise EdgediffError(f"steps must be a whole number of at least 1, not {steps!r}")
         if not math.isfinite(guidance) or guidance < 0:
@@ -171,12 +174,9 @@ class Pipeline:
         return sides[0], sides[1]
 
 
-def _as_rgb(image: Image.Image | np.ndarray, width: int | None, height: int | None) -> Image.Image:
-    """An RGB picture at the requested size (Lanczos, as diffusers' image processor resizes)."""
+def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise EdgediffError(f"image arrays must be uint8 (height, width, 3), not {image.dtype} {image.shape}")
         image = Image.fromarray(image)
-    image = image.convert("RGB")
-    size = (width or image.width, height or image.height)
-    return image if size == image.size else image.resize(size, Image.LANCZOS)
+    return image.convert("RGB")

@@ -170,3 +170,11 @@ def test_info_verify_catches_a_changed_graph(model):
     with open(model / "vae_decoder" / "model.onnx", "ab") as graph:
         graph.write(b"\0")
     assert_one_line_error(*run("info", model, "--verify"), "vae_decoder graph", "sha256")
+
+
+def test_img2img_bad_size(model):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(model.parent / "in.png")
+    assert_one_line_error(*generate(model, "--image", model.parent / "in.png", "--width", "-8"),
+                          "width must be a positive multiple of 4")
