@@ -139,9 +139,8 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     for name, graph in manifest.graphs.items():
         if not (model_dir / graph.path).is_file():
             raise ModelFolderError(f"{name} graph is missing: {model_dir / graph.path}")
-    for name in ("alphas_cumprod",):
-        if not (model_dir / getattr(manifest, name)).is_file():
-            raise ModelFolderError(f"{model_dir / getattr(manifest, name)} is missing")
+    if not (model_dir / manifest.alphas_cumprod).is_file():
+        raise ModelFolderError(f"{model_dir / manifest.alphas_cumprod} is missing")
     if not (model_dir / manifest.tokenizer["path"]).is_file():
         raise ModelFolderError(f"tokenizer is missing: {model_dir / manifest.tokenizer['path']}")
     return manifest

@@ -54,3 +54,14 @@ def build_pipeline(kind: str = "sd1", seed: int = 0):
 def save_pipeline(kind: str, folder: Path, seed: int = 0) -> Path:
     build_pipeline(kind, seed).save_pretrained(folder)
     return folder
+
+
+def export_with_cli(source: Path, out: Path, *args) -> Path:
+    """Run `edgediff export SOURCE OUT ARGS...` through the CLI; fail the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(source), str(out), *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return out

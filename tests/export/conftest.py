@@ -6,16 +6,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from click.testing import CliRunner  # noqa: E402
-
-from edgediff.cli import main  # noqa: E402
+from tiny_models import export_with_cli as export  # noqa: E402
 from tiny_models import save_pipeline  # noqa: E402
-
-
-def export(source, out, *args):
-    result = CliRunner().invoke(main, ["export", str(source), str(out), *args])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="session")

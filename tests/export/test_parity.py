@@ -51,23 +51,15 @@ def start_noise(folder) -> np.ndarray:
     return np.random.default_rng(7).standard_normal((1, m.latent_channels, side, side), dtype=np.float32)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("sampler", sorted(DIFFUSERS))
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_matches_diffusers_fp32(tiny_sources, tiny_exports, kind, sampler):
-    latents = start_noise(tiny_exports[kind, "fp32"])
+def test_matches_diffusers(tiny_sources, tiny_exports, kind, sampler, precision):
+    latents = start_noise(tiny_exports[kind, precision])
     expected = diffusers_pixels(tiny_sources[kind], sampler, latents)
-    actual = edgediff_pixels(tiny_exports[kind, "fp32"], sampler, latents)
+    actual = edgediff_pixels(tiny_exports[kind, precision], sampler, latents)
     assert actual.shape == expected.shape
-    assert np.abs(actual - expected).max() < FP32_TOLERANCE
-
-
-@pytest.mark.parametrize("sampler", sorted(DIFFUSERS))
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_matches_diffusers_fp16(tiny_sources, tiny_exports, kind, sampler):
-    latents = start_noise(tiny_exports[kind, "fp16"])
-    expected = diffusers_pixels(tiny_sources[kind], sampler, latents)
-    actual = edgediff_pixels(tiny_exports[kind, "fp16"], sampler, latents)
-    assert np.abs(actual - expected).max() < FP16_TOLERANCE
+    assert np.abs(actual - expected).max() < {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE}[precision]
 
 
 def test_parity_detects_a_different_model(tiny_exports):

@@ -15,12 +15,7 @@ from edgediff.runtime.manifest import read_manifest
 from original_format import save_original
 from test_parity import FP32_TOLERANCE, diffusers_pixels, edgediff_pixels, start_noise
 from tiny_models import build_pipeline, save_pipeline
-
-
-def export(source, out, *args):
-    result = CliRunner().invoke(main, ["export", str(source), str(out), *args])
-    assert result.exit_code == 0, result.output
-    return out
+from tiny_models import export_with_cli as export
 
 
 @pytest.fixture(scope="module")
