@@ -94,18 +94,20 @@ def build_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=16, time_cond_proj_dim=16 if kind == "sdxl-lcm" else None,
+        cross_attention_dim=80, norm_num_groups=16, time_cond_proj_dim=16 if kind == "sdxl-lcm" else None,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8, layers_per_block=1, sample_size=32, scaling_factor=0.13025, force_upcast=True,
     )
-    common = dict(bos_token_id=49406, eos_token_id=49407, hidden_size=32, intermediate_size=37,
-                  num_attention_heads=4, num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77,
-                  projection_dim=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common, pad_token_id=49407, hidden_act="quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, pad_token_id=0, hidden_act="gelu"))
+    # The encoders differ in width, as SDXL's do (768 and 1280): single-file loading tells them apart by it.
+    common = dict(bos_token_id=49406, eos_token_id=49407, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_size=32, pad_token_id=49407,
+                                                hidden_act="quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=48, pad_token_id=0,
+                                                                hidden_act="gelu"))
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), pad_token="!")
     if kind == "sdxl-lcm":
