@@ -84,11 +84,20 @@ class Manifest:
     default_size: int
     tokenizer: dict[str, Any]
     graphs: dict[str, GraphEntry]
+    # Text encoders in the order their hidden states are concatenated, each with its tokenizer
+    # (SDXL has two); manifests before SDXL name one, ``tokenizer`` with ``text_encoder``.
+    text_encoders: list[dict[str, Any]] = field(default_factory=list)
+    # Data for the U-Net's extra conditioning inputs: SDXL's size ids, zeroed empty negatives.
+    conditioning: dict[str, Any] = field(default_factory=dict)
     alphas_cumprod: str = "alphas_cumprod.npy"
     precision: str = "fp32"
     optimized_for: str = "none"
     source: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if not self.text_encoders:
+            self.text_encoders = [{"graph": "text_encoder", "tokenizer": self.tokenizer}]
 
     @property
     def size_multiple(self) -> int:
@@ -141,8 +150,11 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
             raise ModelFolderError(f"{name} graph is missing: {model_dir / graph.path}")
     if not (model_dir / manifest.alphas_cumprod).is_file():
         raise ModelFolderError(f"{model_dir / manifest.alphas_cumprod} is missing")
-    if not (model_dir / manifest.tokenizer["path"]).is_file():
-        raise ModelFolderError(f"tokenizer is missing: {model_dir / manifest.tokenizer['path']}")
+    for encoder in manifest.text_encoders:
+        if encoder["graph"] not in manifest.graphs:
+            raise ModelFolderError(f"{path} lists no {encoder['graph']} graph")
+        if not (model_dir / encoder["tokenizer"]["path"]).is_file():
+            raise ModelFolderError(f"tokenizer is missing: {model_dir / encoder['tokenizer']['path']}")
     return manifest
 
 

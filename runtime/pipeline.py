@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
 from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
@@ -33,12 +34,13 @@ class Result:
 class Pipeline:
     """An exported model, ready to generate. Build it with :meth:`Pipeline.load`."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, sessions: Sessions, tokenizer: ClipTokenizer,
+    def __init__(self, model_dir: Path, manifest: Manifest, sessions: Sessions, tokenizers: list[ClipTokenizer],
                  alphas_cumprod: np.ndarray):
         self.model_dir = model_dir
         self.manifest = manifest
         self.sessions = sessions
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # one per text encoder, in manifest order
+        self.tokenizer = tokenizers[0]
         self.alphas_cumprod = alphas_cumprod
 
     @classmethod
@@ -59,10 +61,10 @@ class Pipeline:
                 model_dir = default_model_dir()
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
-        tokenizer = ClipTokenizer.from_manifest(model_dir, manifest.tokenizer)
+        tokenizers = [ClipTokenizer.from_manifest(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
         alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod).astype(np.float64)
         sessions = Sessions(model_dir, manifest, provider, memory, warn=warn)
-        return cls(model_dir, manifest, sessions, tokenizer, alphas_cumprod)
+        return cls(model_dir, manifest, sessions, tokenizers, alphas_cumprod)
 
     @property
     def provider(self) -> str:
@@ -73,7 +75,9 @@ class Pipeline:
                  schedule: str | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
-                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8) -> Result:
+                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8,
+                 original_size: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0)) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -82,6 +86,9 @@ class Pipeline:
 
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
+
+        ``original_size``, ``target_size`` (height, width; default: the output size) and
+        ``crops_coords_top_left`` are SDXL's micro-conditioning, used by U-Nets that take size ids.
         """
         started = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -107,7 +114,10 @@ class Pipeline:
             seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None and latents is None else seed
             rng = np.random.default_rng(seed)
         timings: dict[str, float] = {}
-        guided = guidance > 1.0  # as diffusers: guidance 1 or below means the conditional model alone
+        unet_inputs = {spec.name: spec for spec in m.graphs["unet"].inputs}
+        # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
+        # embeds the guidance scale (LCM) runs once per step with it.
+        guided = guidance > 1.0 and not embeds_guidance(unet_inputs)
 
         if image is not None:
             with self._stage("vae_encoder", timings) as vae_encoder:
@@ -128,13 +138,30 @@ class Pipeline:
         else:
             x = noise * np.float32(plan.init_noise_sigma)
 
-        with self._stage("text_encoder", timings) as text_encoder:
-            (context,) = text_encoder.run(input_ids=self.tokenizer(prompts + negatives if guided else prompts))
-        cond, uncond = (context[: len(prompts)], context[len(prompts):]) if guided else (context, None)
+        context = self._encode_text(prompts + negatives if guided else prompts, timings)
+        if guided and m.conditioning.get("force_zeros_for_empty_prompt"):
+            for row, negative in enumerate(negatives, len(prompts)):  # as diffusers without a negative prompt
+                if not negative:
+                    for value in context.values():
+                        value[row] = 0.0
+        n = len(prompts)
+        if "time_ids" in unet_inputs:
+            own = (height, width)
+            ids = size_ids(m.conditioning.get("time_ids", ()),
+                           original_size=check_size_pair("original_size", original_size or own),
+                           target_size=check_size_pair("target_size", target_size or own),
+                           crops_coords_top_left=check_size_pair("crops_coords_top_left", crops_coords_top_left),
+                           batch=len(context["encoder_hidden_states"]))
+            context["time_ids"] = ids
+        if "timestep_cond" in unet_inputs:
+            context["timestep_cond"] = guidance_embedding(guidance, unet_inputs["timestep_cond"].shape[1], n)
+        context = {name: value for name, value in context.items() if name in unet_inputs}
+        cond = {name: value[:n] for name, value in context.items()}
+        uncond = {name: value[n:] for name, value in context.items()} if guided else None
 
         with self._stage("unet", timings) as unet:
             def run_unet(x_in, t, ctx):
-                return unet.run(sample=x_in, timestep=t, encoder_hidden_states=ctx)[0]
+                return unet.run(sample=x_in, timestep=t, **ctx)[0]
 
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
             def callback(i, sigma, x_i, denoised):
@@ -149,6 +176,19 @@ class Pipeline:
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=seed, timings=timings)
+
+    def _encode_text(self, texts: list[str], timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Each text encoder's per-token states, concatenated along the features as the U-Net takes
+        them, and the pooled embedding where an encoder gives one (SDXL's second)."""
+        hidden, context = [], {}
+        for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
+            with self._stage(encoder["graph"], timings) as session:
+                outputs = session.run(input_ids=tokenizer(texts))
+            hidden.append(outputs[0])
+            for spec, value in zip(session.entry.outputs[1:], outputs[1:]):
+                context[spec.name] = value
+        context["encoder_hidden_states"] = np.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
+        return context
 
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
