@@ -33,12 +33,12 @@ NOISE_SOURCES = ("numpy", "torch-cpu")
 _F = np.float32
 
 
-def make_rng(noise: str, seed: int):
-    """The generator for ``noise`` seeded with ``seed`` (an int in [0, 2**64 - 1])."""
+def make_rng(noise: str, seed: int | None):
+    """The generator for ``noise`` seeded with ``seed`` (an int in [0, 2**64 - 1]; None: fresh)."""
     if noise == "numpy":
         return np.random.default_rng(seed)
     if noise == "torch-cpu":
-        return TorchCpuGenerator(seed)
+        return TorchCpuGenerator(int(np.random.SeedSequence().entropy % 2**64) if seed is None else seed)
     raise EdgediffError(f"unknown noise source {noise!r}; expected one of {', '.join(NOISE_SOURCES)}")
 
 
