@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 
 
-from ._util import ancestral_step, noise_like
+from ._util import ancestral_step, noise_like, with_processed_x0
 
 
-def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """Multistep DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), midpoint form as in diffusers
     (``solver_type="midpoint"``) and k-diffusion: first step and the final step to sigma 0 are
     first order (``lower_order_final``).  With h = t_next - t, r = h_last / h:
-    D = (1 + 1/(2r)) denoised - 1/(2r) denoised_last;  x_next = (sigma_next / sigma) x - expm1(-h) D."""
+    D = (1 + 1/(2r)) denoised - 1/(2r) denoised_last;  x_next = (sigma_next / sigma) x - expm1(-h) D.
+    ``process_x0``: diffusers' ``thresholding`` of the data prediction."""
+    denoise = with_processed_x0(denoise, process_x0)
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):
@@ -37,14 +39,16 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None):
     return x
 
 
-def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool):
+def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool, process_x0=None):
     """DPM-Solver++ multistep of order 1-3, ODE or SDE (Lu et al. 2022, DPM-Solver++ sec. 4 and
     its SDE variant, "sde-dpmsolver++"), in sigma space with lambda = -log(sigma), exactly the
     update rules of diffusers' DPMSolverMultistepScheduler (midpoint form for order 2):
     ODE order 1: x' = (s'/s) x - expm1(-h) D0
     SDE order 1: x' = (s'/s) e^-h x + (1 - e^-2h) D0 + s' sqrt(1 - e^-2h) z
     The first step is first order, the second at most second order, the last step (to sigma 0) is
-    first order, and with fewer than 15 steps the second-to-last is at most second order."""
+    first order, and with fewer than 15 steps the second-to-last is at most second order.
+    ``process_x0``: diffusers' ``thresholding`` of the data prediction."""
+    denoise = with_processed_x0(denoise, process_x0)
     n = len(sigmas) - 1
     lambdas = [-math.log(float(s)) if s > 0 else math.inf for s in sigmas]
     history = []  # denoised of previous steps, newest last
@@ -96,20 +100,20 @@ def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool)
     return x
 
 
-def sample_dpmpp_2m_sde(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_2m_sde(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, DPM-Solver++; diffusers "sde-dpmsolver++", midpoint)."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=2, sde=True)
+    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=2, sde=True, process_x0=process_x0)
 
 
-def sample_dpmpp_3m_sde(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_3m_sde(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """DPM-Solver++(3M) SDE (Lu et al. 2022, DPM-Solver++ third-order multistep, SDE variant, as
     diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3))."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=True)
+    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=True, process_x0=process_x0)
 
 
-def sample_dpmpp_3m(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_3m(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """DPM-Solver++(3M) ODE (Lu et al. 2022, DPM-Solver++ third-order multistep)."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=False)
+    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=False, process_x0=process_x0)
 
 
 def sample_dpmpp_2s_ancestral(denoise, x, sigmas, *, rng=None, on_step=None, eta=1.0, s_noise=1.0):
