@@ -328,7 +328,7 @@ register(SamplerSpec("dpmpp_2m_sde", _dpmpp.sample_dpmpp_2m_sde, "dpm", "DPM-Sol
 register(SamplerSpec("dpmpp_3m", _dpmpp.sample_dpmpp_3m, "dpm", "DPM-Solver++(3M) multistep, deterministic",
                      ("DPM++ 3M",), defaults=_DPM))
 register(SamplerSpec("dpmpp_3m_sde", _dpmpp.sample_dpmpp_3m_sde, "dpm", "DPM-Solver++(3M) SDE, stochastic",
-                     ("DPM++ 3M SDE", "k_dpmpp_3m_sde"), defaults=_DPM))
+                     ("DPM++ 3M SDE", "k_dpmpp_3m_sde")))
 register(SamplerSpec("dpmpp_2s_a", _dpmpp.sample_dpmpp_2s_ancestral, "k",
                      "DPM-Solver++(2S) ancestral, stochastic, 2 model calls per step",
                      ("DPM++ 2S a", "dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "k_dpmpp_2s_a")))

@@ -72,7 +72,6 @@ COUNTERPARTS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, {}),
     "lcm": ("LCMScheduler", {}, {}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}),
     "deis": ("DEISMultistepScheduler", {}, {}),
     "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
@@ -116,12 +115,12 @@ class RecordingRng:
         return z
 
 
-def run_ours(sampler, config, steps, noise, *, schedule=None, seed=0):
+def run_ours(sampler, config, steps, noise, *, schedule=None, seed=0, with_plan=False):
     alphas_cumprod = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.numpy().astype(np.float64)
     plan = make_plan(sampler, alphas_cumprod, config, steps, schedule=schedule)
     rng = RecordingRng(seed)
     x = plan.run(make_denoiser(plan, config["prediction_type"]), noise * np.float32(plan.init_noise_sigma), rng=rng)
-    return x, rng.draws
+    return (x, rng.draws, plan) if with_plan else (x, rng.draws)
 
 
 def run_diffusers(cls_name, extra, step_kwargs, config, steps, noise, draws, monkeypatch):
