@@ -1,6 +1,6 @@
 """Procedural "coloured shapes" data set, caption grammar and a deterministic evaluator.
 
-This is the data the shipped default model is trained on (training/train_default.py) and the
+This is the data the shipped default model is trained on (training/train_vae.py, training/train_default_v2.py) and the
 yardstick its generations are judged by. NumPy and Pillow only: no torch, so the torch-free runtime
 tests can use it.
 
