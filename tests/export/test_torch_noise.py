@@ -77,3 +77,11 @@ def test_same_seed_same_image_as_diffusers(tiny_sources, tiny_exports, tmp_path)
                                  generator=torch.Generator().manual_seed(s)).images
         assert np.abs(actual[sampler] - images[seed]).max() < 2e-3, sampler
         assert np.abs(actual[sampler] - images[seed + 1]).max() > 2e-2, sampler  # the seed decides the picture
+
+
+def test_unknown_noise_source_is_a_user_error(tiny_exports):
+    from edgediff.runtime import EdgediffError, Pipeline
+
+    pipe = Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu")
+    with pytest.raises(EdgediffError, match="unknown noise source 'cuda'; expected one of numpy, torch-cpu"):
+        pipe("a cat", steps=2, seed=1, noise="cuda")
