@@ -85,3 +85,20 @@ def test_unknown_noise_source_is_a_user_error(tiny_exports):
     pipe = Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu")
     with pytest.raises(EdgediffError, match="unknown noise source 'cuda'; expected one of numpy, torch-cpu"):
         pipe("a cat", steps=2, seed=1, noise="cuda")
+
+
+def test_cli_noise_option(tiny_exports, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from edgediff.cli import main
+    from edgediff.runtime import Pipeline
+
+    model, out = tiny_exports["sd1", "fp32"], tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", str(model), "--steps", "2", "--seed", "3", "-o", str(out)]
+    result = CliRunner().invoke(main, args + ["--noise", "torch-cpu"])
+    assert result.exit_code == 0, result.output
+    expected = Pipeline.load(model, provider="cpu")("a cat", steps=2, seed=3, noise="torch-cpu").images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    bad = CliRunner().invoke(main, args + ["--noise", "cuda"])
+    assert bad.exit_code != 0 and "numpy" in bad.output and "torch-cpu" in bad.output
