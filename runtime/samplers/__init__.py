@@ -23,7 +23,6 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgediffError
-from ._util import clip_x0, dynamic_threshold
 from ..schedules import (
     SCHEDULES,
     NoiseSchedule,
@@ -32,6 +31,7 @@ from ..schedules import (
     karras_sigmas,
     spaced_timesteps,
 )
+from ._util import clip_x0, dynamic_threshold
 from . import ddim as _ddim
 from . import deis as _deis
 from . import dpmpp as _dpmpp
@@ -279,7 +279,7 @@ def make_plan(
 
 # ---------------------------------------------------------------------------------------------
 # The diffusers counterparts' defaults for the keys each plan reads (``__init__`` signatures;
-# tests/runtime/test_samplers.py checks them against diffusers).
+# tests/export/test_sampler_parity.py checks them against diffusers).
 
 _THRESHOLD = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 # Euler, EulerAncestral, KDPM2(Ancestral), LMS, DPMSolverSDE
