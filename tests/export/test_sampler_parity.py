@@ -202,7 +202,8 @@ SCHEDULE_CASES = [
 @pytest.mark.parametrize("sampler,schedule,config_name,cls_name,extra", SCHEDULE_CASES)
 def test_schedule_parity(sampler, schedule, config_name, cls_name, extra, steps, monkeypatch):
     if cls_name == "DEISMultistepScheduler" and schedule is not None and steps == 1:
-        pytest.skip("diffusers' DEIS does not move at 1 step on a sigma schedule: test_deis_one_step_on_a_sigma_schedule")
+        pytest.skip("diffusers' DEIS does not move at 1 step on a sigma schedule "
+                    "(test_deis_one_step_on_a_sigma_schedule)")
     if schedule == "beta" or cls_name == "LMSDiscreteScheduler":
         pytest.importorskip("scipy")
     config = CONFIGS[config_name]()
