@@ -98,9 +98,12 @@ def _list_samplers(ctx, param, value):
               help="img2img: start from this picture (resized to --width/--height when given).")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the picture to repaint, in (0, 1].")
+@click.option("--noise", type=click.Choice(["numpy", "torch-cpu"]), default="numpy", show_default=True,
+              help="Noise generator the seed seeds; torch-cpu: the same noise as torch.randn on the CPU "
+                   "(diffusers, ComfyUI).")
 @user_errors
 def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength):
+             provider, memory, image, strength, noise):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
 
@@ -117,7 +120,8 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
+                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength,
+                  noise=noise)
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
     try:

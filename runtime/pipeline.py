@@ -15,6 +15,7 @@ from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, 
 from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
+from .noise import NOISE_SOURCES, make_rng
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
@@ -76,13 +77,17 @@ class Pipeline:
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
                  image: Image.Image | np.ndarray | None = None, strength: float = 0.8,
-                 original_size: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                 noise: str = "numpy", original_size: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0)) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
         by the sampler's initial sigma as diffusers does, so runs compare with diffusers'. Without
         it, noise comes from ``rng`` (or a generator seeded with ``seed``; a fresh seed if None).
+        ``noise``: the generator ``seed`` seeds: ``"numpy"`` (``numpy.random.default_rng``) or
+        ``"torch-cpu"`` (``torch.randn`` with ``torch.Generator().manual_seed(seed)``, as diffusers
+        and ComfyUI on the CPU draw it; the sampler's noise follows from the same stream).
 
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
@@ -104,6 +109,8 @@ class Pipeline:
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
         if not isinstance(steps, int) or steps < 1:
             raise EdgediffError(f"steps must be a whole number of at least 1, not {steps!r}")
+        if noise not in NOISE_SOURCES:
+            raise EdgediffError(f"unknown noise source {noise!r}; expected one of {', '.join(NOISE_SOURCES)}")
         if not math.isfinite(guidance) or guidance < 0:
             raise EdgediffError(f"guidance must be a finite number >= 0, not {guidance!r}")
         plan = make_plan(sampler, self.alphas_cumprod, self.manifest.scheduler, steps, schedule=schedule,
@@ -112,7 +119,7 @@ class Pipeline:
         shape = (len(prompts), m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         if rng is None:
             seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None and latents is None else seed
-            rng = np.random.default_rng(seed)
+            rng = make_rng(noise, seed)
         timings: dict[str, float] = {}
         unet_inputs = {spec.name: spec for spec in m.graphs["unet"].inputs}
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
