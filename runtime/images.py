@@ -18,7 +18,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as picture:
-            return to_rgb(picture, str(path))
+            return to_rgb(picture, f"image {path}")
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
     except IsADirectoryError:
