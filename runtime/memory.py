@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ModelFolderError
 from .graph_info import GraphInfo, read_graph
-from .manifest import GraphEntry, Manifest
+from .manifest import GraphEntry
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2}
