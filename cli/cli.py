@@ -98,12 +98,29 @@ def _list_samplers(ctx, param, value):
               help="img2img: start from this picture (resized to --width/--height when given).")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the picture to repaint, in (0, 1].")
+@click.option("--no-metadata", is_flag=True, help="Write no A1111 `parameters` text into the image.")
+@click.option("--from-png", type=click.Path(path_type=Path), default=None,
+              help="Take prompt, negative, seed, steps, sampler, schedule, CFG and size from an image's "
+                   "A1111 parameters; flags given explicitly override them.")
+@click.pass_context
 @user_errors
-def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength):
+def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
+             provider, memory, image, strength, no_metadata, from_png):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
+    from edgediff.runtime import metadata
 
+    if from_png is not None:
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) not in
+                 (click.core.ParameterSource.DEFAULT, None)}
+        if "sampler" in given:  # a sampler chosen by hand brings its own schedule
+            given.add("schedule")
+        found = _read_parameters(from_png)
+        found["negative"] = found.pop("negative_prompt", negative)
+        values = dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, sampler=sampler,
+                      schedule=schedule, seed=seed, width=width, height=height)
+        values.update((name, value) for name, value in found.items() if name in values and name not in given)
+        prompt, negative, steps, guidance, sampler, schedule, seed, width, height = values.values()
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
@@ -120,8 +137,12 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
                   seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
+    text = None if no_metadata else metadata.infotext(dict(
+        prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler=sampler,
+        schedule=schedule, seed=result.seed, width=result.images[0].width, height=result.images[0].height,
+        strength=strength if picture is not None else None, **metadata.model_identity(pipe.model_dir, pipe.manifest)))
     try:
-        result.images[0].save(output)
+        metadata.save_image(result.images[0], output, text)
     except OSError as error:
         raise EdgediffError(f"cannot write {output}: {error.strerror or error}") from None
     t = result.timings
@@ -139,6 +160,20 @@ def _open_image(path: Path):
         raise EdgediffError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise EdgediffError(f"cannot read image {path}: {error}") from None
+
+
+def _read_parameters(path: Path) -> dict:
+    from edgediff.runtime import metadata
+
+    if not path.is_file():
+        raise EdgediffError(f"image not found: {path}")
+    try:
+        text = metadata.read_infotext(path)
+    except OSError as error:
+        raise EdgediffError(f"cannot read image {path}: {error}") from None
+    if not text:
+        raise EdgediffError(f"{path} carries no A1111 parameters to regenerate from")
+    return metadata.generation_kwargs(metadata.parse_infotext(text))
 
 
 def _check_writable(output: Path) -> None:
