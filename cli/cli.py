@@ -197,6 +197,45 @@ def info(model, verify):
     click.echo(describe(model, verify=verify))
 
 
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Exported model folder [default: the shipped default model].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other hosts: use --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--memory", type=click.Choice(["low", "high"]), default="high", show_default=True,
+              help="high: sessions stay resident between requests.")
+@click.option("--api-key", default=None, envvar="EDGEDIFF_API_KEY",
+              help="Require this key (Bearer, X-API-Key, or as the basic-auth password) on every endpoint "
+                   "but /health [env: EDGEDIFF_API_KEY].")
+@click.option("--api-auth", default=None, help="A1111's form: user:password[,user2:password2] for HTTP basic auth.")
+@click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
+              help="Requests waiting behind the running one; more get 503 with Retry-After.")
+@click.option("--max-side", type=click.IntRange(8), default=2048, show_default=True, help="Largest width or height.")
+@click.option("--max-steps", type=click.IntRange(1), default=150, show_default=True)
+@click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="Largest batch_size x n_iter.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
+              help="Largest request body, MiB.")
+@user_errors
+def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
+          max_body_mb):
+    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...); docs at /docs."""
+    try:
+        from edgediff.server import Limits, serve as run_server
+    except ImportError as error:
+        raise EdgediffError(f"the server needs the serve extra ({error.name} is missing): "
+                            "pip install 'edgediff[serve]'") from None
+    limits = Limits(max_side=max_side, max_pixels=max_side * max_side, max_steps=max_steps, max_images=max_images,
+                    max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)))
+    credentials = [c for c in (api_auth or "").split(",") if c]
+    if any(":" not in c for c in credentials):
+        raise EdgediffError("--api-auth wants user:password pairs separated by commas")
+    click.echo(f"edgediff serving on http://{host}:{port} (API docs at /docs)", err=True)
+    run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
+               api_auth=credentials, limits=limits)
+
+
 def _register_bench():
     try:
         from edgediff.benchmarks.cli import bench
