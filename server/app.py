@@ -3,7 +3,6 @@
 Endpoints only translate requests into pipeline calls (run by worker.Worker) and results into
 A1111's response shapes; every bound is checked here, before a request takes a queue slot.
 """
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -173,17 +172,21 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
         return image, mask
 
     responses = {422: {"description": "bad input"}, 503: {"description": "queue full (Retry-After)"}}
+    bounds = dict(multiple=pipe.manifest.size_multiple, max_side=limits.max_side, max_steps=limits.max_steps,
+                  max_images=limits.max_images)
+    Txt2Img = schemas.bounded(schemas.Txt2ImgRequest, **bounds)
+    Img2Img = schemas.bounded(schemas.Img2ImgRequest, **bounds)
 
     @app.get("/health", tags=["server"])
     async def health():
         return {"status": "ok", "model": title, "queued": worker.pending()}
 
     @app.post("/sdapi/v1/txt2img", response_model=schemas.ImagesResponse, responses=responses, tags=["sdapi"])
-    async def txt2img(req: schemas.Txt2ImgRequest, request: Request):
+    async def txt2img(req: Txt2Img, request: Request):
         return await run(request, req, plan(req))
 
     @app.post("/sdapi/v1/img2img", response_model=schemas.ImagesResponse, responses=responses, tags=["sdapi"])
-    async def img2img(req: schemas.Img2ImgRequest, request: Request):
+    async def img2img(req: Img2Img, request: Request):
         image, mask = await asyncio.to_thread(images_of, req)  # decoding stays off the event loop
         return await run(request, req, plan(req, image, mask))
 

@@ -42,11 +42,13 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
                     raise BadImage(f"{field} is {image.format or 'an unknown format'}; send PNG, JPEG or WebP")
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise BadImage(f"{field} is {width}x{height}, over the limit of {max_pixels} pixels")
+                    raise BadImage(f"{field} is {width}x{height}: more pixels than the limit of {max_pixels} pixels")
                 return image.convert("RGB")
     except BadImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, larger bound
+        raise BadImage(f"{field} has more pixels than the limit of {max_pixels} pixels") from None
+    except UnidentifiedImageError:
         raise BadImage(f"{field} is not a PNG, JPEG or WebP image") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
         raise BadImage(f"{field} is not a readable image ({error})") from None

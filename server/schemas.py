@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 _FINITE = dict(allow_inf_nan=False)
 MAX_SEED = 2**63 - 1
@@ -100,3 +100,17 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: Optional[str] = Field(None, description="a small false-colour view of the current latent")
     textinfo: Optional[str] = None
+
+
+def bounded(model: type[BaseModel], *, multiple: int, max_side: int, max_steps: int, max_images: int) -> type[BaseModel]:
+    """``model`` with this server's limits in its fields, so /openapi.json (and /docs) tell
+    clients, and the fuzzer, what the server takes."""
+    side = dict(ge=multiple, le=max_side, multiple_of=multiple)
+    return create_model(
+        model.__name__, __base__=model,
+        width=(Optional[int], Field(None, description="default: the model's native size", **side)),
+        height=(Optional[int], Field(None, **side)),
+        steps=(int, Field(20 if max_steps >= 20 else max_steps, ge=1, le=max_steps)),
+        batch_size=(int, Field(1, ge=1, le=max_images)),
+        n_iter=(int, Field(1, ge=1, le=max_images)),
+    )
