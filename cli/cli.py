@@ -210,7 +210,7 @@ def info(model, verify):
               help="Require this key (Bearer, X-API-Key, or as the basic-auth password) on every endpoint "
                    "but /health [env: EDGEDIFF_API_KEY].")
 @click.option("--api-auth", default=None, help="A1111's form: user:password[,user2:password2] for HTTP basic auth.")
-@click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
               help="Requests waiting behind the running one; more get 503 with Retry-After.")
 @click.option("--max-side", type=click.IntRange(8), default=2048, show_default=True, help="Largest width or height.")
 @click.option("--max-steps", type=click.IntRange(1), default=150, show_default=True)

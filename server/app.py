@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,7 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
 
     @app.get("/health", tags=["server"])
     async def health():
-        return {"status": "ok", "model": title, "queued": worker.pending()}
+        return {"status": "ok", "model": title, "queued": worker.pending(), "completed": worker.completed}
 
     @app.post("/sdapi/v1/txt2img", response_model=schemas.ImagesResponse, responses=responses, tags=["sdapi"])
     async def txt2img(req: Txt2Img, request: Request):
@@ -288,5 +289,6 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
 
     app = create_app(model=model, provider=provider, memory=memory, api_key=api_key, api_auth=api_auth, limits=limits)
     if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or api_auth):
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use it", host)
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

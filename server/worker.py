@@ -65,11 +65,12 @@ class Worker:
 
     def __init__(self, pipe, max_queue: int):
         self.pipe = pipe
-        self.max_queue = max_queue
+        self.max_queue = max(1, max_queue)
         self._queue: collections.deque[Job] = collections.deque()
         self._ready = threading.Condition()
         self._closed = False
         self.current: Job | None = None
+        self.completed = 0  # jobs answered with images, for /health and the load benchmark
         self._seconds_per_job = 1.0  # running mean, for Retry-After
         self._thread = threading.Thread(target=self._run, name="edgediff-generate", daemon=True)
         self._thread.start()
@@ -122,7 +123,9 @@ class Worker:
                 if job.abandoned.is_set():
                     job._resolve(job.future.set_exception, _Abandoned())
                 else:
-                    job._resolve(job.future.set_result, job.finish(images, interrupted))
+                    response = job.finish(images, interrupted)
+                    self.completed += 1  # before the client can read its answer
+                    job._resolve(job.future.set_result, response)
             except Exception as error:  # handed to the request; EdgediffError is the client's
                 if not isinstance(error, EdgediffError):
                     log.exception("generation failed")
