@@ -1,10 +1,11 @@
 """`edgediff serve` under load, against a plain loop of pipe() calls in one process.
 
-    python -m edgediff.benchmarks.server_load [--clients 16] [--requests 4] [--steps 20] [--queue 16]
+    python -m edgediff.benchmarks.server_load [--clients 16] [--requests 4] [--steps 20] [--rounds 3]
 
 Starts the server in a subprocess on a free 127.0.0.1 port (the shipped default model, CPU,
-sessions resident), then, back to back in the same conditions: a plain loop of pipe() calls,
-the server under CLIENTS concurrent clients x REQUESTS each, the loop again. Checks that every
+sessions resident) and, ROUNDS times back to back in the same conditions, runs a plain loop of
+CLIENTS x REQUESTS pipe() calls in this process, then the server under CLIENTS concurrent
+clients x REQUESTS each (the machine may be shared: interleaving pairs the two). Checks that every
 request was answered once (200 with its own prompt and seed, or 503 with Retry-After), that the
 server ran exactly the answered jobs, and that its RSS after the run is within 10% of its RSS
 after the first request. Then an overload round with a short queue (--overload-queue) shows the
@@ -136,15 +137,11 @@ def cpu_seconds(process) -> float:
     return times.user + times.system
 
 
-def plain_loop(n: int, steps: int, size: int) -> tuple[float, float]:
-    """(images/s, CPU seconds per image) of pipe() calls in this process, same work per image
-    as a request."""
+def plain_loop(pipe, n: int, steps: int, size: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of pipe() calls in this process, the same work per
+    image as a request."""
     import psutil
 
-    from edgediff.runtime import Pipeline
-
-    pipe = Pipeline.load(None, provider="cpu", memory="high")
-    pipe("warm up", steps=steps, width=size, height=size, seed=0)
     me = psutil.Process()
     started, cpu = time.perf_counter(), cpu_seconds(me)
     for k in range(n):
@@ -156,41 +153,43 @@ def plain_loop(n: int, steps: int, size: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     import psutil
 
+    from edgediff.runtime import Pipeline
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--queue", type=int, default=16, help="server queue for the throughput round")
+    parser.add_argument("--rounds", type=int, default=3, help="loop/server pairs, interleaved")
+    parser.add_argument("--queue", type=int, default=16, help="server queue for the throughput rounds")
     parser.add_argument("--overload-queue", type=int, default=4, help="server queue for the 503 round")
     args = parser.parse_args(argv)
     total = args.clients * args.requests
     load_before = os.getloadavg()
+    pipe = Pipeline.load(None, provider="cpu", memory="high")
+    pipe("warm up", steps=args.steps, width=args.size, height=args.size, seed=0)
 
-    loop_before, loop_cpu_before = plain_loop(total, args.steps, args.size)
+    problems, rows = [], []
     proc, url = start_server(args.queue)
     try:
         server = psutil.Process(proc.pid)
         status, _, _ = post(url, "/sdapi/v1/txt2img", request_body(99, 0, args.steps, args.size))
         assert status == 200, status
         rss_first = server.memory_info().rss
-        done_before = get_json(url, "/health")["completed"]
-        cpu = cpu_seconds(server)
-        outcomes, seconds = drive(url, args.clients, args.requests, args.steps, args.size)
-        server_cpu = cpu_seconds(server) - cpu
+        for _ in range(args.rounds):
+            loop, loop_cpu = plain_loop(pipe, total, args.steps, args.size)
+            done_before, cpu = get_json(url, "/health")["completed"], cpu_seconds(server)
+            outcomes, seconds = drive(url, args.clients, args.requests, args.steps, args.size)
+            server_cpu, ran = cpu_seconds(server) - cpu, get_json(url, "/health")["completed"] - done_before
+            problems += check(outcomes, args.clients, args.requests, args.steps, args.size)
+            ok = sum(o.status == 200 for o in outcomes)
+            if ran != ok:
+                problems.append(f"the server ran {ran} jobs for {ok} answered requests")
+            rows.append((loop, ok / seconds, loop_cpu, server_cpu / max(ok, 1), ok, os.getloadavg()[0]))
         rss_after = server.memory_info().rss
-        ran = get_json(url, "/health")["completed"] - done_before
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    loop_after, loop_cpu_after = plain_loop(total, args.steps, args.size)
-    problems = check(outcomes, args.clients, args.requests, args.steps, args.size)
-    ok = sum(o.status == 200 for o in outcomes)
-    if ran != ok:
-        problems.append(f"the server ran {ran} jobs for {ok} answered requests")
-    served = ok / seconds
-    server_cpu_per_image = server_cpu / max(ok, 1)
-    loop_cpu = (loop_cpu_before + loop_cpu_after) / 2
 
     proc, url = start_server(args.overload_queue)
     try:
@@ -201,7 +200,6 @@ def main(argv=None) -> int:
     problems += check(over, args.clients, args.requests, args.steps, args.size)
     load_after = os.getloadavg()
 
-    loop = (loop_before + loop_after) / 2
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -210,15 +208,17 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu}, {os.cpu_count()} cores; load average before {load_before[0]:.2f} {load_before[1]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f}")
     print(f"default model {args.size}x{args.size}, {args.steps} steps, Euler, CFG 7; "
-          f"{args.clients} clients x {args.requests} requests")
-    print(f"plain loop: {loop_before:.3f} img/s before, {loop_after:.3f} img/s after (mean {loop:.3f})")
-    print(f"server (queue {args.queue}): {ok}/{total} answered 200, "
-          f"{sum(o.status == 503 for o in outcomes)} 503; {served:.3f} img/s; overhead {100 * (1 - served / loop):+.1f}%")
-    print(f"CPU seconds per image (less sensitive to the machine's load): plain loop {loop_cpu_before:.3f} / "
-          f"{loop_cpu_after:.3f}, server process {server_cpu_per_image:.3f}; "
-          f"overhead {100 * (server_cpu_per_image / loop_cpu - 1):+.1f}%")
-    print(f"server RSS after first request {rss_first / 2**20:.1f} MiB, after the run {rss_after / 2**20:.1f} MiB "
-          f"({100 * (rss_after / rss_first - 1):+.1f}%)")
+          f"{args.clients} clients x {args.requests} requests per round, queue {args.queue}")
+    print("round | plain loop img/s | server img/s | wall overhead | loop CPU s/img | server CPU s/img | CPU overhead | 200s | load")
+    for i, (loop, served, loop_cpu, server_cpu, ok, load) in enumerate(rows, 1):
+        print(f"{i} | {loop:.3f} | {served:.3f} | {100 * (1 - served / loop):+.1f}% | {loop_cpu:.3f} | "
+              f"{server_cpu:.3f} | {100 * (server_cpu / loop_cpu - 1):+.1f}% | {ok}/{total} | {load:.1f}")
+    loops, served = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    print(f"all rounds: plain loop {loops / len(rows):.3f} img/s, server {served / len(rows):.3f} img/s, "
+          f"overhead {100 * (1 - served / loops):+.1f}% (median per round "
+          f"{100 * sorted(1 - r[1] / r[0] for r in rows)[len(rows) // 2]:+.1f}%)")
+    print(f"server RSS after first request {rss_first / 2**20:.1f} MiB, after {args.rounds * total} more "
+          f"{rss_after / 2**20:.1f} MiB ({100 * (rss_after / rss_first - 1):+.1f}%)")
     print(f"overload (queue {args.overload_queue}): {sum(o.status == 200 for o in over)} answered 200, "
           f"{sum(o.status == 503 for o in over)} answered 503 with Retry-After")
     if abs(rss_after / rss_first - 1) > 0.10:

@@ -191,3 +191,19 @@ def test_disconnected_clients_leave_no_work_behind():
         ok = requests.post(f"{url}/sdapi/v1/txt2img", json=dict(SMALL, prompt="still serving"))
         assert ok.status_code == 200
     assert pipe.ran == ["running then gone", "still serving"]
+
+
+def test_server_imports_no_torch_and_no_exporter():
+    import subprocess
+    import sys
+    import textwrap
+
+    from torch_blocker import BLOCK_TORCH
+
+    script = BLOCK_TORCH + textwrap.dedent("""
+        import edgediff.server, edgediff.cli
+        assert not [m for m in sys.modules if m.startswith("edgediff.exporter")], "the server pulled in the exporter"
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
