@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from sd_parsers import ParserManager
 
-from conftest import running
+from live_server import running
 from edgediff.cli import main
 from edgediff.runtime import Pipeline, metadata
 from edgediff.runtime.samplers import resolve_sampler

@@ -11,7 +11,7 @@ import requests
 import webuiapi
 from PIL import Image
 
-from conftest import running
+from live_server import running
 from edgediff.server import Limits, create_app
 
 KEY = "test-key-123"

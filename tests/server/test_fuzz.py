@@ -8,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from conftest import running
+from live_server import running
 from edgediff.server import Limits, create_app
 
 

@@ -3,7 +3,7 @@ turned away with 503 + Retry-After; the server runs exactly the answered jobs. (
 memory: `python -m edgediff.benchmarks.server_load`, figures in benchmarks/RESULTS.md.)"""
 from __future__ import annotations
 
-from conftest import running
+from live_server import running
 from edgediff.benchmarks.server_load import check, drive, get_json
 from edgediff.server import Limits, create_app
 
