@@ -144,15 +144,22 @@ class Pipeline:
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
-            images, pixels = _decode(vae_decoder, m, x)
+            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
+        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
         timings["total"] = time.perf_counter() - started
+        images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=seed, timings=timings)
 
     def decode(self, latents: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
         """(images, float pixels) for latents in sampler space, such as the ``latents`` an
-        ``on_step`` callback sees: what an interrupted run had reached."""
+        ``on_step`` callback sees (the state at the start of that step): what an interrupted
+        run had reached."""
+        m = self.manifest
+        x = np.asarray(latents, dtype=np.float32)
         with self.sessions.use("vae_decoder") as vae_decoder:
-            return _decode(vae_decoder, self.manifest, np.asarray(latents, dtype=np.float32))
+            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
+        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+        return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
 
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
@@ -176,12 +183,6 @@ class Pipeline:
                                     f"not {value!r}")
             sides.append(int(value))
         return sides[0], sides[1]
-
-
-def _decode(vae_decoder: GraphSession, m: Manifest, x: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
-    (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
-    pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
-    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
 
 
 def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:

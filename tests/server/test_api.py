@@ -207,3 +207,16 @@ def test_server_imports_no_torch_and_no_exporter():
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_pipeline_decode_shows_where_the_run_was(default_pipe):
+    """What an interrupted request returns: Pipeline.decode of the latents on_step saw (the state
+    at the start of that step). Near the end of a run it is close to the final image; at the
+    start, noise."""
+    seen = []
+    result = default_pipe("a red circle", steps=20, sampler="euler", seed=4,
+                          on_step=lambda step, steps, latents: seen.append(latents.copy()))
+    images, pixels = default_pipe.decode(seen[-1])
+    assert images[0].size == (128, 128) and pixels.shape == result.pixels.shape
+    assert np.abs(pixels - result.pixels).max() < 0.05
+    assert np.abs(default_pipe.decode(seen[0])[1] - result.pixels).max() > 0.2
