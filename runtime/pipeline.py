@@ -14,6 +14,7 @@ from PIL import Image
 from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
+from .prompts import encode_prompts
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
@@ -129,7 +130,8 @@ class Pipeline:
             x = noise * np.float32(plan.init_noise_sigma)
 
         with self._stage("text_encoder", timings) as text_encoder:
-            (context,) = text_encoder.run(input_ids=self.tokenizer(prompts + negatives if guided else prompts))
+            context = encode_prompts(prompts + negatives if guided else prompts, self.tokenizer,
+                                     lambda ids: text_encoder.run(input_ids=ids)[0], max_chunks=self._max_chunks())
         cond, uncond = (context[: len(prompts)], context[len(prompts):]) if guided else (context, None)
 
         with self._stage("unet", timings) as unet:
@@ -161,6 +163,12 @@ class Pipeline:
         timings[graph] = time.perf_counter() - started - load
         if load:
             timings[f"load_{graph}"] = load
+
+    def _max_chunks(self) -> int | None:
+        """Prompt chunks the U-Net takes: None when its context axis is dynamic; exports made before
+        long prompts have it fixed at one chunk of 77 tokens."""
+        context = next(s for s in self.manifest.graphs["unet"].inputs if s.name == "encoder_hidden_states").shape[1]
+        return context // self.tokenizer.max_length if isinstance(context, int) else None
 
     def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         multiple = self.manifest.size_multiple
