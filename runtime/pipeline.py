@@ -14,6 +14,7 @@ from PIL import Image
 from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
+from .inpaint import keep_known, masked_pixels, prepare_mask
 from .prompts import encode_prompts
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
@@ -29,6 +30,7 @@ class Result:
     pixels: np.ndarray  # float32 (batch, height, width, 3) in [0, 1], before 8-bit rounding
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seeds: list[int] | None = None  # one per image when ``seed`` was given as a list
 
 
 class Pipeline:
@@ -74,7 +76,9 @@ class Pipeline:
                  schedule: str | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
-                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8) -> Result:
+                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8,
+                 mask: Image.Image | np.ndarray | None = None, mask_blur: float = 0.0,
+                 mask_invert: bool = False) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -83,6 +87,12 @@ class Pipeline:
 
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
+
+        ``mask`` (inpainting, with ``image``): white repaints, black keeps, as diffusers'
+        inpainting pipeline (runtime/inpaint.py); ``mask_blur`` pixels of Gaussian blur (A1111),
+        ``mask_invert`` swaps the two. An all-black mask has nothing to repaint: the result is the
+        image itself, with no model run. ``seed`` may be a list, one per prompt: each image then
+        draws all its noise from its own generator, so it matches a single run with that seed.
         """
         started = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -90,7 +100,7 @@ class Pipeline:
         if not prompts or len(negatives) != len(prompts):
             raise EdgediffError("give one negative prompt per prompt")
         if image is not None:
-            image = _as_rgb(image)
+            image = original = _as_rgb(image)
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
@@ -104,27 +114,57 @@ class Pipeline:
                          strength=strength if image is not None else 1.0)
         m = self.manifest
         shape = (len(prompts), m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        # An inpainting U-Net takes the latent, the mask and the masked picture's latent.
+        conditioned = self._unet_channels() == 2 * m.latent_channels + 1
+        if mask is not None and image is None:
+            raise EdgediffError("a mask needs the image it applies to (image=..., --image)")
+        if (image is not None or conditioned) and "vae_encoder" not in m.graphs:
+            raise EdgediffError(f"this model has no vae_encoder graph, which {'inpainting' if conditioned or mask is not None else 'img2img'} "
+                                "needs: re-export it with this version of edgediff")
+        if mask is not None:
+            mask = prepare_mask(mask, original.size, (width, height), m.vae_scale_factor, blur=mask_blur,
+                                invert=mask_invert)
+            if mask.empty:
+                return self._unchanged(image, len(prompts), seed, started)
+        elif conditioned:  # txt2img / img2img on an inpainting model: repaint everything (as A1111)
+            mask = prepare_mask(np.full((height, width), 255, np.uint8), (width, height), (width, height),
+                                m.vae_scale_factor)
+        inpaint_start = image is not None and mask is not None and strength == 1.0
+        seeds = None
+        if rng is None and isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise EdgediffError(f"give one seed per prompt ({len(prompts)}), not {len(seed)}")
+            seeds, seed = [int(s) for s in seed], int(seed[0])
+            rng = RowGenerators([np.random.default_rng(s) for s in seeds])
         if rng is None:
             seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None and latents is None else seed
             rng = np.random.default_rng(seed)
         timings: dict[str, float] = {}
         guided = guidance > 1.0  # as diffusers: guidance 1 or below means the conditional model alone
 
-        if image is not None:
-            with self._stage("vae_encoder", timings) as vae_encoder:
-                pixels_in = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
-                mean, std = vae_encoder.run(sample=np.repeat(pixels_in, len(prompts), axis=0))
-            # diffusers samples the posterior first, then draws the noise that img2img adds.
-            posterior = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-            x0 = (posterior - np.float32(m.shift_factor)) * np.float32(m.scaling_factor)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        elif tuple(np.shape(latents)) != shape:
+        if latents is not None and tuple(np.shape(latents)) != shape:
             raise EdgediffError(f"latents must have shape {shape} for this prompt count and size, "
                                 f"not {tuple(np.shape(latents))}")
-        noise = np.asarray(latents, dtype=np.float32)
+        # At full strength diffusers' inpainting pipeline starts from noise and, for an inpainting
+        # U-Net, never encodes the picture itself.
+        need_x0 = image is not None and not (inpaint_start and conditioned)
+        if need_x0 or conditioned:
+            pixels_in = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+                         if image is not None else np.zeros((1, 3, height, width), np.float32))
+            with self._stage("vae_encoder", timings) as vae_encoder:
+                def moments(pixels):
+                    return vae_encoder.run(sample=np.repeat(pixels, len(prompts), axis=0))
+                image_moments = moments(pixels_in) if need_x0 else None
+                masked_moments = moments(masked_pixels(pixels_in, mask)) if conditioned else None
+        # diffusers samples the posterior first, then draws the starting noise, then the masked
+        # picture's posterior: the same order here, from the same generator.
+        if need_x0:
+            x0 = self._sample_latent(image_moments, rng)
+        noise = np.asarray(rng.standard_normal(shape, dtype=np.float32) if latents is None else latents, dtype=np.float32)
+        if conditioned:
+            masked_latent = self._sample_latent(masked_moments, rng)
         # Sampling happens in sigma space: x = clean latent + sigma * noise.
-        if image is not None:
+        if image is not None and not inpaint_start:
             x = x0 + noise * np.float32(plan.sigmas[0])
         else:
             x = noise * np.float32(plan.init_noise_sigma)
@@ -136,21 +176,47 @@ class Pipeline:
 
         with self._stage("unet", timings) as unet:
             def run_unet(x_in, t, ctx):
+                if conditioned:
+                    repeat = x_in.shape[0] // len(prompts)
+                    x_in = np.concatenate([x_in, np.broadcast_to(mask.latent, (x_in.shape[0], 1, *x_in.shape[2:])),
+                                           np.concatenate([masked_latent] * repeat)], axis=1)
                 return unet.run(sample=x_in, timestep=t, encoder_hidden_states=ctx)[0]
 
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
+            blend = mask is not None and not conditioned
+            if blend:
+                denoise = keep_known(denoise, mask.latent, x0, noise, float(plan.sigmas[0]))
             def callback(i, sigma, x_i, denoised):
                 on_step(i + 1, plan.steps, x_i)
 
             x = plan.run(denoise, x, rng=rng, on_step=callback if on_step is not None else None)
+            if blend:  # the known region ends as the picture's own latent, as diffusers' last step
+                x = mask.latent * x + (np.float32(1.0) - mask.latent) * x0
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
             (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
         pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+        if mask is not None and mask.overlay is not None:  # blurred mask: a soft seam over the picture
+            pixels = mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
-        return Result(images=images, pixels=pixels, seed=seed, timings=timings)
+        return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds)
+
+    def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
+        """A sample of the VAE's latent Gaussian, scaled as the U-Net expects it."""
+        mean, std = moments
+        posterior = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return (posterior - np.float32(self.manifest.shift_factor)) * np.float32(self.manifest.scaling_factor)
+
+    def _unchanged(self, image: Image.Image, count: int, seed, started: float) -> Result:
+        """An empty mask repaints nothing: the picture itself, once per prompt."""
+        pixels = np.repeat((np.asarray(image, np.float32) / 255.0)[None], count, axis=0)
+        return Result(images=[image.copy() for _ in range(count)], pixels=pixels, seed=seed,
+                      timings={"total": time.perf_counter() - started})
+
+    def _unet_channels(self) -> int:
+        return next(s for s in self.manifest.graphs["unet"].inputs if s.name == "sample").shape[1]
 
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
@@ -188,3 +254,16 @@ def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
             raise EdgediffError(f"image arrays must be uint8 (height, width, 3), not {image.dtype} {image.shape}")
         image = Image.fromarray(image)
     return image.convert("RGB")
+
+
+class RowGenerators:
+    """One generator per image of a batch: row i of every draw comes from generator i, so an image
+    in a batch gets the noise a single run with its seed gets (for the samplers' ``rng`` too)."""
+
+    def __init__(self, generators: list[np.random.Generator]):
+        self.generators = generators
+
+    def standard_normal(self, shape, dtype=np.float64):
+        if shape[0] != len(self.generators):
+            raise ValueError(f"draws of {shape[0]} rows from {len(self.generators)} generators")
+        return np.stack([g.standard_normal(tuple(shape[1:]), dtype=dtype) for g in self.generators])

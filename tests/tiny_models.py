@@ -2,7 +2,9 @@
 
 ``sd1`` mirrors SD 1.x (OpenAI-CLIP-style text encoder, epsilon prediction); ``sd2`` mirrors
 SD 2.x (OpenCLIP-style gelu text encoder, linear projections, upcast attention, v-prediction,
-"!" as the pad token). Only the real CLIP BPE vocabulary is shared with full-size models.
+"!" as the pad token); ``sd1-inpaint`` is ``sd1`` with a 9-channel inpainting U-Net (latent, mask,
+masked-image latent) in a ``StableDiffusionInpaintPipeline``. Only the real CLIP BPE vocabulary is
+shared with full-size models.
 """
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ SD15_SCHEDULER = {
 
 def build_pipeline(kind: str = "sd1", seed: int = 0):
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from edgediff.models import clip_tokenizer_dir
 
-    sd2 = kind == "sd2"
+    sd2, inpaint = kind == "sd2", kind == "sd1-inpaint"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=9 if inpaint else 4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 8, norm_num_groups=16,
@@ -43,7 +47,7 @@ def build_pipeline(kind: str = "sd1", seed: int = 0):
     ))
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), **({"pad_token": "!"} if sd2 else {}))
     scheduler = PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "v_prediction" if sd2 else "epsilon"})
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
