@@ -98,10 +98,21 @@ def _list_samplers(ctx, param, value):
               help="img2img: start from this picture (resized to --width/--height when given).")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the picture to repaint, in (0, 1].")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting (with --image): white repaints, black keeps; resized to the image.")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian blur of the mask in pixels (A1111's); the result is blended over the picture through it.")
+@click.option("--mask-invert", is_flag=True, help="Repaint the black part of the mask instead.")
+@click.option("-n", "--n-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per prompt, with seeds SEED, SEED+1, ...; -o NAME.png writes NAME-0001.png, ...")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per model call (same images, more memory).")
 @user_errors
 def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength):
+             provider, memory, image, strength, mask, mask_blur, mask_invert, n_images, batch_size):
     """Generate an image for PROMPT."""
+    import numpy as np
+
     from edgediff.runtime import Pipeline
 
     if prompt is None:
@@ -109,6 +120,9 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
     if output is not None:
         _check_writable(output)
     picture = _open_image(image) if image is not None else None
+    if mask is not None and picture is None:
+        raise EdgediffError("--mask needs --image, the picture to inpaint")
+    mask_picture = _open_image(mask, "mask", "L") if mask is not None else None
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()
 
@@ -116,29 +130,37 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
         if show:
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
-    result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
-    output = output or Path(f"edgediff-{result.seed}.png")
-    _check_writable(output)
-    try:
-        result.images[0].save(output)
-    except OSError as error:
-        raise EdgediffError(f"cannot write {output}: {error.strerror or error}") from None
-    t = result.timings
-    click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
-               f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    for first in range(0, n_images, batch_size):
+        seeds = [seed + i for i in range(first, min(first + batch_size, n_images))]
+        result = pipe([prompt] * len(seeds), [negative] * len(seeds), steps=steps, guidance=guidance,
+                      sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
+                      width=width, height=height, on_step=on_step, image=picture, strength=strength,
+                      mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert)
+        for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
+            path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
+                    else output or Path(f"edgediff-{image_seed}.png"))
+            _check_writable(path)
+            try:
+                picture_out.save(path)
+            except OSError as error:
+                raise EdgediffError(f"cannot write {path}: {error.strerror or error}") from None
+            t = result.timings
+            click.echo(f"wrote {path} (seed {image_seed}, {steps} steps, {pipe.provider}, {t['total']:.2f} s: "
+                       f"unet {t.get('unet', 0):.2f} s, decode {t.get('vae_decoder', 0):.2f} s)", err=True)
 
 
-def _open_image(path: Path):
+def _open_image(path: Path, what: str = "image", mode: str = "RGB"):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
-            return picture.convert("RGB")
+            return picture.convert(mode)
     except FileNotFoundError:
-        raise EdgediffError(f"image not found: {path}") from None
+        raise EdgediffError(f"{what} not found: {path}") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise EdgediffError(f"cannot read image {path}: {error}") from None
+        raise EdgediffError(f"cannot read {what} {path}: {error}") from None
 
 
 def _check_writable(output: Path) -> None:

@@ -175,7 +175,10 @@ def emphasize(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if np.all(weights == 1.0):
         return z  # exactly the unweighted encoding, so (word:1.0) gives the plain prompt's image
     weighted = z.astype(np.float64) * weights.astype(np.float64)[:, None]
-    return (weighted * (z.mean(dtype=np.float64) / weighted.mean())).astype(z.dtype)
+    new_mean = weighted.mean()
+    if new_mean == 0.0:  # nothing to keep (A1111 would divide by zero)
+        return weighted.astype(z.dtype)
+    return (weighted * (z.mean(dtype=np.float64) / new_mean)).astype(z.dtype)
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder: Callable[[np.ndarray], np.ndarray], *,

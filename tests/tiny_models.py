@@ -45,6 +45,9 @@ def build_pipeline(kind: str = "sd1", seed: int = 0):
         intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=49408,
         max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
     ))
+    with torch.no_grad():  # a trained encoder's output has a non-zero mean, which A1111 emphasis rescales by
+        bias = next(m for n, m in text_encoder.named_modules() if n.endswith("final_layer_norm")).bias
+        bias.copy_(0.1 + 0.5 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)))
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), **({"pad_token": "!"} if sd2 else {}))
     scheduler = PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "v_prediction" if sd2 else "epsilon"})
     pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
