@@ -35,7 +35,16 @@ def feed_numpy_noise(monkeypatch, seed):
 
 @pytest.fixture(scope="module")
 def models(tiny_sources, tiny_exports, inpaint_source, inpaint_export):
-    return {"9-channel": (inpaint_source, inpaint_export), "4-channel": (tiny_sources["sd1"], tiny_exports["sd1", "fp32"])}
+    """{kind: (diffusers inpainting pipeline, edgediff pipeline)}, loaded once for the module."""
+    import diffusers
+
+    def both(source, exported):
+        reference = diffusers.StableDiffusionInpaintPipeline.from_pretrained(source, safety_checker=None)
+        reference.set_progress_bar_config(disable=True)
+        return reference, Pipeline.load(exported, provider="cpu")
+
+    return {"9-channel": both(inpaint_source, inpaint_export),
+            "4-channel": both(tiny_sources["sd1"], tiny_exports["sd1", "fp32"])}
 
 
 @pytest.mark.parametrize("model", ["9-channel", "4-channel"])
@@ -44,17 +53,14 @@ def models(tiny_sources, tiny_exports, inpaint_source, inpaint_export):
 def test_inpaint_matches_diffusers(models, monkeypatch, model, sampler, scheduler, strength):
     import diffusers
 
-    source, exported = models[model]
+    reference, pipe = models[model]
     mask = mask_image(64 if strength == 1.0 else 32)  # a mask of another size is resized
-    reference = diffusers.StableDiffusionInpaintPipeline.from_pretrained(source, safety_checker=None)
     reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
-    reference.set_progress_bar_config(disable=True)
     feed_numpy_noise(monkeypatch, seed=3)
     with torch.no_grad():
         expected = reference(PROMPT, image=PICTURE, mask_image=mask, strength=strength, num_inference_steps=STEPS,
                              guidance_scale=GUIDANCE, height=32, width=32, output_type="np").images
 
-    pipe = Pipeline.load(exported, provider="cpu")
     actual = pipe(PROMPT, image=PICTURE, mask=mask, strength=strength, steps=STEPS, guidance=GUIDANCE,
                   sampler=sampler, rng=np.random.default_rng(3)).pixels
     assert np.abs(actual - expected).max() < 2e-3
