@@ -150,7 +150,9 @@ def _node_macs(node, shapes) -> int | None:
 
 def unet_input_shapes(manifest, batch: int, latent_height: int, latent_width: int) -> dict[str, tuple]:
     """Concrete U-Net input shapes from the manifest's specs (symbolic axes filled in)."""
-    sizes = {"batch": batch, "latent_height": latent_height, "latent_width": latent_width}
+    # "context": one prompt chunk of max_length tokens (exports with long-prompt support name the axis)
+    sizes = {"batch": batch, "latent_height": latent_height, "latent_width": latent_width,
+             "context": manifest.tokenizer["max_length"]}
     entry = manifest.graphs["unet"]
     return {spec.name: tuple(sizes[a] if isinstance(a, str) else a for a in spec.shape) for spec in entry.inputs}
 

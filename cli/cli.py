@@ -108,10 +108,20 @@ def _list_samplers(ctx, param, value):
 @click.option("--from-png", type=click.Path(path_type=Path), default=None,
               help="Take prompt, negative, seed, steps, sampler, schedule, CFG and size from an image's "
                    "A1111 parameters; flags given explicitly override them.")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting (with --image): white repaints, black keeps; resized to the image.")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian blur of the mask in pixels (A1111's); the result is blended over the picture through it.")
+@click.option("--mask-invert", is_flag=True, help="Repaint the black part of the mask instead.")
+@click.option("-n", "--n-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per prompt, with seeds SEED, SEED+1, ...; -o NAME.png writes NAME-0001.png, ...")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per model call (same images, more memory).")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png):
+             provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
+             mask_invert, n_images, batch_size):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -134,6 +144,9 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
     if output is not None:
         _check_writable(output)
     picture = open_image(image) if image is not None else None
+    if mask is not None and picture is None:
+        raise EdgediffError("--mask needs --image, the picture to inpaint")
+    mask_picture = _open_mask(mask) if mask is not None else None
     random = seed is None or seed < 0
     seed = resolve_seed(seed)
     pipe = Pipeline.load(model, provider=provider, memory=memory)
@@ -143,24 +156,31 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         if show:
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
-    result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength,
-                  noise=noise, check_memory=not no_memory_check)
-    output = output or Path(f"edgediff-{result.seed}.png")
-    _check_writable(output)
-    text = None if no_metadata else metadata.infotext(dict(
-        prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler=sampler,
-        schedule=schedule, seed=result.seed, width=result.images[0].width, height=result.images[0].height,
-        strength=strength if picture is not None else None, **metadata.model_identity(pipe.model_dir, pipe.manifest)))
-    try:
-        metadata.save_image(result.images[0], output, text)
-    except (OSError, ValueError, KeyError) as error:  # Pillow: ValueError/KeyError for formats it lacks
-        raise EdgediffError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}") from None
+    identity = metadata.model_identity(pipe.model_dir, pipe.manifest)
+    for first in range(0, n_images, batch_size):
+        seeds = [seed + i for i in range(first, min(first + batch_size, n_images))]
+        result = pipe([prompt] * len(seeds), [negative] * len(seeds), steps=steps, guidance=guidance,
+                      sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
+                      width=width, height=height, on_step=on_step, image=picture, strength=strength,
+                      mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert, noise=noise,
+                      check_memory=not no_memory_check)
+        for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
+            path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
+                    else output or Path(f"edgediff-{image_seed}.png"))
+            _check_writable(path)
+            text = None if no_metadata else metadata.infotext(dict(
+                prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler=sampler,
+                schedule=schedule, seed=image_seed, width=picture_out.width, height=picture_out.height,
+                strength=strength if picture is not None else None, **identity))
+            try:
+                metadata.save_image(picture_out, path, text)
+            except (OSError, ValueError, KeyError) as error:  # Pillow: ValueError/KeyError for formats it lacks
+                raise EdgediffError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
+            t = result.timings
+            click.echo(f"wrote {path} (seed {image_seed}, {steps} steps, {pipe.provider}, {t['total']:.2f} s: "
+                       f"unet {t.get('unet', 0):.2f} s, decode {t.get('vae_decoder', 0):.2f} s)", err=True)
     if random:
-        click.echo(f"seed: {result.seed}", err=True)
-    t = result.timings
-    click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
-               f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
+        click.echo(f"seed: {seed}", err=True)
 
 
 def _read_parameters(path: Path) -> dict:
@@ -175,6 +195,18 @@ def _read_parameters(path: Path) -> dict:
     if not text:
         raise EdgediffError(f"{path} carries no A1111 parameters to regenerate from")
     return metadata.generation_kwargs(metadata.parse_infotext(text))
+
+
+def _open_mask(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("L")
+    except FileNotFoundError:
+        raise EdgediffError(f"mask not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise EdgediffError(f"cannot read mask {path}: {error}") from None
 
 
 def _check_writable(output: Path) -> None:

@@ -15,7 +15,9 @@ from torch import nn
 from edgediff.runtime.manifest import TensorSpec
 
 # Axes that stay symbolic in the exported graph; every other axis is fixed by the model's config.
-DYNAMIC_AXES = ("batch", "height", "width", "latent_height", "latent_width")
+# "context": the U-Net's text length, 77 tokens per prompt chunk (long prompts: runtime/prompts.py);
+# the text encoder's own "sequence" stays fixed, its position embeddings allow 77 at most.
+DYNAMIC_AXES = ("batch", "height", "width", "latent_height", "latent_width", "context")
 FLOAT = "float"  # resolved to float16 or float32 by the export precision
 
 
@@ -150,7 +152,7 @@ UNET = GraphSpec(
     inputs=(
         _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
         _t("timestep", "float32", "batch"),
-        _t("encoder_hidden_states", FLOAT, "batch", "sequence", "context"),
+        _t("encoder_hidden_states", FLOAT, "batch", "context", "cross_attention"),
         _t("text_embeds", FLOAT, "batch", "pooled"),
         _t("time_ids", FLOAT, "batch", "time_ids"),
         _t("timestep_cond", FLOAT, "batch", "time_cond"),
@@ -247,7 +249,7 @@ def model_dims(pipe) -> dict:
         "sequence": pipe.tokenizer.model_max_length,
         "hidden": text.hidden_size,
         "hidden_2": text_2.config.hidden_size if text_2 is not None else None,
-        "context": unet.cross_attention_dim,
+        "cross_attention": unet.cross_attention_dim,
         "vocab": text.vocab_size,
         "channels": unet.in_channels,
         "out_channels": unet.out_channels,
@@ -272,5 +274,7 @@ def example_sizes(pipe, batch: int, latent_units: int) -> dict:
     """Concrete values for the dynamic axes: ``latent_units`` multiples of the latent size rule."""
     vae_scale_factor, latent_multiple = size_rule(pipe)
     latent = latent_multiple * latent_units
+    # One prompt chunk per batch row, so tracing (two chunks) and validation (one) differ in length.
     return {"batch": batch, "latent_height": latent, "latent_width": latent,
-            "height": latent * vae_scale_factor, "width": latent * vae_scale_factor}
+            "height": latent * vae_scale_factor, "width": latent * vae_scale_factor,
+            "context": pipe.tokenizer.model_max_length * batch}

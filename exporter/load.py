@@ -17,6 +17,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    # Inpainting pipelines export like any other: their U-Net's input channels tell the runtime.
+    "StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
 }

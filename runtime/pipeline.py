@@ -19,6 +19,8 @@ from .errors import EdgediffError, InputError, ModelFolderError, OutOfMemoryErro
 from .images import to_rgb
 from .manifest import Manifest, read_manifest
 from .noise import NOISE_SOURCES, make_rng
+from .inpaint import keep_known, masked_pixels, prepare_mask
+from .prompts import encode_prompts
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
@@ -33,6 +35,7 @@ class Result:
     pixels: np.ndarray  # float32 (batch, height, width, 3) in [0, 1], before 8-bit rounding
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seeds: list[int] | None = None  # one per image when ``seed`` was given as a list
 
 
 def _memory_errors(generate):
@@ -98,7 +101,8 @@ class Pipeline:
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
                  image: Image.Image | np.ndarray | str | Path | None = None, strength: float = 0.8,
-                 noise: str = "numpy", original_size: tuple[int, int] | None = None,
+                 mask: Image.Image | np.ndarray | str | Path | None = None, mask_blur: float = 0.0,
+                 mask_invert: bool = False, noise: str = "numpy", original_size: tuple[int, int] | None = None,
                  target_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True) -> Result:
         """Generate one image per prompt.
@@ -114,6 +118,11 @@ class Pipeline:
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
 
+        ``mask`` (inpainting, with ``image``): white repaints, black keeps, as diffusers'
+        inpainting pipeline (runtime/inpaint.py); ``mask_blur`` pixels of Gaussian blur (A1111),
+        ``mask_invert`` swaps the two. An all-black mask has nothing to repaint: the result is the
+        image itself, with no model run. ``seed`` may be a list, one per prompt: each image then
+        draws all its noise from its own generator, so it matches a single run with that seed.
         ``original_size``, ``target_size`` (height, width; default: the output size) and
         ``crops_coords_top_left`` are SDXL's micro-conditioning, used by U-Nets that take size ids.
         ``check_memory``: refuse up front (OutOfMemoryError) a size whose estimated peak memory
@@ -132,7 +141,7 @@ class Pipeline:
         guidance = args.check_guidance(guidance)
         args.check_name(sampler, "sampler"), args.check_name(schedule, "schedule")
         if image is not None:
-            image = to_rgb(image)
+            image = original = to_rgb(image)
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
@@ -144,6 +153,28 @@ class Pipeline:
                          strength=strength if image is not None else 1.0)
         m = self.manifest
         shape = (len(prompts), m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        # An inpainting U-Net takes the latent, the mask and the masked picture's latent.
+        conditioned = self._unet_channels() == 2 * m.latent_channels + 1
+        if mask is not None and image is None:
+            raise EdgediffError("a mask needs the image it applies to (image=..., --image)")
+        if (image is not None or conditioned) and "vae_encoder" not in m.graphs:
+            raise EdgediffError(f"this model has no vae_encoder graph, which {'inpainting' if conditioned or mask is not None else 'img2img'} "
+                                "needs: re-export it with this version of edgediff")
+        if mask is not None:
+            mask = prepare_mask(mask, original.size, (width, height), m.vae_scale_factor, blur=mask_blur,
+                                invert=mask_invert)
+            if mask.empty:
+                return self._unchanged(image, len(prompts), seed, started)
+        elif conditioned:  # txt2img / img2img on an inpainting model: repaint everything (as A1111)
+            mask = prepare_mask(np.full((height, width), 255, np.uint8), (width, height), (width, height),
+                                m.vae_scale_factor)
+        inpaint_start = image is not None and mask is not None and strength == 1.0
+        seeds = None
+        if rng is None and isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise EdgediffError(f"give one seed per prompt ({len(prompts)}), not {len(seed)}")
+            seeds, seed = [int(s) for s in seed], int(seed[0])
+            rng = RowGenerators([make_rng(noise, args.resolve_seed(s)) for s in seeds])
         if rng is None:
             seed = args.resolve_seed(seed) if seed is not None or latents is None else None
             rng = make_rng(noise, seed)
@@ -155,21 +186,29 @@ class Pipeline:
         if check_memory:
             self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None)
 
-        if image is not None:
-            with self._stage("vae_encoder", timings) as vae_encoder:
-                pixels_in = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
-                mean, std = vae_encoder.run(sample=np.repeat(pixels_in, len(prompts), axis=0))
-            # diffusers samples the posterior first, then draws the noise that img2img adds.
-            posterior = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-            x0 = (posterior - np.float32(m.shift_factor)) * np.float32(m.scaling_factor)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        elif tuple(np.shape(latents)) != shape:
+        if latents is not None and tuple(np.shape(latents)) != shape:
             raise EdgediffError(f"latents must have shape {shape} for this prompt count and size, "
                                 f"not {tuple(np.shape(latents))}")
-        noise = np.asarray(latents, dtype=np.float32)
+        # At full strength diffusers' inpainting pipeline starts from noise and, for an inpainting
+        # U-Net, never encodes the picture itself.
+        need_x0 = image is not None and not (inpaint_start and conditioned)
+        if need_x0 or conditioned:
+            pixels_in = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+                         if image is not None else np.zeros((1, 3, height, width), np.float32))
+            with self._stage("vae_encoder", timings) as vae_encoder:
+                def moments(pixels):
+                    return vae_encoder.run(sample=np.repeat(pixels, len(prompts), axis=0))
+                image_moments = moments(pixels_in) if need_x0 else None
+                masked_moments = moments(masked_pixels(pixels_in, mask)) if conditioned else None
+        # diffusers samples the posterior first, then draws the starting noise, then the masked
+        # picture's posterior: the same order here, from the same generator.
+        if need_x0:
+            x0 = self._sample_latent(image_moments, rng)
+        noise = np.asarray(rng.standard_normal(shape, dtype=np.float32) if latents is None else latents, dtype=np.float32)
+        if conditioned:
+            masked_latent = self._sample_latent(masked_moments, rng)
         # Sampling happens in sigma space: x = clean latent + sigma * noise.
-        if image is not None:
+        if image is not None and not inpaint_start:
             x = x0 + noise * np.float32(plan.sigmas[0])
         else:
             x = noise * np.float32(plan.init_noise_sigma)
@@ -183,12 +222,11 @@ class Pipeline:
         n = len(prompts)
         if "time_ids" in unet_inputs:
             own = (height, width)
-            ids = size_ids(m.conditioning.get("time_ids", ()),
-                           original_size=check_size_pair("original_size", original_size or own),
-                           target_size=check_size_pair("target_size", target_size or own),
-                           crops_coords_top_left=check_size_pair("crops_coords_top_left", crops_coords_top_left),
-                           batch=len(context["encoder_hidden_states"]))
-            context["time_ids"] = ids
+            context["time_ids"] = size_ids(
+                m.conditioning.get("time_ids", ()), original_size=check_size_pair("original_size", original_size or own),
+                target_size=check_size_pair("target_size", target_size or own),
+                crops_coords_top_left=check_size_pair("crops_coords_top_left", crops_coords_top_left),
+                batch=len(context["encoder_hidden_states"]))
         if "timestep_cond" in unet_inputs:
             context["timestep_cond"] = guidance_embedding(guidance, unet_inputs["timestep_cond"].shape[1], n)
         context = {name: value for name, value in context.items() if name in unet_inputs}
@@ -197,45 +235,69 @@ class Pipeline:
 
         with self._stage("unet", timings) as unet:
             def run_unet(x_in, t, ctx):
+                if conditioned:
+                    repeat = x_in.shape[0] // n
+                    x_in = np.concatenate([x_in, np.broadcast_to(mask.latent, (x_in.shape[0], 1, *x_in.shape[2:])),
+                                           np.concatenate([masked_latent] * repeat)], axis=1)
                 return unet.run(sample=x_in, timestep=t, **ctx)[0]
 
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
+            blend = mask is not None and not conditioned
+            if blend:
+                denoise = keep_known(denoise, mask.latent, x0, noise, float(plan.sigmas[0]))
             def callback(i, sigma, x_i, denoised):
                 on_step(i + 1, plan.steps, x_i)
 
             x = plan.run(denoise, x, rng=rng, on_step=callback if on_step is not None else None)
+            if blend:  # the known region ends as the picture's own latent, as diffusers' last step
+                x = mask.latent * x + (np.float32(1.0) - mask.latent) * x0
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
             (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
         pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+        if mask is not None and mask.overlay is not None:  # blurred mask: a soft seam over the picture
+            pixels = mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
-        return Result(images=images, pixels=pixels, seed=seed, timings=timings)
+        return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds)
+
+    def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
+        """A sample of the VAE's latent Gaussian, scaled as the U-Net expects it."""
+        mean, std = moments
+        posterior = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return (posterior - np.float32(self.manifest.shift_factor)) * np.float32(self.manifest.scaling_factor)
+
+    def _unchanged(self, image: Image.Image, count: int, seed, started: float) -> Result:
+        """An empty mask repaints nothing: the picture itself, once per prompt."""
+        pixels = np.repeat((np.asarray(image, np.float32) / 255.0)[None], count, axis=0)
+        return Result(images=[image.copy() for _ in range(count)], pixels=pixels, seed=seed,
+                      timings={"total": time.perf_counter() - started})
+
+    def _unet_channels(self) -> int:
+        # A manifest without a "sample" input is caught where the U-Net session starts.
+        return next((s.shape[1] for s in self.manifest.graphs["unet"].inputs if s.name == "sample"),
+                    self.manifest.latent_channels)
 
     def _encode_text(self, texts: list[str], timings: dict[str, float]) -> dict[str, np.ndarray]:
-        """Each text encoder's per-token states, concatenated along the features as the U-Net takes
-        them, and the pooled embedding where an encoder gives one (SDXL's second)."""
+        """Each text encoder's per-token states (A1111 prompt syntax, chunks of 75 tokens), concatenated
+        along the features as the U-Net takes them, and the pooled embedding where an encoder gives
+        one (SDXL's second; taken from each prompt's first chunk, as A1111 does)."""
         hidden, context = [], {}
         for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
+            extra: dict[str, np.ndarray] = {}
             with self._stage(encoder["graph"], timings) as session:
-                outputs = session.run(input_ids=tokenizer(texts))
-            hidden.append(outputs[0])
-            for spec, value in zip(session.entry.outputs[1:], outputs[1:]):
-                context[spec.name] = value
+                def run(ids, session=session, extra=extra):
+                    outputs = session.run(input_ids=ids)
+                    for spec, value in zip(session.entry.outputs[1:], outputs[1:]):
+                        extra[spec.name] = value
+                    return outputs[0]
+
+                hidden.append(encode_prompts(texts, tokenizer, run, max_chunks=self._max_chunks()))
+            chunks = len(next(iter(extra.values()), ())) // max(len(texts), 1)
+            context.update({name: value[::chunks] for name, value in extra.items()})
         context["encoder_hidden_states"] = np.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
         return context
-
-    def decode(self, latents: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
-        """(images, float pixels) for latents in sampler space, such as the ``latents`` an
-        ``on_step`` callback sees (the state at the start of that step): what an interrupted
-        run had reached."""
-        m = self.manifest
-        x = np.asarray(latents, dtype=np.float32)
-        with self.sessions.use("vae_decoder") as vae_decoder:
-            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
-        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
-        return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
 
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
@@ -248,6 +310,13 @@ class Pipeline:
         timings[graph] = time.perf_counter() - started - load
         if load:
             timings[f"load_{graph}"] = load
+
+    def _max_chunks(self) -> int | None:
+        """Prompt chunks the U-Net takes: None when its context axis is dynamic; exports made before
+        long prompts have it fixed at one chunk of 77 tokens."""
+        context = next((s.shape[1] for s in self.manifest.graphs["unet"].inputs
+                        if s.name == "encoder_hidden_states" and len(s.shape) == 3), None)
+        return context // self.tokenizer.max_length if isinstance(context, int) else None
 
     def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         multiple = self.manifest.size_multiple
@@ -292,3 +361,16 @@ class Pipeline:
             f"a {width}x{height} generation needs about {need} but {available / mem.GB:.1f} GB is free "
             f"({source}); try a smaller size such as {w}x{h}, or turn the check off (--no-memory-check, "
             "check_memory=False) if you know better")
+
+
+class RowGenerators:
+    """One generator per image of a batch: row i of every draw comes from generator i, so an image
+    in a batch gets the noise a single run with its seed gets (for the samplers' ``rng`` too)."""
+
+    def __init__(self, generators: list[np.random.Generator]):
+        self.generators = generators
+
+    def standard_normal(self, shape, dtype=np.float64):
+        if shape[0] != len(self.generators):
+            raise ValueError(f"draws of {shape[0]} rows from {len(self.generators)} generators")
+        return np.stack([g.standard_normal(tuple(shape[1:]), dtype=dtype) for g in self.generators])

@@ -1,7 +1,9 @@
 """CLIP tokenization from ``tokenizer.json`` with the ``tokenizers`` library (no transformers).
 
-Matches transformers' ``CLIPTokenizer(..., padding="max_length", truncation=True)``: BOS, at most
-``max_length - 2`` tokens, EOS, then the model's pad token up to ``max_length``.
+``encode`` gives the raw ids of each text (no special tokens): the hook for A1111-syntax prompts
+(``prompts.tokenize_prompt`` chunks and weights them) and for extra tokens such as textual
+inversion. ``__call__`` matches transformers' ``CLIPTokenizer(..., padding="max_length",
+truncation=True)``: BOS, at most ``max_length - 2`` tokens, EOS, then the pad token to ``max_length``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class ClipTokenizer:
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        # A1111 moves text after a comma near a chunk's end into the next chunk.
+        self.comma_id = self._tokenizer.token_to_id(",</w>")
 
     @classmethod
     def from_manifest(cls, model_dir: Path, spec: dict) -> "ClipTokenizer":
@@ -34,10 +38,16 @@ class ClipTokenizer:
                    pad_token_id=spec["pad_token_id"], bos_token_id=spec["bos_token_id"],
                    eos_token_id=spec["eos_token_id"])
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, without BOS/EOS, untruncated."""
+        if not texts:
+            return []
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
     def __call__(self, texts: list[str]) -> np.ndarray:
-        """Token ids of shape (len(texts), max_length), int32."""
+        """Token ids of shape (len(texts), max_length), int32, truncated to one chunk."""
         ids = np.full((len(texts), self.max_length), self.pad_token_id, dtype=np.int32)
-        for row, encoding in enumerate(self._tokenizer.encode_batch(list(texts), add_special_tokens=False)):
-            tokens = [self.bos_token_id, *encoding.ids[: self.max_length - 2], self.eos_token_id]
+        for row, encoded in enumerate(self.encode(list(texts))):
+            tokens = [self.bos_token_id, *encoded[: self.max_length - 2], self.eos_token_id]
             ids[row, : len(tokens)] = tokens
         return ids

@@ -2,7 +2,9 @@
 
 ``sd1`` mirrors SD 1.x (OpenAI-CLIP-style text encoder, epsilon prediction); ``sd2`` mirrors
 SD 2.x (OpenCLIP-style gelu text encoder, linear projections, upcast attention, v-prediction,
-"!" as the pad token). Only the real CLIP BPE vocabulary is shared with full-size models.
+"!" as the pad token); ``sd1-inpaint`` is ``sd1`` with a 9-channel inpainting U-Net (latent, mask,
+masked-image latent) in a ``StableDiffusionInpaintPipeline``. Only the real CLIP BPE vocabulary is
+shared with full-size models.
 """
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ SD15_SCHEDULER = {
 
 def build_pipeline(kind: str = "sd1", seed: int = 0):
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from edgediff.models import clip_tokenizer_dir
 
-    sd2 = kind == "sd2"
+    sd2, inpaint = kind == "sd2", kind == "sd1-inpaint"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=9 if inpaint else 4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 8, norm_num_groups=16,
@@ -41,9 +45,12 @@ def build_pipeline(kind: str = "sd1", seed: int = 0):
         intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=49408,
         max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
     ))
+    with torch.no_grad():  # a trained encoder's output has a non-zero mean, which A1111 emphasis rescales by
+        bias = next(m for n, m in text_encoder.named_modules() if n.endswith("final_layer_norm")).bias
+        bias.copy_(0.1 + 0.5 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)))
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), **({"pad_token": "!"} if sd2 else {}))
     scheduler = PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "v_prediction" if sd2 else "epsilon"})
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

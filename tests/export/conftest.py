@@ -25,3 +25,14 @@ def tiny_exports(tiny_sources, tmp_path_factory):
         exports[kind, "fp32"] = export(source, root / f"{kind}-fp32", "--precision", "fp32")
         exports[kind, "fp16"] = export(source, root / f"{kind}-fp16", "--precision", "fp16", "--optimize-for", "cpu")
     return exports
+
+
+@pytest.fixture(scope="session")
+def inpaint_source(tmp_path_factory):
+    return save_pipeline("sd1-inpaint", tmp_path_factory.mktemp("sources") / "sd1-inpaint")
+
+
+@pytest.fixture(scope="session")
+def inpaint_export(inpaint_source, tmp_path_factory):
+    """The 9-channel inpainting model, exported in fp32."""
+    return export(inpaint_source, tmp_path_factory.mktemp("exports") / "sd1-inpaint-fp32", "--precision", "fp32")
