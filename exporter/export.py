@@ -24,6 +24,7 @@ from edgediff.runtime.manifest import (GRAPH_NAMES, GraphEntry, Manifest, read_m
 from . import optimize as opt
 from .graphs import GRAPHS, GraphSpec, example_sizes, model_dims, size_rule
 from .validate import runnable_providers, validate
+from .weight_map import module_weight_map
 
 PRECISIONS = ("fp16", "fp32", "int8")
 OPSET = 17
@@ -195,6 +196,7 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
         inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation,
+        weights=module_weight_map(spec.name, module, path),  # read back from the saved file
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
     return entry
