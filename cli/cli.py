@@ -98,9 +98,19 @@ def _list_samplers(ctx, param, value):
               help="img2img: start from this picture (resized to --width/--height when given).")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the picture to repaint, in (0, 1].")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
+              help="Apply a LoRA (.safetensors) with this weight [default 1]; repeatable.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder where <lora:name:weight> tags in the prompt are looked up.")
+@click.option("--embedding", "embeddings", multiple=True, type=click.Path(path_type=Path),
+              help="Textual-inversion embedding, used by name in the prompt; repeatable.")
+@click.option("--embedding-dir", type=click.Path(path_type=Path), default=None,
+              help="Load every embedding in this folder.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickled LoRA/embedding files (loading them runs code; needs torch).")
 @user_errors
 def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength):
+             provider, memory, image, strength, loras, lora_dir, embeddings, embedding_dir, allow_pickle):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
 
@@ -117,7 +127,9 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
+                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength,
+                  loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
+                  embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
     try:
@@ -127,6 +139,24 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
     t = result.timings
     click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
                f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
+
+
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """FILE[:WEIGHT]; a colon not followed by a number belongs to the path (C:\\...)."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (Path(path), float(weight)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def _embedding_files(folder: Path | None, allow_pickle: bool) -> list[Path]:
+    if folder is None:
+        return []
+    if not folder.is_dir():
+        raise EdgediffError(f"embedding folder not found: {folder}")
+    suffixes = (".safetensors", ".pt", ".bin") if allow_pickle else (".safetensors",)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
 
 
 def _open_image(path: Path):

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .adapters import Adapters
 from .denoiser import make_denoiser
 from .errors import EdgediffError
 from .manifest import Manifest, read_manifest
@@ -28,6 +29,8 @@ class Result:
     pixels: np.ndarray  # float32 (batch, height, width, 3) in [0, 1], before 8-bit rounding
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) applied
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion names available
 
 
 class Pipeline:
@@ -40,6 +43,7 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizer = tokenizer
         self.alphas_cumprod = alphas_cumprod
+        self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -73,7 +77,10 @@ class Pipeline:
                  schedule: str | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
-                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8) -> Result:
+                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8,
+                 loras: Sequence[tuple[str | Path, float]] | None = None,
+                 embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
+                 allow_pickle: bool = False) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -82,12 +89,19 @@ class Pipeline:
 
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
+
+        ``loras``: [(file, weight)], plus A1111 ``<lora:name:weight>`` tags in the prompt, found in
+        ``lora_dir``; ``embeddings``: textual-inversion files, used by name in the prompts (lora.py).
         """
         started = time.perf_counter()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts):
             raise EdgediffError("give one negative prompt per prompt")
+        adapt_started = time.perf_counter()
+        adapted = self.adapters.apply(self.sessions, self.tokenizer, prompts, loras, embeddings, lora_dir,
+                                      allow_pickle)
+        prompts, adapt_seconds = adapted.prompts, time.perf_counter() - adapt_started
         if image is not None:
             image = _as_rgb(image)
             width = image.width if width is None else width
@@ -106,7 +120,7 @@ class Pipeline:
         if rng is None:
             seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None and latents is None else seed
             rng = np.random.default_rng(seed)
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"adapters": adapt_seconds} if loras or embeddings or adapted.loras else {}
         guided = guidance > 1.0  # as diffusers: guidance 1 or below means the conditional model alone
 
         if image is not None:
@@ -148,7 +162,8 @@ class Pipeline:
         pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
-        return Result(images=images, pixels=pixels, seed=seed, timings=timings)
+        return Result(images=images, pixels=pixels, seed=seed, timings=timings, loras=adapted.loras,
+                      embeddings=adapted.embeddings)
 
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
