@@ -70,6 +70,41 @@ def random_lora(view: Path, rank: int, path: Path) -> Path:
     return path
 
 
+def paired_steps(view: Path, lora: Path, size: int, rounds: int) -> dict[str, list[float]]:
+    """U-Net CFG steps on the base and the LoRA-patched session, both resident, taken in turn (A B A B ...)."""
+    from edgediff.runtime.adapters import Adapters
+    from edgediff.runtime.manifest import read_manifest
+    from edgediff.runtime.sessions import GraphSession
+
+    manifest = read_manifest(view)
+    patched = {}
+
+    class Collect:  # stands in for Sessions: keeps what the adapters hand over
+        def set_initializers(self, graph, key, arrays):
+            patched[graph] = arrays
+
+    tokenizer = type("T", (), {"added_tokens": {}})()
+    Adapters(view, manifest, print).apply(Collect(), tokenizer, ["x"], [(lora, 0.8)], None, None)
+    entry = manifest.graphs["unet"]
+    sessions = {label: GraphSession("unet", view, entry, "cpu", manifest.optimized_for, print, arrays)
+                for label, arrays in (("base", {}), ("lora", patched["unet"]))}
+    context = next(spec.shape for spec in entry.inputs if spec.name == "encoder_hidden_states")
+    rng = np.random.default_rng(0)
+    feed = dict(sample=rng.standard_normal((2, 4, size // 8, size // 8), dtype=np.float32),
+                timestep=np.full(2, 500.0, np.float32),
+                encoder_hidden_states=rng.standard_normal((2, *context[1:]), dtype=np.float32))
+    times: dict[str, list[float]] = {"base": [], "lora": []}
+    for round_ in range(rounds + 1):  # round 0 warms both up
+        for label, session in sessions.items():
+            started = time.perf_counter()
+            session.run(**feed)
+            if round_:
+                times[label].append(time.perf_counter() - started)
+    print("paired U-Net CFG steps (s): " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in times.items())
+          + f"; load average {os.getloadavg()[0]:.1f}")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, required=True)
@@ -78,7 +113,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="measured steps; 20-step figures are extrapolated")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="A B pairs of full generations")
+    parser.add_argument("--rounds", type=int, default=3, help="paired U-Net steps per session (0: skip)")
     args = parser.parse_args()
 
     from edgediff.runtime import Pipeline
@@ -86,6 +122,8 @@ def main() -> None:
     view = mapped_view(args.export, args.diffusers, args.work)
     lora = random_lora(view, args.rank, args.work / f"attention-r{args.rank}.safetensors")
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs")
+    if args.rounds:
+        paired_steps(view, lora, args.size, args.rounds)
     latents = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8), dtype=np.float32)
     call = dict(steps=args.steps, sampler="euler", width=args.size, height=args.size, latents=latents)
 
