@@ -117,11 +117,22 @@ def _list_samplers(ctx, param, value):
               help="Images per prompt, with seeds SEED, SEED+1, ...; -o NAME.png writes NAME-0001.png, ...")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per model call (same images, more memory).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
+              help="Apply a LoRA (.safetensors) with this weight [default 1]; repeatable.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder where <lora:name:weight> tags in the prompt are looked up.")
+@click.option("--embedding", "embeddings", multiple=True, type=click.Path(path_type=Path),
+              help="Textual-inversion embedding, used by name in the prompt; repeatable.")
+@click.option("--embedding-dir", type=click.Path(path_type=Path), default=None,
+              help="Load every embedding in this folder.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickled LoRA/embedding files (loading them runs code; needs torch).")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
-             mask_invert, n_images, batch_size):
+             mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
+             allow_pickle):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -157,13 +168,15 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     identity = metadata.model_identity(pipe.model_dir, pipe.manifest)
+    adapters = dict(loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
+                    embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
     for first in range(0, n_images, batch_size):
         seeds = [seed + i for i in range(first, min(first + batch_size, n_images))]
         result = pipe([prompt] * len(seeds), [negative] * len(seeds), steps=steps, guidance=guidance,
                       sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
                       width=width, height=height, on_step=on_step, image=picture, strength=strength,
                       mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert, noise=noise,
-                      check_memory=not no_memory_check)
+                      check_memory=not no_memory_check, **adapters)
         for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
             path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
                     else output or Path(f"edgediff-{image_seed}.png"))
@@ -195,6 +208,24 @@ def _read_parameters(path: Path) -> dict:
     if not text:
         raise EdgediffError(f"{path} carries no A1111 parameters to regenerate from")
     return metadata.generation_kwargs(metadata.parse_infotext(text))
+
+
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """FILE[:WEIGHT]; a colon not followed by a number belongs to the path (C:\\...)."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (Path(path), float(weight)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def _embedding_files(folder: Path | None, allow_pickle: bool) -> list[Path]:
+    if folder is None:
+        return []
+    if not folder.is_dir():
+        raise EdgediffError(f"embedding folder not found: {folder}")
+    suffixes = (".safetensors", ".pt", ".bin") if allow_pickle else (".safetensors",)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
 
 
 def _open_mask(path: Path):

@@ -109,10 +109,13 @@ def from_pipeline(pipe) -> Components:
     for name in modules:
         setattr(pipe, name, None)  # the pipeline object must not keep them alive
 
+    from .weight_map import WEIGHT_MAPPED
+
     def load(name):
         if name not in modules:
             raise AttributeError(name)
-        return modules.pop(name).eval()
+        # The weight map reads a LoRA-patched module once more after its graph is written.
+        return (modules[name] if name in WEIGHT_MAPPED else modules.pop(name)).eval()
 
     return Components(meta, load, sizes)
 

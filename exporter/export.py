@@ -32,6 +32,7 @@ from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims,
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
+from .weight_map import WEIGHT_MAPPED, module_weight_map
 
 PRECISIONS = ("fp16", "fp32", "int8")
 OPSET = 17
@@ -234,9 +235,13 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
 
     validation = _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers,
                                       graph_precision if precision != "int8" else precision, prefix, log, report)
+    weights = {}
+    if spec.name in WEIGHT_MAPPED:  # LoRAs patch these: map torch names to the saved initializers
+        with components.open(keep) as pipe:
+            weights = module_weight_map(spec.name, spec.module(pipe, dims), path)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
-        inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation,
+        inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation, weights=weights,
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
     return entry

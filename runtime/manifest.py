@@ -52,6 +52,9 @@ class GraphEntry:
     outputs: list[TensorSpec]
     kept_fp32: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
+    # Original torch weight name -> {"init": initializer, "perm": axes, "cols": spans} (exporter/weight_map.py):
+    # where LoRAs and embeddings patch this graph. Empty for exports made before it existed.
+    weights: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GraphEntry":
@@ -63,6 +66,7 @@ class GraphEntry:
             outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
             kept_fp32=list(data.get("kept_fp32", [])),
             validation=dict(data.get("validation", {})),
+            weights=dict(data.get("weights", {})),
         )
 
     def to_dict(self) -> dict:

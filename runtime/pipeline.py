@@ -14,6 +14,7 @@ from PIL import Image
 from . import arguments as args
 from . import memory as mem
 from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
+from .adapters import Adapters
 from .denoiser import make_denoiser
 from .errors import EdgediffError, InputError, ModelFolderError, OutOfMemoryError
 from .images import to_rgb
@@ -36,6 +37,8 @@ class Result:
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     seeds: list[int] | None = None  # one per image when ``seed`` was given as a list
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) applied
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion names available
 
 
 def _memory_errors(generate):
@@ -62,6 +65,7 @@ class Pipeline:
         self.tokenizer = tokenizers[0]
         self.alphas_cumprod = alphas_cumprod
         self._profiles: dict[str, mem.GraphProfile] = {}  # read on the first memory check
+        self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -104,7 +108,10 @@ class Pipeline:
                  mask: Image.Image | np.ndarray | str | Path | None = None, mask_blur: float = 0.0,
                  mask_invert: bool = False, noise: str = "numpy", original_size: tuple[int, int] | None = None,
                  target_size: tuple[int, int] | None = None,
-                 crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True) -> Result:
+                 crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
+                 loras: Sequence[tuple[str | Path, float]] | None = None,
+                 embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
+                 allow_pickle: bool = False) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -127,6 +134,8 @@ class Pipeline:
         ``crops_coords_top_left`` are SDXL's micro-conditioning, used by U-Nets that take size ids.
         ``check_memory``: refuse up front (OutOfMemoryError) a size whose estimated peak memory
         exceeds what the machine has free; False tries anyway. Bad arguments raise InputError.
+        ``loras``: [(file, weight)], plus A1111 ``<lora:name:weight>`` tags in the prompt, found in
+        ``lora_dir``; ``embeddings``: textual-inversion files, used by name in the prompts (lora.py).
         """
         started = time.perf_counter()
         prompts = args.prompt_list(prompt, "prompt")
@@ -140,6 +149,10 @@ class Pipeline:
         steps = args.check_steps(steps, int(self.manifest.scheduler.get("num_train_timesteps") or 1000))
         guidance = args.check_guidance(guidance)
         args.check_name(sampler, "sampler"), args.check_name(schedule, "schedule")
+        adapt_started = time.perf_counter()
+        adapted = self.adapters.apply(self.sessions, self.tokenizer, prompts, loras, embeddings, lora_dir,
+                                      allow_pickle)
+        prompts, adapt_seconds = adapted.prompts, time.perf_counter() - adapt_started
         if image is not None:
             image = original = to_rgb(image)
             width = image.width if width is None else width
@@ -178,7 +191,7 @@ class Pipeline:
         if rng is None:
             seed = args.resolve_seed(seed) if seed is not None or latents is None else None
             rng = make_rng(noise, seed)
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"adapters": adapt_seconds} if loras or embeddings or adapted.loras else {}
         unet_inputs = {spec.name: spec for spec in m.graphs["unet"].inputs}
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
         # embeds the guidance scale (LCM) runs once per step with it.
@@ -260,7 +273,8 @@ class Pipeline:
             pixels = mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
-        return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds)
+        return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds,
+                      loras=adapted.loras, embeddings=adapted.embeddings)
 
     def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
         """A sample of the VAE's latent Gaussian, scaled as the U-Net expects it."""

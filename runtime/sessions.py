@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import EdgediffError, GraphInputError, InputError, ModelFolderError, OutOfMemoryError, ProviderError
 from .manifest import GraphEntry, Manifest, TensorSpec
+from .onnx_weights import initializer_index
 
 PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
@@ -61,7 +62,7 @@ class GraphSession:
     """One graph: inputs are checked against the manifest where they enter, then cast to its dtypes."""
 
     def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
-                 optimized_for: str, warn: Callable[[str], None]):
+                 optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None):
         ort = _ort()
         self.name = name
         self.entry = entry
@@ -71,9 +72,10 @@ class GraphSession:
         if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
             options.enable_mem_pattern = False
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        model, self._pinned = _patch(ort, options, path, initializers or {})
         providers = _provider_list(provider, model_dir, entry)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as error:
             message = _first_line(error)
             if _is_out_of_memory(message):
@@ -95,6 +97,7 @@ class GraphSession:
     def close(self) -> None:
         """Drop the ONNX Runtime session, freeing its weights and arena (also on the GPU)."""
         self.session = None
+        self._pinned = []
 
     def run(self, **feed: np.ndarray) -> list[np.ndarray]:
         if self.session is None:
@@ -111,6 +114,41 @@ class GraphSession:
             raise EdgediffError(f"{self.name} graph failed to run ({message[:200]}); if the model folder "
                                 "was edited or damaged, re-export it") from None
         return [out.astype(np.float32, copy=False) if out.dtype == np.float16 else out for out in outputs]
+
+
+def _patch(ort, options, path: Path, arrays: dict[str, np.ndarray]) -> tuple[str | bytes, list]:
+    """Give the session patched weights (LoRAs, embeddings) in place of the graph's initializers.
+
+    ``add_initializer`` alone is not enough: ONNX Runtime's NCHWc layout transformer reads Conv
+    weights from the graph itself and ignores it (measured, ORT 1.32). So weights stored in the
+    ``.onnx`` are patched into a copy of its bytes, and weights in external data are replaced with
+    ``add_external_initializers``, which happens before graph optimization. ``add_initializer`` is
+    left for tensors that change shape (the grown token-embedding table, read by a Gather).
+    ONNX Runtime uses the OrtValues' memory, so they must live as long as the session.
+    """
+    if not arrays:
+        return str(path), []
+    index = initializer_index(path)
+    same = {n: a for n, a in arrays.items() if n in index and index[n].shape == a.shape}
+    inline = {n: a for n, a in same.items() if index[n].file == path}
+    external = {n: a for n, a in same.items() if index[n].file != path}
+    has_external = any(loc.file != path for loc in index.values())
+    model: str | bytes = str(path)
+    if inline and not has_external:  # a model from bytes cannot find external data beside it
+        data = bytearray(path.read_bytes())
+        for name, array in inline.items():
+            offset = index[name].offset
+            data[offset:offset + array.nbytes] = np.ascontiguousarray(array, dtype=index[name].dtype).tobytes()
+        model = bytes(data)
+        del data
+    pinned = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()
+              if n not in inline or has_external}
+    if external:
+        options.add_external_initializers(list(external), [pinned[n] for n in external])
+    for name, value in pinned.items():
+        if name not in external:
+            options.add_initializer(name, value)
+    return model, list(pinned.values())
 
 
 def check_inputs(graph: str, specs: list[TensorSpec], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -223,6 +261,7 @@ class Sessions:
         self.memory = memory
         self.load_seconds: dict[str, float] = {}
         self._resident: dict[str, GraphSession] = {}
+        self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
         self._warned: set[str] = set()
         self._warn = warn or (lambda line: print(f"edgediff: {line}", file=sys.stderr))
 
@@ -239,7 +278,8 @@ class Sessions:
         if session is None:
             started = time.perf_counter()
             session = GraphSession(name, self.model_dir, self.manifest.graphs[name], self.provider,
-                                   self.manifest.optimized_for, self._warn_once)
+                                   self.manifest.optimized_for, self._warn_once,
+                                   self._initializers.get(name, (None, {}))[1])
             self.load_seconds[name] = self.load_seconds.get(name, 0.0) + time.perf_counter() - started
             if self.memory == "high":
                 self._resident[name] = session
@@ -253,6 +293,15 @@ class Sessions:
     def resident(self) -> set[str]:
         """Graphs whose sessions are loaded now."""
         return set(self._resident)
+
+    def set_initializers(self, name: str, key: object, arrays: dict) -> None:
+        """Patched weights for graph ``name``; a resident session is re-created only when ``key`` changes."""
+        if self._initializers.get(name, ((), {}))[0] == key:
+            return
+        self._initializers[name] = (key, arrays)
+        stale = self._resident.pop(name, None)
+        if stale is not None:
+            stale.close()
 
     def release(self) -> None:
         self._resident.clear()

@@ -7,6 +7,7 @@ truncation=True)``: BOS, at most ``max_length - 2`` tokens, EOS, then the pad to
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ class ClipTokenizer:
         self.eos_token_id = eos_token_id
         # A1111 moves text after a comma near a chunk's end into the next chunk.
         self.comma_id = self._tokenizer.token_to_id(",</w>")
+        # Textual-inversion names -> their token ids, matched in the text before BPE (embeddings.py).
+        self.added_tokens: dict[str, list[int]] = {}
 
     @classmethod
     def from_manifest(cls, model_dir: Path, spec: dict) -> "ClipTokenizer":
@@ -40,14 +43,28 @@ class ClipTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """The ids of each text, without BOS/EOS, untruncated."""
-        if not texts:
-            return []
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return self._encode(list(texts)) if texts else []
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Token ids of shape (len(texts), max_length), int32, truncated to one chunk."""
         ids = np.full((len(texts), self.max_length), self.pad_token_id, dtype=np.int32)
-        for row, encoded in enumerate(self.encode(list(texts))):
+        for row, encoded in enumerate(self._encode(list(texts))):
             tokens = [self.bos_token_id, *encoded[: self.max_length - 2], self.eos_token_id]
             ids[row, : len(tokens)] = tokens
         return ids
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if not self.added_tokens:
+            return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        names = re.compile("|".join(map(re.escape, sorted(self.added_tokens, key=len, reverse=True))))
+        encoded = []
+        for text in texts:
+            pieces = names.split(text)  # text, name, text, ...: names are single capture-free matches
+            found = names.findall(text)
+            ids = []
+            for index, piece in enumerate(pieces):
+                ids += self._tokenizer.encode(piece, add_special_tokens=False).ids
+                if index < len(found):
+                    ids += self.added_tokens[found[index]]
+            encoded.append(ids)
+        return encoded
