@@ -211,10 +211,11 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
             log(f"{prefix}: fp16 output overflowed; keeping more in fp32")
     elif precision == "int8" and spec.name == "unet":
         log(f"{prefix}: quantizing MatMul weights to int8")
-        write_graph(model, work / "optimized.onnx", work)
-        del model  # the quantizer loads its own copy from the file
+        model = opt.quantize_int8(model, work)
+        spill(model, work, "quantized.bin")  # the int8 weights and their scales
+        model = fresh(model)
         release_freed()
-        opt.quantize_int8(work / "optimized.onnx", path)
+        write_graph(model, path, work)
         kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     else:
         if precision == "int8":
