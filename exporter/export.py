@@ -66,7 +66,7 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     components, origin = load_components(source, allow_pickle=allow_pickle, prediction_type=prediction_type,
                                           config=config)
     uses = {name: used_by(GRAPHS[name].wrap) for name in graphs}
-    check_memory(max(sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs), source)
+    check_memory([sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs], source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
