@@ -83,14 +83,17 @@ def module_weight_bytes(module) -> int:
     return sum(p.numel() * 4 for p in module.parameters()) + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def release_freed() -> None:
+def release_freed(collect: bool = False) -> None:
     """Hand memory freed by the previous stage back to the system before the next stage peaks.
 
     glibc keeps freed small blocks in its heaps; without this the next stage's peak stacks on top.
+    ``collect``: run the garbage collector first (torch modules hold reference cycles); it costs
+    about a second with torch loaded, so only where modules are let go.
     """
-    import gc
+    if collect:
+        import gc
 
-    gc.collect()
+        gc.collect()
     name = ctypes.util.find_library("c")
     if name:
         try:
