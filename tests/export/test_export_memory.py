@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 GIB = 1024**3
@@ -83,3 +84,21 @@ def test_export_peak_rss_is_one_copy_of_the_weights(mid_source, tmp_path):
     # The export's own figure is the same VmHWM the kernel reported.
     reported = float(final.rsplit("peak RAM", 1)[1].split()[0])
     assert abs(reported - peak / GIB) <= 0.06
+
+
+def test_int8_unet_is_quantized_from_its_weights_on_disk(tiny_sources, tmp_path):
+    """int8 runs ONNX Runtime's dynamic quantizer on the stripped graph: the result must still be
+    the quantizer's graph (integer MatMuls fed by dynamic quantization), validated against torch."""
+    import onnx
+
+    from edgediff.runtime.manifest import read_manifest
+    from tiny_models import export_with_cli
+
+    out = export_with_cli(tiny_sources["sd1"], tmp_path / "int8", "--precision", "int8")
+    unet = read_manifest(out).graphs["unet"]
+    assert unet.precision == "int8" and unet.validation["validated"]
+    graph = onnx.load(str(out / unet.path))
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert int8_weights and all(len(t.raw_data) == np.prod(t.dims) for t in int8_weights)
