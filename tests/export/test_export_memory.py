@@ -2,11 +2,12 @@
 
 A mid-sized model (the tiny configs widened until the U-Net holds 254 MB of float32 weights) is
 exported in a child process, whose peak RSS the kernel reports (wait4's ru_maxrss = VmHWM).
-The bound: ALLOWANCE covers what an export of a weightless model peaks at (torch, onnxruntime,
-tracer and session overheads: measured 0.9-1.0 GiB for the tiny models), and WEIGHT_FACTOR the
-copies of the weights an export may hold at once (the tracer's, below 2 GB, is torch's weights plus
-its folded copy plus the serialized graph). Measured (RESULTS.md, "Export memory"): 1.52 GiB for
-this model; the exporter before issue 8 peaked at 3.29 GiB, 1.56 GiB over this bound.
+The bound is WEIGHT_FACTOR x U-Net weight bytes + ALLOWANCE. ALLOWANCE: an export of the tiny test
+model (weights ~10 MB) peaks at 0.6 GiB (torch, onnxruntime, tracer and sessions), plus 0.4 GiB of
+headroom for other machines. WEIGHT_FACTOR: below 2 GB torch's tracer holds the module, its
+constant-folded weights and the serialized graph at once (measured 0.9 GiB over the tiny export
+here, 3.8x). Measured (RESULTS.md, "Export memory"): 1.52 GiB against a bound of 1.71 GiB; the
+exporter before issue 8 peaked at 3.29 GiB on the same export, 1.58 GiB over the bound.
 """
 from __future__ import annotations
 
