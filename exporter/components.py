@@ -38,7 +38,7 @@ class Components:
         finally:
             for name in [name for name in self._modules if name not in keep]:
                 del self._modules[name]
-            release_freed()
+            release_freed(collect=True)
 
     def _get(self, name: str) -> torch.nn.Module:
         if name not in self._modules:

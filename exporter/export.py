@@ -69,7 +69,7 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     specs = graphs_for(components.meta)
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
-    check_memory(max(sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs), source)
+    check_memory([sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs], source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
@@ -219,10 +219,11 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
             log(f"{prefix}: fp16 output overflowed; keeping more in fp32")
     elif precision == "int8" and spec.name == "unet":
         log(f"{prefix}: quantizing MatMul weights to int8")
-        write_graph(model, work / "optimized.onnx", work)
-        del model  # the quantizer loads its own copy from the file
+        model = opt.quantize_int8(model, work)
+        spill(model, work, "quantized.bin")  # the int8 weights and their scales
+        model = fresh(model)
         release_freed()
-        opt.quantize_int8(work / "optimized.onnx", path)
+        write_graph(model, path, work)
         kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     else:
         if precision == "int8":

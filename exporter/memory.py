@@ -15,10 +15,14 @@ from pathlib import Path
 from edgediff.runtime.errors import EdgediffError
 
 GIB = 1024**3
-# Measured on the full-size SD 1.5 and SD 2.1 exports (benchmarks/RESULTS.md, "Export memory"):
-# peak RSS is the libraries' own footprint plus about this many times the largest graph's fp32 weights.
-BASELINE_BYTES = int(1.0 * GIB)
-WEIGHT_FACTOR = 1.4
+# Measured on the mid-size test model and the full-size SD 1.5 and SD 2.1 exports (RESULTS.md,
+# "Export memory"): peak RSS is the libraries' own footprint plus a multiple of one graph's fp32
+# weights. Under 2 GB torch's tracer holds the module, its constant-folded weights and the whole
+# serialized graph at once (~4.3x measured); over 2 GB it writes the weights out as it goes (~1.2x).
+BASELINE_BYTES = int(0.6 * GIB)
+EMBEDDED_FACTOR = 4.5
+EXTERNAL_FACTOR = 1.3
+TWO_GB = 2 * 1024**3
 SAFETENSORS_ITEM = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -36,20 +40,21 @@ def available_bytes() -> int:
     return available
 
 
-def required_bytes(largest_weights: int) -> int:
-    """Peak RSS an export needs when its largest graph has ``largest_weights`` bytes of fp32 weights."""
-    return BASELINE_BYTES + int(WEIGHT_FACTOR * largest_weights)
+def required_bytes(graph_weights: list[int]) -> int:
+    """Peak RSS an export needs whose graphs have these fp32 weight sizes (bytes); one graph at a time."""
+    return BASELINE_BYTES + max(
+        int((EMBEDDED_FACTOR if size < TWO_GB else EXTERNAL_FACTOR) * size) for size in graph_weights)
 
 
-def check_memory(largest_weights: int, what: str) -> None:
+def check_memory(graph_weights: list[int], what: str) -> None:
     """Refuse up front, in one line, an export the kernel would kill midway. What this process
     already holds is part of both the need and what it has."""
     held = _status_kib("VmRSS") * 1024
-    need, have = required_bytes(largest_weights), available_bytes() + held
+    need, have = required_bytes(graph_weights), available_bytes() + held
     if need > have:
         raise EdgediffError(
             f"not enough memory to export {what}: it needs about {need / GIB:.1f} GiB "
-            f"({largest_weights / GIB:.1f} GiB of float32 weights in its largest graph), "
+            f"(its largest graph holds {max(graph_weights) / GIB:.1f} GiB of float32 weights), "
             f"{have / GIB:.1f} GiB is available; close other programs or use a machine with more memory")
 
 
@@ -78,14 +83,17 @@ def module_weight_bytes(module) -> int:
     return sum(p.numel() * 4 for p in module.parameters()) + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def release_freed() -> None:
+def release_freed(collect: bool = False) -> None:
     """Hand memory freed by the previous stage back to the system before the next stage peaks.
 
     glibc keeps freed small blocks in its heaps; without this the next stage's peak stacks on top.
+    ``collect``: run the garbage collector first (torch modules hold reference cycles); it costs
+    about a second with torch loaded, so only where modules are let go.
     """
-    import gc
+    if collect:
+        import gc
 
-    gc.collect()
+        gc.collect()
     name = ctypes.util.find_library("c")
     if name:
         try:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import onnx
 
-from .weights import TWO_GB
 
 TARGETS = ("cuda", "dml", "cpu", "none")
 # Fusions whose kernels exist only in the CUDA execution provider (DESIGN.md).
@@ -133,22 +132,39 @@ def name_nodes(model: onnx.ModelProto) -> None:
             node.name = f"{node.op_type}_{index}"
 
 
-def quantize_int8(model_path: Path, out_path: Path) -> None:
-    """Dynamic int8 weights for MatMul/Attention/Gemm (onnxruntime.quantization).
+def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """Dynamic int8 weights for MatMul/Attention/Gemm: what ``quantize_dynamic`` does, on a stripped graph.
 
-    ``DefaultTensorType`` is needed on fused graphs, whose contrib ops lack type information.
+    ``quantize_dynamic`` would load and copy the whole fp32 graph; its quantizer reads only the
+    weights it quantizes (through the working directory, as the fusions do) and leaves the rest
+    external. ``DefaultTensorType`` is needed on fused graphs, whose contrib ops lack type information.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, onnx_quantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode, update_opset_version
 
-    quantize_dynamic(
-        str(model_path), str(out_path), weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Attention", "Gemm"],
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        # Count the external-data file too: a >2 GB graph is saved as a small .onnx beside its weights.
-        use_external_data_format=_size_on_disk(model_path) > TWO_GB // 2,
-    )
+    # The quantizer refreshes shapes by saving the graph with its weights and loading it back;
+    # for a stripped graph shape inference needs neither.
+    original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    onnx_quantizer.save_and_reload_model_with_shape_infer = _infer_shapes
+    try:
+        with _working_directory(folder):
+            model = update_opset_version(_infer_shapes(model), QuantType.QInt8)
+            quantizer = onnx_quantizer.ONNXQuantizer(
+                model, False, False, QuantizationMode.IntegerOps, False, QuantType.QInt8, QuantType.QUInt8, None,
+                [], [], ["MatMul", "Attention", "Gemm"],
+                {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+            )
+            quantizer.quantize_model()
+            quantizer.model.topological_sort()  # as its save_model_to_file
+    finally:
+        onnx_quantizer.save_and_reload_model_with_shape_infer = original
+    return quantizer.model.model
 
 
-def _size_on_disk(model_path: Path) -> int:
-    data = model_path.with_name(model_path.name + ".data")
-    return model_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What quantize_dynamic's load_model_with_shape_infer does to the graph, without the file round trip."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    model = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(model)
+    return model

@@ -1,9 +1,14 @@
 """Too little memory for the model: one `error:` line up front, exit 1, and no model folder left."""
 from __future__ import annotations
 
+import json
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 # The export CLI in a child process, after ``PREPARE`` has shrunk the memory it may use.
 CHILD = textwrap.dedent("""
@@ -19,11 +24,32 @@ memory.available_bytes = lambda: 64 * 1024**2  # what /proc/meminfo says on a ma
 """
 ADDRESS_SPACE_LIMIT = """
 import resource
+import diffusers, transformers
 import edgediff.exporter.memory as memory
-# Room for 256 MiB more than this process already maps: far less than an export needs.
+# What loading a model's configs imports, then room for 512 MiB more than this process maps:
+# enough to read the configs, far less than this model's export needs (about 5 GiB).
+diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, diffusers.PNDMScheduler
+transformers.CLIPTextModel, transformers.CLIPTokenizer
 size = memory._status_kib("VmSize") * 1024
-resource.setrlimit(resource.RLIMIT_AS, (size + 256 * 1024**2, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 1024**2, resource.RLIM_INFINITY))
 """
+
+
+@pytest.fixture
+def big_source(tiny_sources, tmp_path):
+    """The tiny model with a U-Net weights file that declares 3.2 GB of float32 weights.
+
+    The file is sparse (no disk, no data): the memory check reads only the safetensors header, and
+    refuses before any weights are read.
+    """
+    folder = shutil.copytree(tiny_sources["sd1"], tmp_path / "big")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    count = 800_000_000
+    header = json.dumps({"w": {"dtype": "F32", "shape": [count], "data_offsets": [0, 4 * count]}}).encode()
+    with open(weights, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + 4 * count)
+    return folder
 
 
 def _export_in_child(prepare: str, source, out) -> subprocess.CompletedProcess:
@@ -47,6 +73,6 @@ def test_low_memavailable_refuses_with_one_line(tiny_sources, tmp_path):
     _assert_refused(_export_in_child(FAKE_MEMAVAILABLE, tiny_sources["sd1"], out), out)
 
 
-def test_address_space_limit_refuses_with_one_line(tiny_sources, tmp_path):
+def test_address_space_limit_refuses_with_one_line(big_source, tmp_path):
     out = tmp_path / "model"
-    _assert_refused(_export_in_child(ADDRESS_SPACE_LIMIT, tiny_sources["sd1"], out), out)
+    _assert_refused(_export_in_child(ADDRESS_SPACE_LIMIT, big_source, out), out)
