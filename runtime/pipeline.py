@@ -43,11 +43,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
-             warn: Callable[[str], None] | None = None) -> "Pipeline":
+             warn: Callable[[str], None] | None = None, threads: int | None = None) -> "Pipeline":
         """Open an exported model folder (the shipped default model when ``model_dir`` is None).
 
         ``memory="low"`` loads one graph at a time and releases it after its stage; ``"high"``
         keeps every graph resident after first use (faster for repeated generations).
+        ``threads``: ONNX Runtime's intra-op threads (default: one per core).
         """
         if model_dir is None:
             from edgediff.models import default_model_dir
@@ -61,7 +62,7 @@ class Pipeline:
         manifest = read_manifest(model_dir)
         tokenizer = ClipTokenizer.from_manifest(model_dir, manifest.tokenizer)
         alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod).astype(np.float64)
-        sessions = Sessions(model_dir, manifest, provider, memory, warn=warn)
+        sessions = Sessions(model_dir, manifest, provider, memory, warn=warn, threads=threads)
         return cls(model_dir, manifest, sessions, tokenizer, alphas_cumprod)
 
     @property
