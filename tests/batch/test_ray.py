@@ -1,0 +1,88 @@
+"""The Ray runner on a local two-CPU cluster: same bytes as without Ray, survives a killed actor,
+skips finished work, ships the model through the object store."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from edgediff.batch import run_batch  # noqa: E402
+from edgediff.batch.ray_runner import NAMESPACE  # noqa: E402
+
+JOBS = [{"prompt": f"a {colour} {shape} on a white background", **({"seed": n} if n % 3 else {})}
+        for n, (colour, shape) in enumerate((c, s) for c in ("red", "blue", "green") for s in ("circle", "square",
+                                                                                              "triangle", "star"))]
+FAST = {"steps": 3}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the module (Ray starts slowly on two cores); its files live outside
+    the checkout and go with it."""
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
+    cache = tempfile.mkdtemp(prefix="edgediff-models-")
+    saved = {key: os.environ.get(key) for key in ("RAY_USAGE_STATS_ENABLED",)}
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING",
+             runtime_env={"env_vars": {"EDGEDIFF_MODEL_CACHE": cache}})
+    try:
+        yield cache
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The same jobs rendered without Ray."""
+    out = tmp_path_factory.mktemp("plain")
+    summary = run_batch(JOBS, out, defaults=FAST, progress=False)
+    assert summary.done == len(JOBS)
+    return read_images(out)
+
+
+def read_images(out):
+    return {path.name: path.read_bytes() for path in out.glob("*.png")}
+
+
+def test_two_actors_match_the_plain_run_survive_a_kill_and_skip_on_rerun(cluster, plain, tmp_path):
+    killed, entries = [], []
+
+    def kill_one_actor(entry):
+        entries.append(entry)
+        if not killed:  # it has its next job queued already: that job is cut off mid-run
+            killed.append(entry["worker"])
+            ray.kill(ray.get_actor(entry["worker"], namespace=NAMESPACE))
+
+    summary = run_batch(JOBS, tmp_path, defaults=FAST, ray="", workers=2, on_result=kill_one_actor,
+                        progress=False)
+    assert (summary.done, summary.failed, summary.skipped) == (12, 0, 0)
+    assert killed and any(entry["attempts"] == 2 for entry in entries), entries
+    assert len({entry["worker"] for entry in entries}) >= 2
+    assert read_images(tmp_path) == plain  # bit for bit, names included
+
+    again = run_batch(JOBS, tmp_path, defaults=FAST, ray="", workers=2, progress=False)
+    assert (again.done, again.skipped) == (0, 12)
+    assert not [actor for actor in ray.util.list_named_actors(all_namespaces=True)
+                if actor["namespace"] == NAMESPACE]  # the pool is gone once the batch is done
+
+
+def test_model_shipped_through_the_object_store(cluster, plain, tmp_path):
+    from edgediff.models import default_model_dir
+
+    model = shutil.copytree(default_model_dir(), tmp_path / "private-model")
+    summary = run_batch(JOBS[:2], tmp_path / "out", model=model, defaults=FAST, ray="", workers=1,
+                        ship_model=True, progress=False)
+    assert summary.done == 2
+    # The workers read their own copy, written once into the node's cache.
+    (copy,) = [path for path in os.scandir(cluster) if not path.name.startswith(".")]
+    assert os.path.isfile(os.path.join(copy.path, "manifest.json"))
+    shutil.rmtree(model)  # a copy of the default model: the same images as the plain run
+    assert set(read_images(tmp_path / "out").values()) <= set(plain.values())
