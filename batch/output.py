@@ -5,7 +5,6 @@ when its file decodes and names the same key, so a torn write or a stale file is
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -19,6 +18,11 @@ from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import MANIFEST_NAME
 
 from .jobs import Job
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 JOB_CHUNK = "edgediff-job"
 RESULTS = "results.jsonl"
@@ -74,8 +78,8 @@ class OutputFolder:
         except OSError as error:
             raise EdgediffError(f"cannot write to {self.path}: {error.strerror or error}") from None
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            _lock(self._lock)
+        except OSError:
             self._lock.close()
             raise EdgediffError(f"another batch is writing to {self.path}") from None
         for stale in self.path.glob(f".*.png.*{_TMP}"):  # left by a run that was killed mid-write
@@ -105,3 +109,13 @@ class OutputFolder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _lock(handle) -> None:
+    """An exclusive lock held while the handle is open; OSError when another process has it."""
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
