@@ -81,6 +81,9 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's memory monitor kills workers when the whole machine's memory is nearly full, which on a
+    # shared machine is other people's doing; these workers take a few hundred MB each.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     temp = tempfile.mkdtemp(prefix="ray")
     started = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, _temp_dir=temp, logging_level="WARNING",
