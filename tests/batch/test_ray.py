@@ -98,3 +98,29 @@ def test_model_shipped_through_the_object_store(cluster, plain, tmp_path):
     assert os.path.isfile(os.path.join(copy.path, "manifest.json"))
     shutil.rmtree(model)  # a copy of the default model: the same images as the plain run
     assert set(read_images(tmp_path / "out").values()) <= set(plain.values())
+
+
+@pytest.mark.parametrize("provider, gpus_per_worker, workers, expected", [
+    ("auto", None, None, (4, 1.0, True)),  # a GPU per actor where the cluster has them
+    ("cpu", None, None, (8, 0.0, False)),  # CPU actors: one per CPU
+    ("auto", 0.5, None, (8, 0.5, True)),  # two actors share each GPU
+    ("cuda", None, 2, (2, 1.0, True)),
+])
+def test_pool_size_and_gpus_per_actor_follow_the_cluster(provider, gpus_per_worker, workers, expected):
+    from edgediff.batch.ray_runner import RayRunner
+
+    runner = RayRunner("auto", workers=workers, cpus_per_worker=1, gpus_per_worker=gpus_per_worker,
+                       ship_model=False, provider=provider, memory="high", retries=0)
+    runner._size_pool({"CPU": 8.0, "GPU": 4.0})
+    assert (runner.workers, runner.gpus, runner.gpu) == expected
+
+
+def test_a_pool_that_cannot_fit_a_local_cluster_is_an_error():
+    from edgediff.batch.ray_runner import RayRunner
+    from edgediff.runtime.errors import EdgediffError
+
+    runner = RayRunner("", workers=3, cpus_per_worker=1, gpus_per_worker=None, ship_model=False,
+                       provider="cpu", memory="high", retries=0)
+    runner.owns = True
+    with pytest.raises(EdgediffError, match=r"3 Ray workers do not fit: 3 x 1 CPU \(the cluster has 2\)"):
+        runner._size_pool({"CPU": 2.0})
