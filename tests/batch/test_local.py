@@ -141,3 +141,15 @@ def test_one_batch_per_output_folder_and_no_stale_temporary_files(tmp_path):
         assert not (out / ".x.png.123.tmp").exists()
         with pytest.raises(EdgediffError, match="another batch is writing to"):
             OutputFolder(out)
+
+
+def test_a_workers_thread_share_reaches_onnx_runtime():
+    """A 1-CPU Ray actor runs its sessions with one intra-op thread (Pipeline.load(threads=...))."""
+    from edgediff.runtime import Pipeline
+
+    for threads, expected in ((1, 1), (None, 0)):  # 0: ONNX Runtime's default, one per core
+        pipe = Pipeline.load(None, provider="cpu", memory="high", threads=threads)
+        pipe("a dot", steps=1, seed=0, width=64, height=64)
+        used = {name: session.session.get_session_options().intra_op_num_threads
+                for name, session in pipe.sessions._resident.items()}
+        assert used and set(used.values()) == {expected}, used
