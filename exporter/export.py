@@ -3,6 +3,11 @@
 Work happens in a hidden staging folder beside OUT; each graph there gets a ``done.json`` once it
 is exported and validated, so an interrupted export resumes where it stopped. At the end the
 staging folder is renamed to OUT and the manifest is written last, atomically.
+
+Memory: one graph at a time, and within it one copy of its weights at a time. Its torch modules
+are loaded for tracing (and torch's reference outputs) and freed; from then on the graph is
+handled stripped, its weights on disk (weights.py), until they are streamed into the final file,
+which ONNX Runtime then validates against the saved reference outputs.
 """
 from __future__ import annotations
 
@@ -22,8 +27,11 @@ from edgediff.runtime.manifest import (GRAPH_NAMES, GraphEntry, Manifest, read_m
                                        write_manifest)
 
 from . import optimize as opt
+from .components import Components, used_by
 from .graphs import GRAPHS, GraphSpec, example_sizes, model_dims, size_rule
-from .validate import runnable_providers, validate
+from .memory import GIB, check_memory, peak_rss_bytes, release_freed
+from .validate import reference_outputs, runnable_providers, validate
+from .weights import fresh, load_stripped, spill, write_graph
 
 PRECISIONS = ("fp16", "fp32", "int8")
 OPSET = 17
@@ -46,15 +54,20 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     target = optimize_for or default_target(precision)
     if target not in opt.TARGETS:
         raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
-    from .load import check_source, load_pipeline
+    from .load import check_source, load_components
 
+    started = time.perf_counter()
     check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
-    staging = _prepare_folders(out, overwrite)
+    _check_output(out, overwrite)
     log(f"loading {source}")
 
     _quiet_libraries()
-    pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type, config=config)
+    components, origin = load_components(source, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                                          config=config)
+    uses = {name: used_by(GRAPHS[name].wrap) for name in graphs}
+    check_memory(max(sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs), source)
+    staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
 
@@ -66,19 +79,21 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
             entries[name] = GraphEntry.from_dict(json.loads(done.read_text()))
             log(f"{prefix}: already exported, skipping")
             continue
-        entries[name] = _export_graph(pipe, GRAPHS[name], staging, precision, target, prefix, log)
+        keep = frozenset().union(*(uses[later] for later in graphs[index:]))  # modules a later graph reuses
+        entries[name] = _export_graph(components, GRAPHS[name], staging, precision, target, prefix, log, keep=keep)
         done.write_text(json.dumps(entries[name].to_dict(), indent=2))
 
-    manifest = _manifest(pipe, origin, precision, target, entries)
-    _write_assets(pipe, staging)
+    manifest = _manifest(components.meta, origin, precision, target, entries)
+    _write_assets(components.meta, staging)
     if out.exists():
-        shutil.rmtree(out)  # empty, or complete and --overwrite given (checked in _prepare_folders)
+        shutil.rmtree(out)  # empty, or complete and --overwrite given (checked in _check_output)
     for name in graphs:
         (staging / name / "done.json").unlink()
     (staging / "settings.json").unlink()
     staging.rename(out)
     write_manifest(out, manifest)
-    log(f"done: {out} ({_folder_mb(out):.1f} MB)")
+    log(f"done: {out} ({_folder_mb(out):.1f} MB) in {time.perf_counter() - started:.0f} s, "
+        f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB")
     return manifest
 
 
@@ -93,11 +108,15 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _prepare_folders(out: Path, overwrite: bool) -> Path:
+def _check_output(out: Path, overwrite: bool) -> None:
     if (out / "manifest.json").exists() and not overwrite:
         raise EdgediffError(f"{out} already holds an exported model; pass --overwrite to replace it")
     if out.exists() and not (out / "manifest.json").exists() and (not out.is_dir() or any(out.iterdir())):
         raise EdgediffError(f"{out} exists and is not an edgediff model; choose a new or empty folder")
+
+
+def _prepare_folders(out: Path, overwrite: bool) -> Path:
+    _check_output(out, overwrite)
     staging = out.parent / f".{out.name}.partial"
     try:
         staging.mkdir(parents=True, exist_ok=True)
@@ -115,42 +134,53 @@ def _reset_if_stale(staging: Path, settings: dict) -> None:
     marker.write_text(json.dumps(settings))
 
 
-def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: str, prefix: str,
-                  log) -> GraphEntry:
+def _export_graph(components: Components, spec: GraphSpec, staging: Path, precision: str, target: str,
+                  prefix: str, log, keep: frozenset[str] = frozenset()) -> GraphEntry:
     started = time.perf_counter()
-    dims = model_dims(pipe)
-    module = spec.wrap(pipe).eval()
+    meta = components.meta
+    dims = model_dims(meta)
     folder = staging / spec.name
-    raw_dir = folder / "raw"
+    work = folder / "raw"  # the stripped graph's weights, until the final file is written
     shutil.rmtree(folder, ignore_errors=True)
-    raw_dir.mkdir(parents=True)
+    work.mkdir(parents=True)
+    trace_inputs = spec.example_inputs(dims, example_sizes(meta, batch=2, latent_units=2))
+    check_inputs = spec.example_inputs(dims, example_sizes(meta, batch=1, latent_units=3))
+    raw = work / "model.onnx"
 
-    log(f"{prefix}: tracing")
-    trace_inputs = spec.example_inputs(dims, example_sizes(pipe, batch=2, latent_units=2))
-    raw = raw_dir / "model.onnx"
-    # The tracer warns about every Python-level shape check in diffusers; validation is our check.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
-            input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
-            dynamic_axes=spec.dynamic_axes(),
-        )
+    with components.open(keep) as pipe:
+        module = spec.wrap(pipe).eval()
+        log(f"{prefix}: tracing")
+        # The tracer warns about every Python-level shape check in diffusers; validation is our check.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+                input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(),
+            )
+        expected = reference_outputs(module, check_inputs)
+        del module
+    model = load_stripped(raw, "weights.bin")
+    release_freed()
+
     if target != "none":
         log(f"{prefix}: optimizing for {target}")
     # SD 2.x attention overflows fp16. CUDA's fused attention kernel is what ONNX Runtime's own
     # SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its scores can stay fp32.
-    upcast = spec.name == "unet" and bool(getattr(pipe.unet.config, "upcast_attention", False))
-    model = opt.optimize(raw, spec.optimizer_type, target,
+    upcast = spec.name == "unet" and bool(getattr(meta.unet.config, "upcast_attention", False))
+    model = opt.optimize(model, work, spec.optimizer_type, target,
                          fuse_attention=not (upcast and precision == "fp16" and target != "cuda"))
+    spill(model, work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
+    model = fresh(model)
+    release_freed()
 
     inputs = spec.resolve(spec.inputs, dims, FLOAT_DTYPE[precision])
     outputs = spec.resolve(spec.outputs, dims, FLOAT_DTYPE[precision])
-    check_inputs = spec.example_inputs(dims, example_sizes(pipe, batch=1, latent_units=3))
     providers = runnable_providers(target)
     path = folder / "model.onnx"
     kept_fp32: list[str] = []
     graph_precision = precision
+    report = None
 
     if precision == "fp16":
         log(f"{prefix}: converting to fp16")
@@ -158,40 +188,45 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
         keep_io = [s.name for s in inputs if s.dtype == "float32"]
         attention = opt.attention_score_nodes(model)
         # Escalate only as far as needed: all fp16, then attention scores in fp32, then all fp32.
-        for keep, why in ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
-                          (attention, "attention scores and softmax (fp16 overflow)"),
-                          (None, "whole graph (fp16 overflow)")):
-            if keep is None:
+        # Each try starts from the stripped fp32 graph; its weights are converted as they are written.
+        for keep_nodes, why in ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
+                                (attention, "attention scores and softmax (fp16 overflow)"),
+                                (None, "whole graph (fp16 overflow)")):
+            if keep_nodes is None:
                 graph_precision, converted = "fp32", model
                 inputs = spec.resolve(spec.inputs, dims, "float32")
                 outputs = spec.resolve(spec.outputs, dims, "float32")
                 kept_fp32 = [why]
             else:
-                converted = opt.to_fp16(_copy(model), keep, keep_io)
-                kept_fp32 = [f"{why}: {len(keep)} nodes"] if keep else []
-            opt.save(converted, path)
+                converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
+                kept_fp32 = [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else []
+            write_graph(converted, path, work)
+            del converted
+            release_freed()
             if providers is None:
                 break
-            report = validate(module, path, check_inputs, inputs, outputs, providers)
+            report = validate(expected, path, check_inputs, inputs, outputs, providers)
             if all(r["finite"] for r in report.values()):
                 break
             log(f"{prefix}: fp16 output overflowed; keeping more in fp32")
     elif precision == "int8" and spec.name == "unet":
         log(f"{prefix}: quantizing MatMul weights to int8")
-        opt.save(model, raw_dir / "optimized.onnx")
-        model = None  # a full-size fp32 U-Net is 3.4 GB: free it before the quantizer loads its own copy
-        opt.quantize_int8(raw_dir / "optimized.onnx", path)
+        write_graph(model, work / "optimized.onnx", work)
+        del model  # the quantizer loads its own copy from the file
+        release_freed()
+        opt.quantize_int8(work / "optimized.onnx", path)
         kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     else:
         if precision == "int8":
             kept_fp32 = ["whole graph (int8 applies to the U-Net)"]
             graph_precision = "fp32"
-        opt.save(model, path)
-    del model
-    shutil.rmtree(raw_dir)
+        write_graph(model, path, work)
+    model = None
+    shutil.rmtree(work)
+    release_freed()
 
-    validation = _validate_and_report(module, spec, path, check_inputs, inputs, outputs, providers,
-                                      graph_precision if precision != "int8" else precision, prefix, log)
+    validation = _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers,
+                                      graph_precision if precision != "int8" else precision, prefix, log, report)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
         inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation,
@@ -200,13 +235,14 @@ def _export_graph(pipe, spec: GraphSpec, staging: Path, precision: str, target: 
     return entry
 
 
-def _validate_and_report(module, spec, path, check_inputs, inputs, outputs, providers, precision, prefix,
-                         log) -> dict:
+def _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers, precision, prefix,
+                         log, report=None) -> dict:
+    """``report``: the fp16 escalation's last validation of this very file, when there was one."""
     tolerance = spec.tolerance[precision]
     if providers is None:
         log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here")
         return {"validated": False, "reason": "graph needs CUDAExecutionProvider", "tolerance": tolerance}
-    report = validate(module, path, check_inputs, inputs, outputs, providers)
+    report = report or validate(expected, path, check_inputs, inputs, outputs, providers)
     failed = []
     for output, result in report.items():
         ok = result["finite"] and result["relative"] <= tolerance
@@ -221,6 +257,7 @@ def _validate_and_report(module, spec, path, check_inputs, inputs, outputs, prov
 
 
 def _copy(model):
+    """A stripped graph: its copy costs kilobytes."""
     import onnx
 
     copy = onnx.ModelProto()

@@ -135,3 +135,16 @@ def _checkpoint_keys(path: Path) -> set[str]:
     if not isinstance(state, dict):
         raise EdgediffError(f"{path} holds a {type(state).__name__}, not a checkpoint's state dict")
     return set(state.keys())
+
+
+def load_components(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None,
+                    config: str | Path | None = None):
+    """The model's parts and a description of its source; a diffusers folder's weights are read
+    component by component when a graph needs them, other sources are loaded whole."""
+    from .components import from_folder, from_pipeline
+
+    if check_source(source, allow_pickle=allow_pickle) == "diffusers-folder":
+        path = Path(source)
+        return from_folder(path, prediction_type), {"kind": "diffusers-folder", "path": str(path.resolve())}
+    pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type, config=config)
+    return from_pipeline(pipe), origin

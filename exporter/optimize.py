@@ -1,9 +1,16 @@
-"""Graph optimization per target and precision conversion (fp16, int8) of exported graphs."""
+"""Graph optimization per target and precision conversion (fp16, int8) of exported graphs.
+
+Graphs arrive stripped (weights.py): their big tensors are external data in a work folder.
+"""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+
+from .weights import TWO_GB
 
 TARGETS = ("cuda", "dml", "cpu", "none")
 # Fusions whose kernels exist only in the CUDA execution provider (DESIGN.md).
@@ -11,16 +18,17 @@ CUDA_ONLY_FUSIONS = (
     "enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv",
 )
-TWO_GB = 2 * 1024**3
 
 
-def optimize(model_path: Path, optimizer_type: str, target: str, fuse_attention: bool = True) -> onnx.ModelProto:
+def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: str,
+             fuse_attention: bool = True) -> onnx.ModelProto:
     """Fuse attention, LayerNorm, GELU...; the CUDA-only fusions only when targeting CUDA.
 
-    ``fuse_attention=False`` keeps attention as MatMul/Softmax so its scores can stay fp32.
+    ``model`` is stripped, its external tensors under ``folder``. ``fuse_attention=False`` keeps
+    attention as MatMul/Softmax so its scores can stay fp32.
     """
     if target == "none":
-        return onnx.load(str(model_path))
+        return model
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -30,13 +38,26 @@ def optimize(model_path: Path, optimizer_type: str, target: str, fuse_attention:
         for flag in CUDA_ONLY_FUSIONS:
             if hasattr(options, flag):
                 setattr(options, flag, False)
-    optimized = optimize_model(
-        str(model_path), model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
-        optimization_options=options, use_gpu=target == "cuda",
-    )
+    # The fusions read the few weights they repack (q/k/v, NHWC convolutions) through onnx's
+    # external-data loader, which resolves file names against the working directory.
+    with _working_directory(folder):
+        optimized = optimize_model(
+            model, model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
+            optimization_options=options, use_gpu=target == "cuda",
+        )
     model = optimized.model
     declare_contrib_domain(model)
     return model
+
+
+@contextmanager
+def _working_directory(folder: Path):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def declare_contrib_domain(model: onnx.ModelProto) -> None:
@@ -85,12 +106,24 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
 
 
 def to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str], keep_io: list[str]) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """ONNX Runtime's converter on a stripped graph: it retypes the external tensors, whose data
+    weights.write_graph converts as it writes them."""
+    from onnxruntime.transformers import float16
 
     constants_to_initializers(model)
-    return convert_float_to_float16(
-        model, keep_io_types=keep_io, node_block_list=keep_fp32_nodes or None, disable_shape_infer=True
-    )
+    # The converter reads each converted tensor's data only to learn its shape, which its dims give.
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = _value_info_from_dims
+    try:
+        return float16.convert_float_to_float16(
+            model, keep_io_types=keep_io, node_block_list=keep_fp32_nodes or None, disable_shape_infer=True
+        )
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -98,21 +131,6 @@ def name_nodes(model: onnx.ModelProto) -> None:
     for index, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{index}"
-
-
-def save(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save a graph; over 2 GB its weights go to one external-data file beside it, never hundreds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    # protobuf cannot even size a message over 2 GB, so count the weights instead of ByteSize().
-    weights = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    if weights < TWO_GB - 64 * 1024**2:
-        onnx.save_model(model, str(path))
-        return [path]
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return [path, data]
 
 
 def quantize_int8(model_path: Path, out_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Check an exported graph against the torch module it came from, output by output."""
+"""Check an exported graph against the outputs of the torch module it came from, output by output."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,26 +24,31 @@ def runnable_providers(target: str) -> list[str] | None:
     return ["CPUExecutionProvider"]
 
 
-def validate(module: torch.nn.Module, graph_path: Path, inputs: tuple[torch.Tensor, ...], input_specs,
+def reference_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """torch's float32 outputs, taken before the module is freed: validation then needs only the file."""
+    with torch.no_grad():
+        expected = module(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return [tensor.numpy().astype(np.float64) for tensor in expected]
+
+
+def validate(expected: list[np.ndarray], graph_path: Path, inputs: tuple[torch.Tensor, ...], input_specs,
              output_specs, providers: list[str]) -> dict[str, dict]:
-    """Run torch (float32) and ONNX Runtime on the same inputs; report each output's max abs diff.
+    """Run ONNX Runtime on the inputs torch saw; report each output's max abs diff from ``expected``.
 
     The difference is also given relative to the reference's peak magnitude, the number the
     tolerance applies to, since outputs of untrained and trained models differ in scale.
     """
     import onnxruntime as ort
 
-    with torch.no_grad():
-        expected = module(*inputs)
-    expected = expected if isinstance(expected, tuple) else (expected,)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph_path), options, providers=providers)
     feed = {spec.name: tensor.numpy().astype(NUMPY[spec.dtype]) for spec, tensor in zip(input_specs, inputs)}
     actual = session.run([spec.name for spec in output_specs], feed)
+    del session  # its copy of the weights goes before the next stage
     report = {}
     for spec, ref, got in zip(output_specs, expected, actual):
-        ref = ref.numpy().astype(np.float64)
         got = got.astype(np.float64)
         finite = bool(np.isfinite(got).all())
         diff = float(np.abs(ref - got).max()) if finite else float("inf")

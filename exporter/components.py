@@ -1,0 +1,136 @@
+"""A model's parts, each torch module in memory only while a graph is made from it.
+
+A full-size fp32 SD 1.5 pipeline is 4.3 GB of torch weights; the U-Net graph needs only its 3.4 GB.
+``meta`` answers every question about the model (configs, tokenizer, scheduler) without weights;
+``open()`` hands out the modules a graph's wrapper asks for and frees them when the graph is done.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from edgediff.runtime.errors import EdgediffError
+
+from .memory import folder_weight_bytes, module_weight_bytes, release_freed
+
+
+class Components:
+    def __init__(self, meta, load: Callable[[str], torch.nn.Module], weight_bytes: dict[str, int]):
+        self.meta = meta  # .unet.config, .vae.config, .text_encoder.config, .tokenizer, .scheduler
+        self.weight_bytes = weight_bytes  # float32 bytes per torch component
+        self._load = load
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    @contextmanager
+    def open(self, keep: frozenset[str] = frozenset()):
+        """A pipeline-like object whose modules load on first use; on exit all but ``keep`` are freed."""
+        try:
+            yield _Lazy(self._get)
+        finally:
+            for name in [name for name in self._modules if name not in keep]:
+                del self._modules[name]
+            release_freed()
+
+    def _get(self, name: str) -> torch.nn.Module:
+        if name not in self._modules:
+            self._modules[name] = self._load(name)
+        return self._modules[name]
+
+
+def used_by(wrap: Callable[[object], torch.nn.Module]) -> frozenset[str]:
+    """The components a graph's wrapper takes from the pipeline, found by calling it on a recorder."""
+    names = set()
+
+    def record(name):
+        names.add(name)
+        return torch.nn.Module()
+
+    wrap(_Lazy(record))
+    return frozenset(names)
+
+
+class _Lazy:
+    def __init__(self, get):
+        self._get = get
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._get(name)
+
+
+def from_folder(folder: Path, prediction_type: str | None) -> Components:
+    """A diffusers folder: configs now, each component's weights read from its subfolder on demand."""
+    index = json.loads((folder / "model_index.json").read_text())
+    classes, small = {}, {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        try:
+            cls = getattr(importlib.import_module(entry[0]), entry[1])
+        except (ImportError, AttributeError):
+            raise EdgediffError(f"could not load {folder}: unknown component class {entry[0]}.{entry[1]}") from None
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            classes[name] = cls
+        elif name in ("tokenizer", "scheduler"):
+            small[name] = _guard(folder, lambda: cls.from_pretrained(folder / name))
+    if prediction_type:
+        small["scheduler"].register_to_config(prediction_type=prediction_type)
+    meta = SimpleNamespace(**small, **{name: SimpleNamespace(config=_guard(folder, lambda: _config(cls, folder / name)))
+                                       for name, cls in classes.items()})
+    sizes = {name: folder_weight_bytes(folder / name) for name in classes}
+
+    def load(name):
+        if name not in classes:
+            raise AttributeError(name)
+        return _guard(folder, lambda: _load_module(classes[name], folder / name).eval())
+
+    return Components(meta, load, sizes)
+
+
+def from_pipeline(pipe) -> Components:
+    """A single-file checkpoint or hub model, loaded whole; each module is let go once its graphs are done."""
+    modules = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    meta = SimpleNamespace(tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                           **{name: SimpleNamespace(config=module.config) for name, module in modules.items()})
+    sizes = {name: module_weight_bytes(module) for name, module in modules.items()}
+    for name in modules:
+        setattr(pipe, name, None)  # the pipeline object must not keep them alive
+
+    def load(name):
+        if name not in modules:
+            raise AttributeError(name)
+        return modules.pop(name).eval()
+
+    return Components(meta, load, sizes)
+
+
+def _config(cls, subfolder: Path):
+    if not hasattr(cls, "load_config"):  # transformers
+        return cls.config_class.from_pretrained(subfolder)
+    with torch.device("meta"):  # the config with the class's defaults filled in, and no weights
+        return cls.from_config(cls.load_config(subfolder)).config
+
+
+def _load_module(cls, subfolder: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(cls, "load_config"):  # diffusers
+            return cls.from_pretrained(subfolder, torch_dtype=torch.float32, local_files_only=True)
+        return cls.from_pretrained(subfolder, dtype=torch.float32, local_files_only=True)
+
+
+def _guard(folder: Path, make):
+    try:
+        return make()
+    except EdgediffError:
+        raise
+    except Exception as error:  # diffusers/transformers raise many types for unreadable weights/configs
+        raise EdgediffError(f"could not load {folder}: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from None
