@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from edgediff.runtime.arguments import MAX_SEED
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import Manifest
 from edgediff.runtime.pipeline import DEFAULT_SAMPLER
@@ -26,7 +27,6 @@ from edgediff.runtime.samplers import make_plan, resolve_sampler
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
 DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
                             "width": None, "height": None, "guidance": 7.5}
-MAX_SEED = 2**63 - 1
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

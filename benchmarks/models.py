@@ -20,7 +20,7 @@ KNOWN_MODELS = ("sd15", "sd21")
 COMPONENT_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                      "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
 # Graphs the benchmark needs (the VAE encoder is for img2img; not measured).
-BENCH_GRAPHS = ("text_encoder", "unet", "vae_decoder")
+BENCH_GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # those the model has
 
 
 def default_cache() -> Path:

@@ -87,7 +87,8 @@ def _list_samplers(ctx, param, value):
 @click.option("--sampler", default="dpmpp_2m_karras", show_default=True, callback=_list_samplers,
               is_eager=True, help="Sampler name or alias; `--sampler list` prints them.")
 @click.option("--schedule", default=None, help="Sigma schedule: karras, exponential, sgm_uniform, beta, ...")
-@click.option("--seed", type=int, default=None, help="Random seed [default: a fresh one, printed].")
+@click.option("--seed", type=int, default=None,
+              help="Random seed in [0, 2**64 - 1]; negative (e.g. -1) or none: a fresh one, printed.")
 @click.option("--width", type=int, default=None, help="[default: the model's native size]")
 @click.option("--height", type=int, default=None)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
@@ -98,17 +99,26 @@ def _list_samplers(ctx, param, value):
               help="img2img: start from this picture (resized to --width/--height when given).")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the picture to repaint, in (0, 1].")
+@click.option("--noise", type=click.Choice(["numpy", "torch-cpu"]), default="numpy", show_default=True,
+              help="Noise generator the seed seeds; torch-cpu: the same noise as torch.randn on the CPU "
+                   "(diffusers, ComfyUI).")
+@click.option("--no-memory-check", is_flag=True,
+              help="Start even when the estimated peak memory exceeds the memory free.")
 @user_errors
 def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength):
+             provider, memory, image, strength, noise, no_memory_check):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
+    from edgediff.runtime.arguments import resolve_seed
+    from edgediff.runtime.images import open_image
 
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
         _check_writable(output)
-    picture = _open_image(image) if image is not None else None
+    picture = open_image(image) if image is not None else None
+    random = seed is None or seed < 0
+    seed = resolve_seed(seed)
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()
 
@@ -117,38 +127,32 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     result = pipe(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule,
-                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength)
+                  seed=seed, width=width, height=height, on_step=on_step, image=picture, strength=strength,
+                  noise=noise, check_memory=not no_memory_check)
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
     try:
         result.images[0].save(output)
-    except OSError as error:
-        raise EdgediffError(f"cannot write {output}: {error.strerror or error}") from None
+    except (OSError, ValueError, KeyError) as error:  # Pillow: ValueError/KeyError for formats it lacks
+        raise EdgediffError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}") from None
+    if random:
+        click.echo(f"seed: {result.seed}", err=True)
     t = result.timings
     click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
                f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
-
-
-def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as picture:
-            return picture.convert("RGB")
-    except FileNotFoundError:
-        raise EdgediffError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise EdgediffError(f"cannot read image {path}: {error}") from None
 
 
 def _check_writable(output: Path) -> None:
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise EdgediffError(f"cannot write {output}: use one of {', '.join(IMAGE_SUFFIXES)}")
     folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise EdgediffError(f"cannot write {output}: folder {folder} does not exist")
-    if output.is_dir() or not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
-        raise EdgediffError(f"cannot write {output}: permission denied")
+    try:
+        if not folder.is_dir():
+            raise EdgediffError(f"cannot write {output}: folder {folder} does not exist")
+        if output.is_dir() or not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+            raise EdgediffError(f"cannot write {output}: permission denied")
+    except (OSError, ValueError) as error:  # a name too long for the file system, a NUL byte
+        raise EdgediffError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}") from None
 
 
 @main.command()

@@ -23,7 +23,9 @@ from .memory import folder_weight_bytes, module_weight_bytes, release_freed
 
 class Components:
     def __init__(self, meta, load: Callable[[str], torch.nn.Module], weight_bytes: dict[str, int]):
-        self.meta = meta  # .unet.config, .vae.config, .text_encoder.config, .tokenizer, .scheduler
+        # .unet.config, .vae.config, .text_encoder(_2).config, .tokenizer(_2), .scheduler, and .config:
+        # the pipeline's own settings (SDXL's force_zeros_for_empty_prompt)
+        self.meta = meta
         self.weight_bytes = weight_bytes  # float32 bytes per torch component
         self._load = load
         self._modules: dict[str, torch.nn.Module] = {}
@@ -79,12 +81,14 @@ def from_folder(folder: Path, prediction_type: str | None) -> Components:
             raise EdgediffError(f"could not load {folder}: unknown component class {entry[0]}.{entry[1]}") from None
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             classes[name] = cls
-        elif name in ("tokenizer", "scheduler"):
+        elif name in ("tokenizer", "tokenizer_2", "scheduler"):
             small[name] = _guard(folder, lambda: cls.from_pretrained(folder / name))
     if prediction_type:
         small["scheduler"].register_to_config(prediction_type=prediction_type)
-    meta = SimpleNamespace(**small, **{name: SimpleNamespace(config=_guard(folder, lambda: _config(cls, folder / name)))
-                                       for name, cls in classes.items()})
+    settings = {name: value for name, value in index.items() if not name.startswith("_") and not isinstance(value, list)}
+    meta = SimpleNamespace(**small, config=settings,
+                           **{name: SimpleNamespace(config=_guard(folder, lambda: _config(cls, folder / name)))
+                              for name, cls in classes.items()})
     sizes = {name: folder_weight_bytes(folder / name) for name in classes}
 
     def load(name):
@@ -98,7 +102,8 @@ def from_folder(folder: Path, prediction_type: str | None) -> Components:
 def from_pipeline(pipe) -> Components:
     """A single-file checkpoint or hub model, loaded whole; each module is let go once its graphs are done."""
     modules = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
-    meta = SimpleNamespace(tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+    tokenizers = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)}
+    meta = SimpleNamespace(**tokenizers, scheduler=pipe.scheduler, config=dict(pipe.config),
                            **{name: SimpleNamespace(config=module.config) for name, module in modules.items()})
     sizes = {name: module_weight_bytes(module) for name, module in modules.items()}
     for name in modules:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from edgediff.runtime.errors import EdgediffError
-from edgediff.runtime.manifest import (GRAPH_NAMES, GraphEntry, Manifest, read_manifest, sha256_file,
+from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha256_file,
                                        write_manifest)
 
 from . import optimize as opt
 from .components import Components, used_by
-from .graphs import GRAPHS, GraphSpec, example_sizes, model_dims, size_rule
+from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims, size_rule
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
@@ -44,7 +44,7 @@ def default_target(precision: str) -> str:
 
 
 def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
-                 graphs: tuple[str, ...] = GRAPH_NAMES, allow_pickle: bool = False,
+                 graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> Manifest:
     """Export ``source`` into ``out`` and return the manifest written there."""
@@ -65,7 +65,9 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     _quiet_libraries()
     components, origin = load_components(source, allow_pickle=allow_pickle, prediction_type=prediction_type,
                                           config=config)
-    uses = {name: used_by(GRAPHS[name].wrap) for name in graphs}
+    specs = graphs_for(components.meta)
+    graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
+    uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
     check_memory(max(sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs), source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
@@ -80,7 +82,7 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
             log(f"{prefix}: already exported, skipping")
             continue
         keep = frozenset().union(*(uses[later] for later in graphs[index:]))  # modules a later graph reuses
-        entries[name] = _export_graph(components, GRAPHS[name], staging, precision, target, prefix, log, keep=keep)
+        entries[name] = _export_graph(components, specs[name], staging, precision, target, prefix, log, keep=keep)
         done.write_text(json.dumps(entries[name].to_dict(), indent=2))
 
     manifest = _manifest(components.meta, origin, precision, target, entries)
@@ -148,15 +150,16 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     raw = work / "model.onnx"
 
     with components.open(keep) as pipe:
-        module = spec.wrap(pipe).eval()
+        module = spec.module(pipe, dims).eval()
         log(f"{prefix}: tracing")
         # The tracer warns about every Python-level shape check in diffusers; validation is our check.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
-                input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(),
+                input_names=[s.name for s in spec.present(spec.inputs, dims)],
+                output_names=[s.name for s in spec.present(spec.outputs, dims)],
+                dynamic_axes=spec.dynamic_axes(dims),
             )
         expected = reference_outputs(module, check_inputs)
         del module
@@ -189,9 +192,13 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
         attention = opt.attention_score_nodes(model)
         # Escalate only as far as needed: all fp16, then attention scores in fp32, then all fp32.
         # Each try starts from the stripped fp32 graph; its weights are converted as they are written.
-        for keep_nodes, why in ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
-                                (attention, "attention scores and softmax (fp16 overflow)"),
-                                (None, "whole graph (fp16 overflow)")):
+        # A VAE whose config says ``force_upcast`` (SDXL's) overflows fp16: it stays fp32 outright.
+        steps = ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
+                 (attention, "attention scores and softmax (fp16 overflow)"),
+                 (None, "whole graph (fp16 overflow)"))
+        if spec.optimizer_type == "vae" and getattr(meta.vae.config, "force_upcast", False):
+            steps = ((None, "whole graph (the VAE config sets force_upcast)"),)
+        for keep_nodes, why in steps:
             if keep_nodes is None:
                 graph_precision, converted = "fp32", model
                 inputs = spec.resolve(spec.inputs, dims, "float32")
@@ -272,12 +279,15 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
     import transformers
 
     vae_scale_factor, latent_multiple = size_rule(pipe)
-    tokenizer = pipe.tokenizer
     scheduler = json.loads(json.dumps(dict(pipe.scheduler.config), default=list))
     scheduler["_class_name"] = type(pipe.scheduler).__name__
+    text_encoders = [{"graph": name, "tokenizer": _tokenizer_spec(getattr(pipe, tokenizer), folder)}
+                     for name, tokenizer, folder in _text_encoders(pipe) if name in entries]
+    family = family_of(pipe)
+    if family == "sd":  # OpenAI CLIP (quick_gelu) conditions SD 1.x; OpenCLIP (gelu) conditions SD 2.x.
+        family = "sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2"
     return Manifest(
-        # OpenAI CLIP (quick_gelu) conditions SD 1.x; OpenCLIP (gelu) conditions SD 2.x.
-        family="sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2",
+        family=family,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         scheduler=scheduler,
         latent_channels=pipe.vae.config.latent_channels,
@@ -286,13 +296,9 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
         shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
         latent_multiple=latent_multiple,
         default_size=int(pipe.unet.config.sample_size) * vae_scale_factor,
-        tokenizer={
-            "path": "tokenizer/tokenizer.json",
-            "max_length": int(tokenizer.model_max_length),
-            "pad_token_id": int(tokenizer.pad_token_id),
-            "bos_token_id": int(tokenizer.bos_token_id),
-            "eos_token_id": int(tokenizer.eos_token_id),
-        },
+        tokenizer=_tokenizer_spec(pipe.tokenizer, "tokenizer"),
+        text_encoders=text_encoders,
+        conditioning=_conditioning(pipe),
         graphs=entries,
         precision=precision,
         optimized_for=target,
@@ -303,9 +309,38 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
     )
 
 
+def _text_encoders(pipe) -> list[tuple[str, str, str]]:
+    """(graph, tokenizer attribute, tokenizer folder) of each text encoder the pipeline has."""
+    pairs = [("text_encoder", "tokenizer", "tokenizer"), ("text_encoder_2", "tokenizer_2", "tokenizer_2")]
+    return [pair for pair in pairs if getattr(pipe, pair[0], None) is not None]
+
+
+def _tokenizer_spec(tokenizer, folder: str) -> dict:
+    return {
+        "path": f"{folder}/tokenizer.json",
+        "max_length": int(tokenizer.model_max_length),
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "bos_token_id": int(tokenizer.bos_token_id),
+        "eos_token_id": int(tokenizer.eos_token_id),
+    }
+
+
+def _conditioning(pipe) -> dict:
+    """What the runtime needs to build the U-Net's extra inputs, as data (diffusers' SDXL pipeline)."""
+    dims = model_dims(pipe)
+    conditioning = {"force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", False))}
+    if dims["time_ids"] is not None:
+        if dims["time_ids"] != 6:
+            raise EdgediffError(f"this U-Net takes {dims['time_ids']} size ids (an SDXL refiner?); edgediff "
+                                "supports the 6 of SDXL base models")
+        conditioning["time_ids"] = ["original_size", "crops_coords_top_left", "target_size"]
+    return conditioning
+
+
 def _write_assets(pipe, staging: Path) -> None:
-    (staging / "tokenizer").mkdir(exist_ok=True)
-    pipe.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"), pretty=False)
+    for _, attribute, folder in _text_encoders(pipe):
+        (staging / folder).mkdir(exist_ok=True)
+        getattr(pipe, attribute).backend_tokenizer.save(str(staging / folder / "tokenizer.json"), pretty=False)
     alphas_cumprod = getattr(pipe.scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         from diffusers import DDPMScheduler

@@ -30,15 +30,38 @@ class TextEncoder(nn.Module):
         return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
 
 
-class UNet(nn.Module):
-    """One denoising call; the timestep is float so fractional (Karras) timesteps pass through."""
+class PenultimateTextEncoder(nn.Module):
+    """SDXL conditions on the penultimate layer's hidden states (no final LayerNorm), and takes the
+    pooled, projected embedding from the encoder that has a projection (diffusers' ``encode_prompt``)."""
 
-    def __init__(self, unet):
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2]
+        return (hidden, out.text_embeds) if self.pooled else hidden
+
+
+class UNet(nn.Module):
+    """One denoising call; the timestep is float so fractional (Karras) timesteps pass through.
+
+    ``extra`` names the conditioning inputs this U-Net takes beyond the text: SDXL's pooled text
+    embedding and size ids (``added_cond_kwargs``), and LCM's guidance embedding (``timestep_cond``).
+    """
+
+    def __init__(self, unet, extra: tuple[str, ...]):
         super().__init__()
         self.unet = unet
+        self.extra = extra
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        named = dict(zip(self.extra, extra))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                         added_cond_kwargs=added or None, return_dict=False)[0]
 
 
 class VAEDecoder(nn.Module):
@@ -67,12 +90,19 @@ class VAEEncoder(nn.Module):
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
-    wrap: Callable[[object], nn.Module]  # pipeline -> boundary module
-    inputs: tuple[TensorSpec, ...]
+    wrap: Callable[[object, tuple[str, ...]], nn.Module]  # (pipeline, input names) -> boundary module
+    inputs: tuple[TensorSpec, ...]  # an input with an axis the model's dims leave None is left out
     outputs: tuple[TensorSpec, ...]
     optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
     # Max abs difference against torch, relative to the reference output's peak magnitude.
     tolerance: dict[str, float]
+
+    def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
+        """The specs this model has: optional conditioning inputs exist only where the config sizes them."""
+        return tuple(s for s in specs if all(a in DYNAMIC_AXES or dims.get(a) is not None for a in s.shape))
+
+    def module(self, pipe, dims: dict) -> nn.Module:
+        return self.wrap(pipe, tuple(s.name for s in self.present(self.inputs, dims)))
 
     def resolve(self, specs: tuple[TensorSpec, ...], dims: dict, float_dtype: str) -> list[TensorSpec]:
         """Fix config-derived axes to numbers and the float placeholder to a real dtype."""
@@ -82,25 +112,27 @@ class GraphSpec:
                 float_dtype if s.dtype == FLOAT else s.dtype,
                 tuple(a if a in DYNAMIC_AXES else dims[a] for a in s.shape),
             )
-            for s in specs
+            for s in self.present(specs, dims)
         ]
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+    def dynamic_axes(self, dims: dict) -> dict[str, dict[int, str]]:
         return {
             s.name: {i: a for i, a in enumerate(s.shape) if a in DYNAMIC_AXES}
-            for s in (*self.inputs, *self.outputs)
+            for s in (*self.present(self.inputs, dims), *self.present(self.outputs, dims))
         }
 
     def example_inputs(self, dims: dict, sizes: dict) -> tuple[torch.Tensor, ...]:
         """Deterministic example inputs; ``sizes`` gives the dynamic axes their values."""
         generator = torch.Generator().manual_seed(0)
         tensors = []
-        for spec in self.inputs:
+        for spec in self.present(self.inputs, dims):
             shape = [sizes[a] if a in DYNAMIC_AXES else dims[a] for a in spec.shape]
             if spec.name == "input_ids":
                 tensors.append(torch.randint(0, dims["vocab"], shape, generator=generator, dtype=torch.int32))
             elif spec.name == "timestep":
                 tensors.append(torch.full(shape, 601.0))
+            elif spec.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL sees them
+                tensors.append(torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0][: shape[1]]).repeat(shape[0], 1))
             else:
                 tensors.append(torch.randn(shape, generator=generator))
         return tuple(tensors)
@@ -110,63 +142,122 @@ def _t(name, dtype, *shape):
     return TensorSpec(name, dtype, tuple(shape))
 
 
-GRAPHS: dict[str, GraphSpec] = {
-    spec.name: spec
-    for spec in (
-        GraphSpec(
-            "text_encoder",
-            lambda pipe: TextEncoder(pipe.text_encoder),
-            inputs=(_t("input_ids", "int32", "batch", "sequence"),),
-            outputs=(_t("last_hidden_state", FLOAT, "batch", "sequence", "hidden"),),
-            optimizer_type="clip",
-            tolerance={"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1},
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}
+VAE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
+UNET = GraphSpec(
+    "unet",
+    lambda pipe, names: UNet(pipe.unet, names[3:]),
+    inputs=(
+        _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
+        _t("timestep", "float32", "batch"),
+        _t("encoder_hidden_states", FLOAT, "batch", "sequence", "context"),
+        _t("text_embeds", FLOAT, "batch", "pooled"),
+        _t("time_ids", FLOAT, "batch", "time_ids"),
+        _t("timestep_cond", FLOAT, "batch", "time_cond"),
+    ),
+    outputs=(_t("out_sample", FLOAT, "batch", "out_channels", "latent_height", "latent_width"),),
+    optimizer_type="unet",
+    tolerance=TOLERANCE,
+)
+VAE_GRAPHS = (
+    GraphSpec(
+        "vae_decoder",
+        lambda pipe, names: VAEDecoder(pipe.vae),
+        inputs=(_t("latent_sample", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),),
+        outputs=(_t("sample", FLOAT, "batch", "rgb", "height", "width"),),
+        optimizer_type="vae",
+        tolerance=VAE_TOLERANCE,
+    ),
+    GraphSpec(
+        "vae_encoder",
+        lambda pipe, names: VAEEncoder(pipe.vae),
+        inputs=(_t("sample", FLOAT, "batch", "rgb", "height", "width"),),
+        outputs=(
+            _t("latent_mean", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),
+            _t("latent_std", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),
         ),
-        GraphSpec(
-            "unet",
-            lambda pipe: UNet(pipe.unet),
-            inputs=(
-                _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
-                _t("timestep", "float32", "batch"),
-                _t("encoder_hidden_states", FLOAT, "batch", "sequence", "hidden"),
+        optimizer_type="vae",
+        tolerance=VAE_TOLERANCE,
+    ),
+)
+
+# A family is the set of graphs its pipelines are cut into; which family a pipeline belongs to is
+# read from the components it has (``family_of``), never from a model name.
+FAMILIES: dict[str, dict[str, GraphSpec]] = {
+    family: {spec.name: spec for spec in specs}
+    for family, specs in {
+        "sd": (
+            GraphSpec(
+                "text_encoder",
+                lambda pipe, names: TextEncoder(pipe.text_encoder),
+                inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+                outputs=(_t("last_hidden_state", FLOAT, "batch", "sequence", "hidden"),),
+                optimizer_type="clip",
+                tolerance=TOLERANCE,
             ),
-            outputs=(_t("out_sample", FLOAT, "batch", "out_channels", "latent_height", "latent_width"),),
-            optimizer_type="unet",
-            tolerance={"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1},
+            UNET,
+            *VAE_GRAPHS,
         ),
-        GraphSpec(
-            "vae_decoder",
-            lambda pipe: VAEDecoder(pipe.vae),
-            inputs=(_t("latent_sample", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),),
-            outputs=(_t("sample", FLOAT, "batch", "rgb", "height", "width"),),
-            optimizer_type="vae",
-            tolerance={"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2},
-        ),
-        GraphSpec(
-            "vae_encoder",
-            lambda pipe: VAEEncoder(pipe.vae),
-            inputs=(_t("sample", FLOAT, "batch", "rgb", "height", "width"),),
-            outputs=(
-                _t("latent_mean", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),
-                _t("latent_std", FLOAT, "batch", "latent_channels", "latent_height", "latent_width"),
+        "sdxl": (
+            GraphSpec(
+                "text_encoder",
+                lambda pipe, names: PenultimateTextEncoder(pipe.text_encoder, pooled=False),
+                inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+                outputs=(_t("hidden_states", FLOAT, "batch", "sequence", "hidden"),),
+                optimizer_type="clip",
+                tolerance=TOLERANCE,
             ),
-            optimizer_type="vae",
-            tolerance={"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2},
+            GraphSpec(
+                "text_encoder_2",
+                lambda pipe, names: PenultimateTextEncoder(pipe.text_encoder_2, pooled=True),
+                inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+                outputs=(_t("hidden_states", FLOAT, "batch", "sequence", "hidden_2"),
+                         _t("text_embeds", FLOAT, "batch", "pooled")),
+                optimizer_type="clip",
+                tolerance=TOLERANCE,
+            ),
+            UNET,
+            *VAE_GRAPHS,
         ),
-    )
+    }.items()
 }
+# Every graph name of every family, in export order (the runtime reads which ones a model has).
+GRAPHS: dict[str, GraphSpec] = {name: spec for specs in FAMILIES.values() for name, spec in specs.items()}
+
+
+def family_of(pipe) -> str:
+    """``sdxl`` pipelines carry a second text encoder; everything else is cut like SD 1.x/2.x."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def graphs_for(pipe) -> dict[str, GraphSpec]:
+    return FAMILIES[family_of(pipe)]
 
 
 def model_dims(pipe) -> dict:
-    """The fixed axes of every graph, read from the component configs (never from a model name)."""
+    """The fixed axes of every graph, read from the component configs (never from a model name).
+
+    An axis that is None marks a conditioning input this model does not take.
+    """
     unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    text_2 = getattr(pipe, "text_encoder_2", None)
+    text_time = getattr(unet, "addition_embed_type", None) == "text_time"
+    pooled = text_2.config.projection_dim if text_2 is not None else None
     return {
         "sequence": pipe.tokenizer.model_max_length,
         "hidden": text.hidden_size,
+        "hidden_2": text_2.config.hidden_size if text_2 is not None else None,
+        "context": unet.cross_attention_dim,
         "vocab": text.vocab_size,
         "channels": unet.in_channels,
         "out_channels": unet.out_channels,
         "latent_channels": vae.latent_channels,
         "rgb": vae.in_channels,
+        "pooled": pooled if text_time else None,
+        # SDXL's micro-conditioning: each id gets addition_time_embed_dim features beside the pooled text.
+        "time_ids": ((unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
+                     if text_time else None),
+        "time_cond": getattr(unet, "time_cond_proj_dim", None),
     }
 
 

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion 1.x/2.x model from a diffusers folder, a single file or a hub id."""
+"""Load a Stable Diffusion 1.x/2.x or SDXL model from a diffusers folder, a single file or a hub id."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,17 @@ from edgediff.runtime.errors import EdgediffError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-# A key only OpenCLIP (SD 2.x) text encoders have in original-format checkpoints.
+# Pipeline class in model_index.json -> the diffusers class that loads its components.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+}
+# Keys that tell original-format checkpoints apart: only OpenCLIP (SD 2.x) text encoders have the
+# first; only SDXL's second text encoder (OpenCLIP bigG, in the "conditioner") has the second.
 SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+SDXL_TEXT_KEY = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
 
 
 def _configs_dir() -> Path:
@@ -36,7 +44,8 @@ def check_source(source: str, *, allow_pickle: bool = False) -> str:
         except ValueError:
             raise EdgediffError(f"{index} is not valid JSON") from None
         if cls not in SUPPORTED_PIPELINES:
-            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x and 2.x pipelines")
+            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x, 2.x and SDXL "
+                                "pipelines")
         return "diffusers-folder"
     if path.is_file():
         suffix = path.suffix.lower()
@@ -55,18 +64,18 @@ def check_source(source: str, *, allow_pickle: bool = False) -> str:
 
 def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None,
                   config: str | Path | None = None):
-    """Return a float32 ``StableDiffusionPipeline`` on the CPU and a description of its source."""
+    """Return a float32 Stable Diffusion (or SDXL) pipeline on the CPU and a description of its source."""
     from diffusers import StableDiffusionPipeline
 
     kind = check_source(source, allow_pickle=allow_pickle)
     path = Path(source)
     if kind == "diffusers-folder":
+        loader = _pipeline_class(json.loads((path / "model_index.json").read_text())["_class_name"])
         try:
             with warnings.catch_warnings():  # torch_dtype's rename in newer diffusers
                 warnings.simplefilter("ignore", FutureWarning)
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None
-                )
+                pipe = loader.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True,
+                                              **_no_safety_checker(loader))
         except Exception as error:  # diffusers raises many types for unreadable weights/configs
             raise EdgediffError(f"could not load {path}: {str(error).splitlines()[0][:300]}") from None
         origin = {"kind": kind, "path": str(path.resolve())}
@@ -86,14 +95,29 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, prediction_type: s
     return pipe, origin
 
 
+def _pipeline_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, SUPPORTED_PIPELINES[name])
+
+
+def _no_safety_checker(loader) -> dict:
+    """SD 1.x/2.x pipelines have a safety-checker slot (left empty); SDXL pipelines have none."""
+    return {"safety_checker": None} if loader.__name__ == "StableDiffusionPipeline" else {}
+
+
+def _shipped_config(keys: set[str]) -> str:
+    if SDXL_TEXT_KEY in keys:
+        return "sdxl"
+    return "sd21" if SD2_TEXT_KEY in keys else "sd15"
+
+
 def _load_single_file(path: Path, prediction_type: str | None, config_dir: Path | None):
     """Single-file checkpoints carry no config: take ``config_dir`` (a diffusers folder without
     weights) or the shipped config of the family the checkpoint's keys reveal."""
-    from diffusers import StableDiffusionPipeline
-
     hint = ""
     if config_dir is None:
-        config_dir = _configs_dir() / ("sd21" if SD2_TEXT_KEY in _checkpoint_keys(path) else "sd15")
+        config_dir = _configs_dir() / _shipped_config(_checkpoint_keys(path))
         hint = (f" (read with the shipped {config_dir.name} config; for another architecture pass --config "
                 "with a diffusers folder of it)")
     elif not (config_dir / "model_index.json").is_file():
@@ -101,14 +125,15 @@ def _load_single_file(path: Path, prediction_type: str | None, config_dir: Path 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / config_dir.name
         shutil.copytree(config_dir, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
-        tokenizer = config / "tokenizer"
-        for name in ("vocab.json", "merges.txt"):  # shipped once, in models/clip_tokenizer
-            if not (tokenizer / name).exists():
-                shutil.copy(_configs_dir().parent / "clip_tokenizer" / name, tokenizer / name)
+        for tokenizer in (config / "tokenizer", config / "tokenizer_2"):
+            for name in ("vocab.json", "merges.txt"):  # shipped once, in models/clip_tokenizer
+                if tokenizer.is_dir() and not (tokenizer / name).exists():
+                    shutil.copy(_configs_dir().parent / "clip_tokenizer" / name, tokenizer / name)
+        loader = _pipeline_class(json.loads((config / "model_index.json").read_text())["_class_name"])
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), local_files_only=True, safety_checker=None,
-                torch_dtype=torch.float32,
+            pipe = loader.from_single_file(
+                str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32,
+                **_no_safety_checker(loader),
                 **({"prediction_type": prediction_type} if prediction_type else {}),
             )
         except Exception as error:

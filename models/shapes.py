@@ -1,8 +1,8 @@
 """Procedural "coloured shapes" data set, caption grammar and a deterministic evaluator.
 
-This is the data the shipped default model is trained on (training/train_default.py) and the
-yardstick its generations are judged by. NumPy and Pillow only: no torch, so the torch-free runtime
-tests can use it.
+This is the data the shipped default model is trained on (training/train_vae.py,
+training/train_default_v2.py) and the yardstick its generations are judged by. NumPy and Pillow
+only: no torch, so the torch-free runtime tests can use it.
 
 An image is 128x128 RGB: one flat-coloured shape (circle, square or upward triangle) of one of
 six colours, small or large, at one of five positions, on a plain background of one of four

@@ -14,7 +14,8 @@ import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-UNet = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (x_in, t, context) -> output
+# (x_in, t, context) -> output; context maps the U-Net's conditioning inputs to arrays
+UNet = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], np.ndarray]
 
 
 def to_denoised(model_output: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
@@ -28,11 +29,11 @@ def to_denoised(model_output: np.ndarray, x: np.ndarray, sigma: float, predictio
 
 
 def make_denoiser(unet: UNet, timestep: Callable[[float], float], prediction_type: str,
-                  cond: np.ndarray, uncond: np.ndarray | None, guidance: float
+                  cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, guidance: float
                   ) -> Callable[[np.ndarray, float], np.ndarray]:
     """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch."""
     guided = uncond is not None
-    context = np.concatenate([uncond, cond]) if guided else cond
+    context = {name: np.concatenate([uncond[name], value]) for name, value in cond.items()} if guided else cond
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         c_in = np.float32(1.0 / (sigma**2 + 1) ** 0.5)

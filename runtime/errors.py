@@ -11,3 +11,15 @@ class ModelFolderError(EdgediffError):
 
 class ProviderError(EdgediffError):
     """An execution provider was asked for that this installation cannot run."""
+
+
+class InputError(EdgediffError):
+    """An argument of a generation (size, seed, steps, image, ...) is not usable."""
+
+
+class GraphInputError(EdgediffError):
+    """A tensor fed to a graph does not match what the manifest says the graph takes."""
+
+
+class OutOfMemoryError(EdgediffError):
+    """A generation needs (or asked for) more memory than there is."""

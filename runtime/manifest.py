@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,11 +85,20 @@ class Manifest:
     default_size: int
     tokenizer: dict[str, Any]
     graphs: dict[str, GraphEntry]
+    # Text encoders in the order their hidden states are concatenated, each with its tokenizer
+    # (SDXL has two); manifests before SDXL name one, ``tokenizer`` with ``text_encoder``.
+    text_encoders: list[dict[str, Any]] = field(default_factory=list)
+    # Data for the U-Net's extra conditioning inputs: SDXL's size ids, zeroed empty negatives.
+    conditioning: dict[str, Any] = field(default_factory=dict)
     alphas_cumprod: str = "alphas_cumprod.npy"
     precision: str = "fp32"
     optimized_for: str = "none"
     source: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if not self.text_encoders:
+            self.text_encoders = [{"graph": "text_encoder", "tokenizer": self.tokenizer}]
 
     @property
     def size_multiple(self) -> int:
@@ -102,16 +112,116 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
+        """Build from parsed JSON; a damaged manifest raises ModelFolderError naming the field."""
+        check_manifest_data(data)
         data = dict(data)
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ModelFolderError(
-                f"manifest schema version {version!r} is not supported (this edgediff reads "
-                f"{SCHEMA_VERSION}); re-export the model with this version of edgediff"
-            )
         data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# What each field must hold. A check returns None when the value is fine, else what was expected.
+def _int(minimum=0):
+    return lambda v: None if type(v) is int and v >= minimum else f"a whole number >= {minimum}"
+
+
+def _number(positive=False):
+    def check(v):
+        ok = type(v) in (int, float) and math.isfinite(v) and (v > 0 or not positive)
+        return None if ok else ("a finite number > 0" if positive else "a finite number")
+    return check
+
+
+def _of(kind, name):
+    return lambda v: None if isinstance(v, kind) and not isinstance(v, bool) else name
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else "one of " + ", ".join(map(str, choices))
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+_text = _of(str, "text")
+_table = _of(dict, "an object")
+FIELDS = {
+    "family": _text, "prediction_type": _one_of("epsilon", "v_prediction", "sample"), "scheduler": _table,
+    "latent_channels": _int(1), "vae_scale_factor": _int(1), "scaling_factor": _number(positive=True),
+    "shift_factor": _number(), "latent_multiple": _int(1), "default_size": _int(1), "tokenizer": _table,
+    "graphs": _table,
+}
+OPTIONAL_FIELDS = {"alphas_cumprod": _text, "precision": _text, "optimized_for": _text, "source": _table}
+TOKENIZER_FIELDS = {"path": _text, "max_length": _int(3), "pad_token_id": _int(0), "bos_token_id": _int(0),
+                    "eos_token_id": _int(0)}
+# The scheduler keys the samplers read; other keys are diffusers' and not ours to judge.
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": _optional(_int(1)), "steps_offset": _optional(_int(0)),
+    "original_inference_steps": _optional(_int(1)), "timestep_spacing": _optional(_text),
+    "beta_schedule": _optional(_text), "prediction_type": _optional(_text),
+    "timestep_scaling": _optional(_number(positive=True)), "set_alpha_to_one": _optional(lambda v: None if isinstance(v, bool) else "true or false"),
+    "_use_default_values": _optional(_of(list, "a list")),
+}
+GRAPH_FIELDS = {"path": _text, "sha256": _text, "precision": _text, "inputs": _of(list, "a list"),
+                "outputs": _of(list, "a list")}
+OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table}
+
+
+def _axis(v):
+    return (type(v) is int and v > 0) or (isinstance(v, str) and bool(v))
+
+
+TENSOR_FIELDS = {"name": _of(str, "text"), "dtype": _one_of(*NUMPY_DTYPES),
+                 "shape": lambda v: None if isinstance(v, list) and all(map(_axis, v))
+                 else "a list of sizes > 0 or axis names"}
+
+
+def _fail(field: str, expected: str, value: Any) -> ModelFolderError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return ModelFolderError(f"manifest field '{field}' must be {expected}, not {shown}; the file is damaged "
+                            "or was edited: re-export the model")
+
+
+def _check_fields(data: Any, where: str, required: dict, optional: dict | None = None) -> None:
+    if not isinstance(data, dict):
+        raise _fail(where or "(top level)", "an object", data)
+    prefix = f"{where}." if where else ""
+    for key, check in {**required, **(optional or {})}.items():
+        if key not in data:
+            if key in required:
+                raise ModelFolderError(f"manifest field '{prefix}{key}' is missing; the file is damaged or "
+                                       "was edited: re-export the model")
+            continue
+        expected = check(data[key])
+        if expected is not None:
+            raise _fail(prefix + key, expected, data[key])
+
+
+def check_manifest_data(data: Any) -> None:
+    """Check a parsed manifest field by field, before anything uses it."""
+    if not isinstance(data, dict):
+        raise _fail("(top level)", "an object", data)
+    version = data.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        newer = type(version) is int and version > SCHEMA_VERSION
+        raise ModelFolderError(
+            f"manifest schema version {version!r} is not supported (this edgediff reads {SCHEMA_VERSION}); "
+            + ("upgrade edgediff or " if newer else "") + "re-export the model with this version of edgediff")
+    _check_fields(data, "", FIELDS, OPTIONAL_FIELDS)
+    _check_fields(data["tokenizer"], "tokenizer", TOKENIZER_FIELDS)
+    _check_fields(data["scheduler"], "scheduler", {}, SCHEDULER_FIELDS)
+    for name, graph in data["graphs"].items():
+        _check_fields(graph, f"graphs.{name}", GRAPH_FIELDS, OPTIONAL_GRAPH_FIELDS)
+        for kind in ("inputs", "outputs"):
+            if not graph[kind]:
+                raise _fail(f"graphs.{name}.{kind}", "a non-empty list", graph[kind])
+            for index, tensor in enumerate(graph[kind]):
+                _check_fields(tensor, f"graphs.{name}.{kind}[{index}]", TENSOR_FIELDS)
+    if data["default_size"] % (data["latent_multiple"] * data["vae_scale_factor"]):
+        raise _fail("default_size", f"a multiple of {data['latent_multiple'] * data['vae_scale_factor']}",
+                    data["default_size"])
 
 
 def read_manifest(model_dir: str | os.PathLike) -> Manifest:
@@ -131,8 +241,10 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except ModelFolderError:
         raise
-    except (ValueError, KeyError, TypeError) as error:
-        raise ModelFolderError(f"{path} is not a valid edgediff manifest ({error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON (or nested beyond reason)
+        raise ModelFolderError(f"{path} is not a valid edgediff manifest ({str(error)[:120]})") from None
+    except OSError as error:
+        raise ModelFolderError(f"cannot read {path}: {error.strerror or error}") from None
     missing = [name for name in REQUIRED_GRAPHS if name not in manifest.graphs]
     if missing:
         raise ModelFolderError(f"{path} lists no {', '.join(missing)} graph")
@@ -141,8 +253,11 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
             raise ModelFolderError(f"{name} graph is missing: {model_dir / graph.path}")
     if not (model_dir / manifest.alphas_cumprod).is_file():
         raise ModelFolderError(f"{model_dir / manifest.alphas_cumprod} is missing")
-    if not (model_dir / manifest.tokenizer["path"]).is_file():
-        raise ModelFolderError(f"tokenizer is missing: {model_dir / manifest.tokenizer['path']}")
+    for encoder in manifest.text_encoders:
+        if encoder["graph"] not in manifest.graphs:
+            raise ModelFolderError(f"{path} lists no {encoder['graph']} graph")
+        if not (model_dir / encoder["tokenizer"]["path"]).is_file():
+            raise ModelFolderError(f"tokenizer is missing: {model_dir / encoder['tokenizer']['path']}")
     return manifest
 
 

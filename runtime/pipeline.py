@@ -1,7 +1,7 @@
 """Text to image without torch: tokenize, encode, sample, decode. The pipeline only orchestrates."""
 from __future__ import annotations
 
-import math
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,9 +11,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from . import arguments as args
+from . import memory as mem
+from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
 from .denoiser import make_denoiser
-from .errors import EdgediffError
+from .errors import EdgediffError, InputError, ModelFolderError, OutOfMemoryError
+from .images import to_rgb
 from .manifest import Manifest, read_manifest
+from .noise import NOISE_SOURCES, make_rng
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
@@ -30,16 +35,30 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
+def _memory_errors(generate):
+    """A NumPy allocation that fails becomes one line that says what ran out."""
+    @functools.wraps(generate)
+    def wrapper(self, *a, **kw):
+        try:
+            return generate(self, *a, **kw)
+        except MemoryError as error:
+            raise OutOfMemoryError(f"ran out of memory ({str(error)[:120] or 'MemoryError'}); try a smaller size, "
+                                   "fewer prompts at once or --memory low") from None
+    return wrapper
+
+
 class Pipeline:
     """An exported model, ready to generate. Build it with :meth:`Pipeline.load`."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, sessions: Sessions, tokenizer: ClipTokenizer,
+    def __init__(self, model_dir: Path, manifest: Manifest, sessions: Sessions, tokenizers: list[ClipTokenizer],
                  alphas_cumprod: np.ndarray):
         self.model_dir = model_dir
         self.manifest = manifest
         self.sessions = sessions
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # one per text encoder, in manifest order
+        self.tokenizer = tokenizers[0]
         self.alphas_cumprod = alphas_cumprod
+        self._profiles: dict[str, mem.GraphProfile] = {}  # read on the first memory check
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -60,55 +79,82 @@ class Pipeline:
                 model_dir = default_model_dir()
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
-        tokenizer = ClipTokenizer.from_manifest(model_dir, manifest.tokenizer)
-        alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod).astype(np.float64)
+        tokenizers = [ClipTokenizer.from_manifest(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
+        try:
+            alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelFolderError(f"cannot read {model_dir / manifest.alphas_cumprod} ({str(error)[:100]}); "
+                                   "re-export the model") from None
         sessions = Sessions(model_dir, manifest, provider, memory, warn=warn, threads=threads)
-        return cls(model_dir, manifest, sessions, tokenizer, alphas_cumprod)
+        return cls(model_dir, manifest, sessions, tokenizers, alphas_cumprod)
 
     @property
     def provider(self) -> str:
         return self.sessions.provider
 
+    @_memory_errors
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                  steps: int = 20, guidance: float = 7.5, sampler: str = DEFAULT_SAMPLER,
                  schedule: str | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, latents: np.ndarray | None = None,
                  rng: np.random.Generator | None = None, on_step: StepCallback | None = None,
-                 image: Image.Image | np.ndarray | None = None, strength: float = 0.8) -> Result:
+                 image: Image.Image | np.ndarray | str | Path | None = None, strength: float = 0.8,
+                 noise: str = "numpy", original_size: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
         by the sampler's initial sigma as diffusers does, so runs compare with diffusers'. Without
-        it, noise comes from ``rng`` (or a generator seeded with ``seed``; a fresh seed if None).
+        it, noise comes from ``rng`` (or a generator seeded with ``seed``, a whole number in
+        [0, 2**64 - 1]; None or any negative seed picks a fresh one, reported as ``result.seed``).
+        ``noise``: the generator ``seed`` seeds: ``"numpy"`` (``numpy.random.default_rng``) or
+        ``"torch-cpu"`` (``torch.randn`` with ``torch.Generator().manual_seed(seed)``, as diffusers
+        and ComfyUI on the CPU draw it; the sampler's noise follows from the same stream).
 
         ``image`` (img2img): start from this picture's latent, noised to the sigma where a
         ``strength`` fraction of the steps remains, as diffusers' img2img pipeline does.
+
+        ``original_size``, ``target_size`` (height, width; default: the output size) and
+        ``crops_coords_top_left`` are SDXL's micro-conditioning, used by U-Nets that take size ids.
+        ``check_memory``: refuse up front (OutOfMemoryError) a size whose estimated peak memory
+        exceeds what the machine has free; False tries anyway. Bad arguments raise InputError.
         """
         started = time.perf_counter()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if not prompts or len(negatives) != len(prompts):
-            raise EdgediffError("give one negative prompt per prompt")
+        prompts = args.prompt_list(prompt, "prompt")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+            args.prompt_list(negative_prompt, "negative_prompt")
+        args.prompt_list(negatives, "negative_prompt")
+        if not prompts:
+            raise InputError("give at least one prompt")
+        if len(negatives) != len(prompts):
+            raise InputError("give one negative prompt per prompt")
+        steps = args.check_steps(steps, int(self.manifest.scheduler.get("num_train_timesteps") or 1000))
+        guidance = args.check_guidance(guidance)
+        args.check_name(sampler, "sampler"), args.check_name(schedule, "schedule")
         if image is not None:
-            image = _as_rgb(image)
+            image = to_rgb(image)
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
-        if not isinstance(steps, int) or steps < 1:
-            raise EdgediffError(f"steps must be a whole number of at least 1, not {steps!r}")
-        if not math.isfinite(guidance) or guidance < 0:
-            raise EdgediffError(f"guidance must be a finite number >= 0, not {guidance!r}")
+        if noise not in NOISE_SOURCES:
+            raise InputError(f"unknown noise source {noise!r}; expected one of {', '.join(NOISE_SOURCES)}")
         plan = make_plan(sampler, self.alphas_cumprod, self.manifest.scheduler, steps, schedule=schedule,
                          strength=strength if image is not None else 1.0)
         m = self.manifest
         shape = (len(prompts), m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         if rng is None:
-            seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None and latents is None else seed
-            rng = np.random.default_rng(seed)
+            seed = args.resolve_seed(seed) if seed is not None or latents is None else None
+            rng = make_rng(noise, seed)
         timings: dict[str, float] = {}
-        guided = guidance > 1.0  # as diffusers: guidance 1 or below means the conditional model alone
+        unet_inputs = {spec.name: spec for spec in m.graphs["unet"].inputs}
+        # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
+        # embeds the guidance scale (LCM) runs once per step with it.
+        guided = guidance > 1.0 and not embeds_guidance(unet_inputs)
+        if check_memory:
+            self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None)
 
         if image is not None:
             with self._stage("vae_encoder", timings) as vae_encoder:
@@ -129,13 +175,30 @@ class Pipeline:
         else:
             x = noise * np.float32(plan.init_noise_sigma)
 
-        with self._stage("text_encoder", timings) as text_encoder:
-            (context,) = text_encoder.run(input_ids=self.tokenizer(prompts + negatives if guided else prompts))
-        cond, uncond = (context[: len(prompts)], context[len(prompts):]) if guided else (context, None)
+        context = self._encode_text(prompts + negatives if guided else prompts, timings)
+        if guided and m.conditioning.get("force_zeros_for_empty_prompt"):
+            for row, negative in enumerate(negatives, len(prompts)):  # as diffusers without a negative prompt
+                if not negative:
+                    for value in context.values():
+                        value[row] = 0.0
+        n = len(prompts)
+        if "time_ids" in unet_inputs:
+            own = (height, width)
+            ids = size_ids(m.conditioning.get("time_ids", ()),
+                           original_size=check_size_pair("original_size", original_size or own),
+                           target_size=check_size_pair("target_size", target_size or own),
+                           crops_coords_top_left=check_size_pair("crops_coords_top_left", crops_coords_top_left),
+                           batch=len(context["encoder_hidden_states"]))
+            context["time_ids"] = ids
+        if "timestep_cond" in unet_inputs:
+            context["timestep_cond"] = guidance_embedding(guidance, unet_inputs["timestep_cond"].shape[1], n)
+        context = {name: value for name, value in context.items() if name in unet_inputs}
+        cond = {name: value[:n] for name, value in context.items()}
+        uncond = {name: value[n:] for name, value in context.items()} if guided else None
 
         with self._stage("unet", timings) as unet:
             def run_unet(x_in, t, ctx):
-                return unet.run(sample=x_in, timestep=t, encoder_hidden_states=ctx)[0]
+                return unet.run(sample=x_in, timestep=t, **ctx)[0]
 
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
             def callback(i, sigma, x_i, denoised):
@@ -151,6 +214,19 @@ class Pipeline:
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=seed, timings=timings)
 
+    def _encode_text(self, texts: list[str], timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Each text encoder's per-token states, concatenated along the features as the U-Net takes
+        them, and the pooled embedding where an encoder gives one (SDXL's second)."""
+        hidden, context = [], {}
+        for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
+            with self._stage(encoder["graph"], timings) as session:
+                outputs = session.run(input_ids=tokenizer(texts))
+            hidden.append(outputs[0])
+            for spec, value in zip(session.entry.outputs[1:], outputs[1:]):
+                context[spec.name] = value
+        context["encoder_hidden_states"] = np.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
+        return context
+
     @contextmanager
     def _stage(self, graph: str, timings: dict[str, float]) -> Iterator[GraphSession]:
         """Time one stage; session creation is reported apart, as ``load_<graph>``."""
@@ -165,19 +241,44 @@ class Pipeline:
 
     def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         multiple = self.manifest.size_multiple
-        sides = []
-        for label, value in (("width", width), ("height", height)):
-            value = self.manifest.default_size if value is None else value
-            if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-                raise EdgediffError(f"{label} must be a positive multiple of {multiple} for this model, "
-                                    f"not {value!r}")
-            sides.append(int(value))
-        return sides[0], sides[1]
+        return tuple(args.check_side(label, self.manifest.default_size if value is None else value, multiple)
+                     for label, value in (("width", width), ("height", height)))
 
+    def estimate_memory(self, batch: int, width: int, height: int, *, guided: bool = True,
+                        img2img: bool = False) -> mem.Estimate:
+        """Estimated peak memory (bytes, whole process) of one generation at this size."""
+        m = self.manifest
+        if not self._profiles:
+            self._profiles = {name: mem.load_profile(self.model_dir, name, entry) for name, entry in m.graphs.items()}
+        f = m.vae_scale_factor
+        stages = [("text_encoder", 2 * batch if guided else batch, 0, 0)]
+        if img2img:
+            stages.append(("vae_encoder", batch, height, width))
+        stages += [("unet", 2 * batch if guided else batch, height // f, width // f),
+                   ("vae_decoder", batch, height // f, width // f)]
+        context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
+                       m.tokenizer["max_length"])
+        return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
+                            mem.resident_bytes(), context)
 
-def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise EdgediffError(f"image arrays must be uint8 (height, width, 3), not {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    return image.convert("RGB")
+    def check_memory(self, batch: int, width: int, height: int, *, guided: bool = True, img2img: bool = False) -> None:
+        """OutOfMemoryError when the estimate exceeds the memory available (not checked on GPUs)."""
+        if self.sessions.provider != "cpu":
+            return  # the activations live in GPU memory, which this process cannot see cheaply
+        available, source = mem.available_bytes()
+        if available is None:
+            return
+        need = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img)
+        if need.peak_bytes - mem.resident_bytes() <= available:
+            return
+        scale = 1.0
+        multiple = self.manifest.size_multiple
+        while scale > 0.05:
+            scale *= 0.9
+            w, h = (max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
+            if self.estimate_memory(batch, w, h, guided=guided, img2img=img2img).peak_bytes - mem.resident_bytes() <= available:
+                break
+        raise OutOfMemoryError(
+            f"a {width}x{height} generation needs about {need} but {available / mem.GB:.1f} GB is free "
+            f"({source}); try a smaller size such as {w}x{h}, or turn the check off (--no-memory-check, "
+            "check_memory=False) if you know better")

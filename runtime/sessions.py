@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ModelFolderError, ProviderError
+from .errors import EdgediffError, GraphInputError, InputError, ModelFolderError, OutOfMemoryError, ProviderError
 from .manifest import GraphEntry, Manifest, TensorSpec
 
 PROVIDERS = {
@@ -77,7 +77,10 @@ class GraphSession:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            message = _first_line(error)
+            if _is_out_of_memory(message):
+                raise OutOfMemoryError(f"not enough memory to load the {name} graph on '{provider}' ({message[:120]}); "
+                                       "close other programs or use --memory low") from None
             if "implementation" in message and optimized_for == "cuda" and provider != "cuda":
                 raise ModelFolderError(
                     f"{name} graph was optimized for CUDA and cannot run on '{provider}'; "
@@ -89,7 +92,7 @@ class GraphSession:
             warn(f"{PROVIDERS[provider]} could not start (onnxruntime-gpu needs CUDA 13 and cuDNN 9); "
                  f"{name} runs on {active} instead")
         self.provider = active
-        self._inputs = {spec.name: spec for spec in entry.inputs}
+        check_graph_matches(name, entry, self.session)
 
     def close(self) -> None:
         """Drop the ONNX Runtime session, freeing its weights and arena (also on the GPU)."""
@@ -99,7 +102,16 @@ class GraphSession:
         if self.session is None:
             raise RuntimeError(f"{self.name} session was released")
         checked = check_inputs(self.name, self.entry.inputs, feed)
-        outputs = self.session.run([spec.name for spec in self.entry.outputs], checked)
+        try:
+            outputs = self.session.run([spec.name for spec in self.entry.outputs], checked)
+        except Exception as error:  # ONNX Runtime raises its own exception types, all unrelated to Python's
+            message = _first_line(error)
+            if _is_out_of_memory(message):
+                shape = "x".join(map(str, next(iter(checked.values())).shape))
+                raise OutOfMemoryError(f"{self.name} ran out of memory on {self.provider} (input {shape}: "
+                                       f"{message[:160]}); try a smaller size or --memory low") from None
+            raise EdgediffError(f"{self.name} graph failed to run ({message[:200]}); if the model folder "
+                                "was edited or damaged, re-export it") from None
         return [out.astype(np.float32, copy=False) if out.dtype == np.float16 else out for out in outputs]
 
 
@@ -108,26 +120,60 @@ def check_inputs(graph: str, specs: list[TensorSpec], feed: dict[str, np.ndarray
     missing = [spec.name for spec in specs if spec.name not in feed]
     extra = sorted(set(feed) - {spec.name for spec in specs})
     if missing or extra:
-        raise ValueError(f"{graph}: missing inputs {missing}, unexpected inputs {extra}")
+        raise GraphInputError(f"{graph}: missing inputs {missing}, unexpected inputs {extra}")
     axes: dict[str, tuple[int, str]] = {}
     checked = {}
     for spec in specs:
         value = np.asarray(feed[spec.name])
         expected = "(" + ", ".join(map(str, spec.shape)) + ")"
         if value.ndim != len(spec.shape):
-            raise ValueError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
+            raise GraphInputError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
         for size, axis in zip(value.shape, spec.shape):
             if isinstance(axis, int) and size != axis:
-                raise ValueError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
+                raise GraphInputError(f"{graph} input '{spec.name}': expected shape {expected}, got {value.shape}")
             if isinstance(axis, str):
                 seen = axes.setdefault(axis, (size, spec.name))
                 if seen[0] != size:
-                    raise ValueError(f"{graph} input '{spec.name}': axis '{axis}' is {size} but "
+                    raise GraphInputError(f"{graph} input '{spec.name}': axis '{axis}' is {size} but "
                                      f"'{seen[1]}' has {seen[0]}")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"{graph} input '{spec.name}' contains NaN or infinity")
+            raise GraphInputError(f"{graph} input '{spec.name}' contains NaN or infinity")
         checked[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
     return checked
+
+
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64"}
+# How ONNX Runtime (CPU arena, CUDA, cuDNN, cuBLAS) words an allocation failure.
+OUT_OF_MEMORY = ("failed to allocate memory", "out of memory", "bad_alloc", "alloc_failed", "cannot allocate")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_out_of_memory(message: str) -> bool:
+    return any(fragment in message.lower() for fragment in OUT_OF_MEMORY)
+
+
+def check_graph_matches(graph: str, entry: GraphEntry, session) -> None:
+    """The manifest's inputs and outputs must be the graph's own (names, dtypes, ranks, fixed sizes)."""
+    for kind, specs, actual in (("input", entry.inputs, session.get_inputs()),
+                                ("output", entry.outputs, session.get_outputs())):
+        declared = {spec.name: spec for spec in specs}
+        found = {arg.name: arg for arg in actual}
+        if kind == "input" and set(declared) != set(found) or not set(declared) <= set(found):
+            raise ModelFolderError(f"manifest graphs.{graph}.{kind}s lists {sorted(declared)} but the graph has "
+                                   f"{sorted(found)}; re-export the model")
+        for name, spec in declared.items():
+            arg = found[name]
+            shape = list(arg.shape)
+            fixed_differs = any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(spec.shape, shape))
+            if ORT_DTYPES.get(arg.type, arg.type) != spec.dtype or len(shape) != len(spec.shape) or fixed_differs:
+                raise ModelFolderError(
+                    f"manifest graphs.{graph}.{kind}s '{name}' says {spec.dtype} {list(spec.shape)} but the graph "
+                    f"takes {ORT_DTYPES.get(arg.type, arg.type)} {shape}; re-export the model")
 
 
 def _provider_list(provider: str, model_dir: Path, entry: GraphEntry) -> list:
@@ -172,7 +218,7 @@ class Sessions:
     def __init__(self, model_dir: Path, manifest: Manifest, provider: str, memory: str,
                  warn: Callable[[str], None] | None = None, threads: int | None = None):
         if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be 'low' or 'high', not {memory!r}")
+            raise InputError(f"memory must be 'low' or 'high', not {memory!r}")
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -205,6 +251,11 @@ class Sessions:
         finally:
             if self.memory == "low":
                 session.close()
+
+    @property
+    def resident(self) -> set[str]:
+        """Graphs whose sessions are loaded now."""
+        return set(self._resident)
 
     def release(self) -> None:
         self._resident.clear()

@@ -65,3 +65,65 @@ def export_with_cli(source: Path, out: Path, *args) -> Path:
     result = CliRunner().invoke(main, ["export", str(source), str(out), *map(str, args)])
     assert result.exit_code == 0, result.output
     return out
+
+
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon", "interpolation_type": "linear",
+    "use_karras_sigmas": False, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+}
+# SDXL-Turbo's scheduler: ancestral Euler with trailing spacing (few steps, guidance 0).
+TURBO_SCHEDULER = {**SDXL_SCHEDULER, "timestep_spacing": "trailing"}
+
+
+def build_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
+    """A tiny SDXL: two text encoders (the second with a projection), a U-Net with text_time
+    conditioning; ``sdxl-lcm`` adds an LCM guidance embedding (time_cond_proj_dim), ``sdxl-turbo``
+    trailing timestep spacing."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from edgediff.models import clip_tokenizer_dir
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=80, norm_num_groups=16, time_cond_proj_dim=16 if kind == "sdxl-lcm" else None,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, layers_per_block=1, sample_size=32, scaling_factor=0.13025, force_upcast=True,
+    )
+    # The encoders differ in width, as SDXL's do (768 and 1280): single-file loading tells them apart by it.
+    common = dict(bos_token_id=49406, eos_token_id=49407, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_size=32, pad_token_id=49407,
+                                                hidden_act="quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=48, pad_token_id=0,
+                                                                hidden_act="gelu"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), pad_token="!")
+    if kind == "sdxl-lcm":
+        scheduler = LCMScheduler.from_config({**SDXL_SCHEDULER, "timestep_spacing": "leading"})
+    elif kind == "sdxl-turbo":
+        scheduler = EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER)
+    else:
+        scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sdxl_pipeline(kind: str, folder: Path, seed: int = 0) -> Path:
+    build_sdxl_pipeline(kind, seed).save_pretrained(folder)
+    return folder

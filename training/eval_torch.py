@@ -1,6 +1,6 @@
 """Semantic accuracy of a trained diffusers pipeline over edgediff.models.shapes.evaluation_grid().
 
-    python training/eval_torch.py /work/checkpoints/default-diffusers [--steps 20] [--guidance 7.5]
+    python training/eval_torch.py $EDGEDIFF_TRAIN_WORK/default-diffusers [--steps 20] [--guidance 7.5]
 
 Runs the torch/diffusers pipeline (DPMSolverMultistepScheduler, 128x128) on every grid prompt with
 its seed (torch.Generator seeded per entry), reads each image back with shapes.evaluate and prints
@@ -20,7 +20,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_default import shapes  # noqa: E402  (same import fallback as the training script)
+from train_vae import shapes  # noqa: E402  (same import fallback as the training script)
 
 
 def main(argv=None):

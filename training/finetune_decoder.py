@@ -3,7 +3,7 @@
 The encoder, its quant_conv and scaling_factor stay frozen, so the latent space the U-Net was
 trained on does not change: this can run before, during or after U-Net training.
 
-    nice -n 10 python training/finetune_decoder.py /work/checkpoints/vae --minutes 8 [--pipeline DIR]
+    nice -n 10 python training/finetune_decoder.py $EDGEDIFF_TRAIN_WORK/vae --minutes 8 [--pipeline DIR]
 
 --pipeline DIR also replaces DIR/vae (a diffusers pipeline folder) with the result.
 """
@@ -21,16 +21,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_default import foreground_weight, log, shapes, to_tensor  # noqa: E402
+from train_vae import WORK, foreground_weight, log, shapes, to_tensor  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("vae")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data set (train_default --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data set (train_vae.py --seed)")
     p.add_argument("--rng-seed", type=int, default=11, help="batch sampling seed")
     p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--work", default="/work/checkpoints")
+    p.add_argument("--work", default=WORK)
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)

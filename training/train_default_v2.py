@@ -1,7 +1,13 @@
 """Default model v2: frozen attribute-trained text encoder + U-Net with a global text path.
 
-Why v2: the first run (train_default.py) learned to denoise but ignored the caption (grid colour
-20.8%, shape 36.1%). Here conditioning is made easy to learn:
+Why v2 (what failed first): the first script (train_default.py, removed; its data/VAE/latents
+phases live on in train_vae.py) trained text encoder and U-Net jointly, from scratch, with the
+caption reaching the U-Net through cross-attention only (2,856 steps / 45 min on the 2-core CPU,
+EMA, later with high-noise emphasis and 1/SNR weighting).  The U-Net learned to denoise (loss
+0.013) but ignored the caption: predicted noise for different prompts differed by ~1e-4 MSE at
+t=900, every prompt gave the same picture, and the evaluator grid (DPM++ 20 steps, guidance 7.5,
+72 entries) read colour 20.8%, shape 36.1%, background 36.1%, position 12.5%, size 77.8%.
+Here conditioning is made easy to learn:
   1. text encoder (CLIPTextModel, hidden 32, 3 layers, vocab 49408, quick_gelu) is trained ALONE
      to predict the caption's attributes (colour, shape, background, position, size, each with a
      "not mentioned" class) from its EOS state, from the mean of its token states and from every
@@ -11,7 +17,7 @@ Why v2: the first run (train_default.py) learned to denoise but ignored the capt
      encoder_hidden_states into the time embedding, so the caption reaches every ResNet block);
      epsilon prediction, SD 1.5 scaled_linear schedule, 10% caption dropout to "", half of every
      batch at t >= 500 plus min-SNR-5 weighting from step 0, AdamW + warmup/cosine, EMA.
-VAE: /work/checkpoints/vae_ft (v1's encoder, fine-tuned decoder); latents: v1's
+VAE: $EDGEDIFF_TRAIN_WORK/vae_ft (v1's encoder, fine-tuned decoder); latents: v1's
 latents_seed0_n20000.npy (latent means * scaling_factor 0.41449, same order as the npz's attrs;
 `prep` checks the alignment by decoding a few latents and reading them back with shapes.evaluate).
 
@@ -27,9 +33,9 @@ Commands used (2026-11-22, issue 4):
     # device machine (one NVIDIA H100, torch 2.11 cu130; diffusers 0.42.1 carried as .gpu/site.zip):
     PYTHONPATH=.gpu/site.zip python3 training/train_default_v2.py train --out $OUT --minutes M
     python training/train_default_v2.py assemble --te te.pt --unet unet_ema.pt \
-        --out /work/checkpoints/default-diffusers-v2
+        --out $EDGEDIFF_TRAIN_WORK/default-diffusers-v2
 
-RUN LOG (2026-11-22, all outputs under /work/checkpoints):
+RUN LOG (2026-11-22, all outputs under $EDGEDIFF_TRAIN_WORK):
   machine   device machine: one NVIDIA H100 80GB, torch 2.11.0+cu130, transformers 5.17,
             diffusers 0.42.1 (zipped from the local venv, carried); prep/assemble/export/eval on
             the shared 2-core CPU VM (torch 2.13 CPU, transformers 5.23).
@@ -43,10 +49,10 @@ RUN LOG (2026-11-22, all outputs under /work/checkpoints):
             colour 33 -> 92 -> 96 -> 88%, at steps 1k/2k/3k/4k. Final EMA, full grid on GPU:
             g 5: colour 95.8 shape 91.7 background 100 position 100 size 100;
             g 7.5: colour 69.4 shape 88.9 background 91.7 position 100 size 98.6.
-            -> /work/checkpoints/v2_gpu_run1/{te,unet_ema}.pt, assembled as default-diffusers-v2.
+            -> $EDGEDIFF_TRAIN_WORK/v2_gpu_run1/{te,unet_ema}.pt, assembled as default-diffusers-v2.
   run 2     (not shipped) --init-te/--init-unet from run 1, 4,593 more steps at lr 4e-4 / 7 min:
             no better at g 5 (colour 95.8 shape 90.3), worse at high guidance (g 7.5 colour 45.8%).
-            -> /work/checkpoints/v2_gpu_run2.
+            -> $EDGEDIFF_TRAIN_WORK/v2_gpu_run2.
   total     ~9 min of training (45 s text encoder + 7.3 min U-Net) on the H100.
 """
 
@@ -66,9 +72,48 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from train_default import SCHEDULER_CONFIG, TEXT_CONFIG, TOKENIZER_DIR, UNET_CONFIG, shapes  # noqa: E402
+from train_vae import TOKENIZER_DIR, WORK, shapes  # noqa: E402
 
-WORK = "/work/checkpoints"
+# v1's architecture (train_default.py, removed), which v2 extends
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=32,
+)
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=[32, 64, 96],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=16,
+)
+
+# Stable Diffusion 1.5's scheduler config.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
 BANK = os.path.join(REPO, ".gpu", "bank.npz")
 K = 8           # captions per image in the bank
 TOK_KEEP = 24   # captions are short; tokens beyond are EOS padding

@@ -31,6 +31,7 @@ from ..schedules import (
     karras_sigmas,
     spaced_timesteps,
 )
+from ._util import clip_x0, dynamic_threshold
 from . import ddim as _ddim
 from . import deis as _deis
 from . import dpmpp as _dpmpp
@@ -55,10 +56,12 @@ class SamplerSpec:
     final: str = "zero"  # "zero": ends at sigma 0; "alpha_to_one": DDIM rule (set_alpha_to_one);
     # "sigma_min": ends at alphas_cumprod[0]'s sigma (DEIS)
     bind: Callable | None = None  # bind(plan_info) -> dict of extra keyword args for fn
-    # The diffusers counterpart's own defaults.  Config keys that diffusers marks as defaults of
-    # the model's original scheduler (``_use_default_values``) or that are missing take these,
-    # exactly as ``Counterpart.from_config(pipe.scheduler.config)`` does.
-    defaults: dict = field(default_factory=lambda: {"timestep_spacing": "linspace"})
+    # Every scheduler-config key the plan reads, with the diffusers counterpart's own default.
+    # Keys that diffusers marks as defaults of the model's original scheduler
+    # (``_use_default_values``) or that are missing take these, exactly as
+    # ``Counterpart.from_config(pipe.scheduler.config)`` does.  clip_sample / thresholding keys
+    # are listed where the counterpart applies them; fn then takes ``process_x0``.
+    defaults: dict = field(default_factory=lambda: dict(_K_DEFAULTS))
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
@@ -143,16 +146,23 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).astype(np.float64)
 
 
-_BASE_DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": True,
-                  "beta_schedule": "linear"}
-
-
 def _config_value(config: dict, spec: SamplerSpec, key: str):
     """``config[key]`` as the diffusers counterpart created with ``from_config(config)`` sees it."""
     defaults = config.get("_use_default_values") or ()
     if key in config and key not in defaults and config[key] is not None:
         return config[key]
-    return spec.defaults.get(key, _BASE_DEFAULTS.get(key))
+    return spec.defaults[key]
+
+
+def _x0_processing(config: dict, spec: SamplerSpec):
+    """The counterpart's treatment of the predicted clean latent: dynamic thresholding, else
+    clipping (diffusers checks ``thresholding`` first), else None."""
+    if "thresholding" in spec.defaults and _config_value(config, spec, "thresholding"):
+        return dynamic_threshold(float(_config_value(config, spec, "dynamic_thresholding_ratio")),
+                                 float(_config_value(config, spec, "sample_max_value")))
+    if "clip_sample" in spec.defaults and _config_value(config, spec, "clip_sample"):
+        return clip_x0(float(_config_value(config, spec, "clip_sample_range")))
+    return None
 
 
 def _build(spec: SamplerSpec, sched: NoiseSchedule, config: dict, steps: int, schedule: str | None):
@@ -256,12 +266,38 @@ def make_plan(
         sigmas, ts = sigmas[t_start:], ts[t_start:]
 
     fn = spec.fn
+    extra = {}
     if spec.bind is not None:
-        extra = spec.bind(dict(schedule=sched, config=config, sigmas=sigmas, timesteps=ts, steps=steps))
-        if extra:
-            fn = functools.partial(fn, **extra)
+        extra.update(spec.bind(dict(schedule=sched, config=config, sigmas=sigmas, timesteps=ts, steps=steps)) or {})
+    process_x0 = _x0_processing(config, spec)
+    if process_x0 is not None:
+        extra["process_x0"] = process_x0
+    if extra:
+        fn = functools.partial(fn, **extra)
     return SamplerPlan(name, fn, sigmas, ts, init, sched, final_scale=final_scale, schedule_name=schedule)
 
+
+# ---------------------------------------------------------------------------------------------
+# The diffusers counterparts' defaults for the keys each plan reads (``__init__`` signatures;
+# tests/export/test_sampler_parity.py checks them against diffusers).
+
+_THRESHOLD = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+# Euler, EulerAncestral, KDPM2(Ancestral), LMS, DPMSolverSDE
+_K_DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "beta_schedule": "linear"}
+_HEUN = {**_K_DEFAULTS, "clip_sample": False, "clip_sample_range": 1.0}
+_DPM = {**_K_DEFAULTS, **_THRESHOLD}  # DPMSolverMultistep, UniPCMultistep, DEISMultistep
+_DDIM = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True, "beta_schedule": "linear",
+         "clip_sample": True, "clip_sample_range": 1.0, **_THRESHOLD}
+_DDPM = {"timestep_spacing": "leading", "steps_offset": 0, "beta_schedule": "linear",
+         "clip_sample": True, "clip_sample_range": 1.0, **_THRESHOLD}
+_LCM = {"timestep_spacing": "leading", "steps_offset": 0, "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50, "timestep_scaling": 10.0, "clip_sample": False, "clip_sample_range": 1.0,
+        **_THRESHOLD}
+# TCDScheduler takes clip_sample and thresholding but its step never applies them; neither do we.
+_TCD = {"timestep_spacing": "leading", "steps_offset": 0, "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50}
+_PNDM = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": False, "beta_schedule": "linear",
+         "prediction_type": "epsilon"}
 
 # ---------------------------------------------------------------------------------------------
 # The registry.  Aliases: A1111/ComfyUI display names, k-diffusion names, diffusers class names.
@@ -272,14 +308,13 @@ register(SamplerSpec("euler_a", _euler.sample_euler_ancestral, "k", "Euler ances
                      ("Euler a", "euler_ancestral", "k_euler_a", "k_euler_ancestral",
                       "EulerAncestralDiscreteScheduler")))
 register(SamplerSpec("ddim", _ddim.sample_ddim, "ddim", "DDIM, eta 0 (Song et al. 2021), deterministic",
-                     ("DDIM", "DDIMScheduler"), final="alpha_to_one",
-                     defaults={"timestep_spacing": "leading", "set_alpha_to_one": True}))
+                     ("DDIM", "DDIMScheduler"), final="alpha_to_one", defaults=_DDIM))
 register(SamplerSpec("dpmpp_2m", _dpmpp.sample_dpmpp_2m, "dpm", "DPM-Solver++(2M) multistep (Lu et al. 2022)",
-                     ("DPM++ 2M", "k_dpmpp_2m", "DPMSolverMultistepScheduler")))
+                     ("DPM++ 2M", "k_dpmpp_2m", "DPMSolverMultistepScheduler"), defaults=_DPM))
 register(SamplerSpec("dpmpp_2m_karras", _dpmpp.sample_dpmpp_2m, "dpm", "DPM-Solver++(2M) on the Karras schedule",
-                     ("DPM++ 2M Karras", "k_dpmpp_2m_karras"), schedule="karras"))
+                     ("DPM++ 2M Karras", "k_dpmpp_2m_karras"), schedule="karras", defaults=_DPM))
 register(SamplerSpec("heun", _euler.sample_heun, "k", "Heun, 2nd order, 2 model calls per step (Karras et al. 2022)",
-                     ("Heun", "k_heun", "HeunDiscreteScheduler")))
+                     ("Heun", "k_heun", "HeunDiscreteScheduler"), defaults=_HEUN))
 register(SamplerSpec("dpm2", _euler.sample_dpm_2, "k", "DPM-Solver-2 (Lu et al. 2022), 2 model calls per step",
                      ("DPM2", "dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler")))
 register(SamplerSpec("dpm2_a", _euler.sample_dpm_2_ancestral, "k", "DPM-Solver-2 ancestral, stochastic",
@@ -287,11 +322,11 @@ register(SamplerSpec("dpm2_a", _euler.sample_dpm_2_ancestral, "k", "DPM-Solver-2
 register(SamplerSpec("lms", _lms.sample_lms, "k", "Linear multistep, order 4",
                      ("LMS", "k_lms", "LMSDiscreteScheduler")))
 register(SamplerSpec("ddpm", _ddim.sample_ddpm, "ddim", "DDPM ancestral (Ho et al. 2020), stochastic",
-                     ("DDPM", "DDPMScheduler"), defaults={"timestep_spacing": "leading"}))
+                     ("DDPM", "DDPMScheduler"), defaults=_DDPM))
 register(SamplerSpec("dpmpp_2m_sde", _dpmpp.sample_dpmpp_2m_sde, "dpm", "DPM-Solver++(2M) SDE, stochastic",
-                     ("DPM++ 2M SDE", "k_dpmpp_2m_sde")))
+                     ("DPM++ 2M SDE", "k_dpmpp_2m_sde"), defaults=_DPM))
 register(SamplerSpec("dpmpp_3m", _dpmpp.sample_dpmpp_3m, "dpm", "DPM-Solver++(3M) multistep, deterministic",
-                     ("DPM++ 3M",)))
+                     ("DPM++ 3M",), defaults=_DPM))
 register(SamplerSpec("dpmpp_3m_sde", _dpmpp.sample_dpmpp_3m_sde, "dpm", "DPM-Solver++(3M) SDE, stochastic",
                      ("DPM++ 3M SDE", "k_dpmpp_3m_sde")))
 register(SamplerSpec("dpmpp_2s_a", _dpmpp.sample_dpmpp_2s_ancestral, "k",
@@ -309,14 +344,13 @@ def _bind_lcm(info):
 
 
 register(SamplerSpec("lcm", _lcm.sample_lcm, "lcm", "Latent Consistency Model sampling (Luo et al. 2023), 2-8 steps",
-                     ("LCM", "LCMScheduler"), bind=_bind_lcm,
-                     defaults={"timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}))
+                     ("LCM", "LCMScheduler"), bind=_bind_lcm, defaults=_LCM))
 register(SamplerSpec("unipc", _unipc.sample_unipc, "dpm",
                      "UniPC multistep predictor-corrector (Zhao et al. 2023), bh2, order 2",
-                     ("UniPC", "uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler")))
+                     ("UniPC", "uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"), defaults=_DPM))
 register(SamplerSpec("deis", _deis.sample_deis, "dpm",
                      "DEIS multistep, logrho, order 2 (Zhang & Chen 2023), ends at sigma_min",
-                     ("DEIS", "deis_2m", "DEISMultistepScheduler"), final="sigma_min"))
+                     ("DEIS", "deis_2m", "DEISMultistepScheduler"), final="sigma_min", defaults=_DPM))
 
 
 def _bind_tcd(info):
@@ -325,8 +359,7 @@ def _bind_tcd(info):
 
 register(SamplerSpec("tcd", _tcd.sample_tcd, "lcm",
                      "Trajectory Consistency Distillation sampling (Zheng et al. 2024), gamma 0.3, stochastic",
-                     ("TCD", "TCDScheduler"), final="sigma_min", bind=_bind_tcd,
-                     defaults={"timestep_spacing": "leading", "original_inference_steps": 50}))
+                     ("TCD", "TCDScheduler"), final="sigma_min", bind=_bind_tcd, defaults=_TCD))
 def _bind_pndm(info):
     return {"prediction_type": _config_value(info["config"], SAMPLERS["pndm"], "prediction_type")}
 
@@ -334,5 +367,4 @@ def _bind_pndm(info):
 register(SamplerSpec("pndm", _pndm.sample_pndm, "ddim",
                      "PLMS: pseudo linear multistep, order 4 (Liu et al. 2022), first step 2 model calls",
                      ("PLMS", "PNDM", "k_plms", "PNDMScheduler"), final="alpha_to_one", bind=_bind_pndm,
-                     defaults={"timestep_spacing": "leading", "set_alpha_to_one": False,
-                               "prediction_type": "epsilon"}))
+                     defaults=_PNDM))

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 
 
-from ._util import ancestral_step, noise_like
+from ._util import ancestral_step, noise_like, with_processed_x0
 
 
-def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """Multistep DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), midpoint form as in diffusers
     (``solver_type="midpoint"``) and k-diffusion: first step and the final step to sigma 0 are
     first order (``lower_order_final``).  With h = t_next - t, r = h_last / h:
-    D = (1 + 1/(2r)) denoised - 1/(2r) denoised_last;  x_next = (sigma_next / sigma) x - expm1(-h) D."""
+    D = (1 + 1/(2r)) denoised - 1/(2r) denoised_last;  x_next = (sigma_next / sigma) x - expm1(-h) D.
+    ``process_x0``: diffusers' ``thresholding`` of the data prediction."""
+    denoise = with_processed_x0(denoise, process_x0)
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):
@@ -37,14 +39,16 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, rng=None, on_step=None):
     return x
 
 
-def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool):
+def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool, process_x0=None):
     """DPM-Solver++ multistep of order 1-3, ODE or SDE (Lu et al. 2022, DPM-Solver++ sec. 4 and
     its SDE variant, "sde-dpmsolver++"), in sigma space with lambda = -log(sigma), exactly the
     update rules of diffusers' DPMSolverMultistepScheduler (midpoint form for order 2):
     ODE order 1: x' = (s'/s) x - expm1(-h) D0
     SDE order 1: x' = (s'/s) e^-h x + (1 - e^-2h) D0 + s' sqrt(1 - e^-2h) z
     The first step is first order, the second at most second order, the last step (to sigma 0) is
-    first order, and with fewer than 15 steps the second-to-last is at most second order."""
+    first order, and with fewer than 15 steps the second-to-last is at most second order.
+    ``process_x0``: diffusers' ``thresholding`` of the data prediction."""
+    denoise = with_processed_x0(denoise, process_x0)
     n = len(sigmas) - 1
     lambdas = [-math.log(float(s)) if s > 0 else math.inf for s in sigmas]
     history = []  # denoised of previous steps, newest last
@@ -96,20 +100,56 @@ def _dpmpp_multistep(denoise, x, sigmas, *, rng, on_step, order: int, sde: bool)
     return x
 
 
-def sample_dpmpp_2m_sde(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_2m_sde(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, DPM-Solver++; diffusers "sde-dpmsolver++", midpoint)."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=2, sde=True)
+    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=2, sde=True, process_x0=process_x0)
 
 
-def sample_dpmpp_3m_sde(denoise, x, sigmas, *, rng=None, on_step=None):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022, DPM-Solver++ third-order multistep, SDE variant, as
-    diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3))."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=True)
+def sample_dpmpp_3m_sde(denoise, x, sigmas, *, rng=None, on_step=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, DPM-Solver++ third-order multistep with the SDE noise),
+    as k-diffusion's ``sample_dpmpp_3m_sde``, the "DPM++ 3M SDE" of A1111 and ComfyUI.  With
+    lambda = -log(sigma), h = lambda' - lambda, h_eta = (1 + eta) h, r_k = h_k / h of the last steps:
+    x' = e^-h_eta x + (1 - e^-h_eta) D0 + phi_2 d1 - phi_3 d2 + sigma' sqrt(1 - e^-2 eta h) s_noise z,
+    phi_2 = expm1(-h_eta) / h_eta + 1, phi_3 = phi_2 / h_eta - 1/2, d1, d2 the first and second
+    divided differences of the denoised history (second order, phi_2 d, with two of them; first order
+    at the first step; the step to sigma 0 returns the denoised latent).
+
+    Not diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3): that
+    weighs d2 by (1 - e^-2h - 2h) / (2h)^2 - 1/2 = -1 + O(h), where the exponential integrator's term
+    is h/3 + O(h^2) as here, takes a midpoint second-order step and lowers the order near the end."""
+    n = len(sigmas) - 1
+    d_1 = d_2 = h_1 = h_2 = None  # the last two denoised and step sizes
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        if on_step is not None:
+            on_step(i, sigma, x, denoised)
+        h = None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            h_eta = h * (eta + 1)
+            x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - d_1) * (1 / r0), (d_1 - d_2) * (1 / r1)
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) * (1 / (r0 + r1))
+                x = x + d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
+            elif h_1 is not None:
+                x = x + (denoised - d_1) * (phi_2 * h / h_1)
+            if eta:
+                x = x + noise_like(rng, x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+        d_1, d_2 = denoised, d_1
+        h_1, h_2 = h, h_1
+    return x
 
 
-def sample_dpmpp_3m(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_dpmpp_3m(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """DPM-Solver++(3M) ODE (Lu et al. 2022, DPM-Solver++ third-order multistep)."""
-    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=False)
+    return _dpmpp_multistep(denoise, x, sigmas, rng=rng, on_step=on_step, order=3, sde=False, process_x0=process_x0)
 
 
 def sample_dpmpp_2s_ancestral(denoise, x, sigmas, *, rng=None, on_step=None, eta=1.0, s_noise=1.0):

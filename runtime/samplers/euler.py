@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 
-from ._util import ancestral_step, noise_like
+from ._util import ancestral_step, noise_like, with_processed_x0
 
 
 def sample_euler(denoise, x, sigmas, *, rng=None, on_step=None):
@@ -39,9 +39,11 @@ def sample_euler_ancestral(denoise, x, sigmas, *, rng=None, on_step=None, eta=1.
     return x
 
 
-def sample_heun(denoise, x, sigmas, *, rng=None, on_step=None):
+def sample_heun(denoise, x, sigmas, *, rng=None, on_step=None, process_x0=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1, S_churn = 0): an Euler step,
-    then the trapezoidal correction with the derivative at sigma_next; Euler for the last step to 0."""
+    then the trapezoidal correction with the derivative at sigma_next; Euler for the last step to 0.
+    Both evaluations clipped by ``process_x0`` (diffusers' HeunDiscreteScheduler ``clip_sample``)."""
+    denoise = with_processed_x0(denoise, process_x0)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._util import noise_like
+from ._util import noise_like, with_processed_x0
 
 
 def lcm_timesteps(num_train: int, steps: int, original_steps: int = 50) -> np.ndarray:
@@ -28,10 +28,12 @@ def lcm_boundary_scalings(timesteps, timestep_scaling: float = 10.0, sigma_data:
     return c_skip, c_out
 
 
-def sample_lcm(denoise, x, sigmas, *, rng=None, on_step=None, c_skip=None, c_out=None):
+def sample_lcm(denoise, x, sigmas, *, rng=None, on_step=None, c_skip=None, c_out=None, process_x0=None):
     """Multistep LCM sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 3): at each
     step the consistency function f(x, t) = c_skip x_t + c_out x0 (x_t = x / sqrt(1 + sigma^2), the
-    VP-space latent) is the clean estimate; re-noise it with fresh noise to sigma_next."""
+    VP-space latent) is the clean estimate; re-noise it with fresh noise to sigma_next.  x0 is
+    clipped or thresholded by ``process_x0`` before the boundary condition, as diffusers does."""
+    denoise = with_processed_x0(denoise, process_x0)
     n = len(sigmas) - 1
     if c_skip is None:
         c_skip, c_out = np.zeros(n), np.ones(n)

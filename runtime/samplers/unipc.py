@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from ._util import with_processed_x0
+
 
 def _unipc_coefficients(h: float, rks: list, order: int):
     """(B_h, rhos_p, rhos_c) of Zhao et al. 2023, Algorithm 2 (UniP-p / UniC-p, B(h) variant):
@@ -37,7 +39,7 @@ def _unipc_coefficients(h: float, rks: list, order: int):
     return B_h, rhos_p, rhos_c
 
 
-def sample_unipc(denoise, x, sigmas, *, rng=None, on_step=None, order: int = 2):
+def sample_unipc(denoise, x, sigmas, *, rng=None, on_step=None, order: int = 2, process_x0=None):
     """UniPC-p multistep (Zhao et al. 2023, Algorithm 2 / 3, "bh2", data prediction): each step runs
     the corrector UniC on the previous predictor's result with the fresh model output (which costs no
     extra model call), then the predictor UniP.  With lambda = -log(sigma), h = lambda' - lambda,
@@ -45,7 +47,8 @@ def sample_unipc(denoise, x, sigmas, *, rng=None, on_step=None, order: int = 2):
     UniP: x' = (sigma'/sigma) x - expm1(-h) denoised_i - B(h) sum_k rho^p_k D_k
     UniC: x'^c = (sigma'/sigma) x - expm1(-h) denoised_i - B(h) (sum_k rho^c_k D_k + rho^c_p (denoised' - denoised_i))
     Warm-up: step i uses order min(order, i + 1, n - i) (``lower_order_final``); the step to sigma 0
-    returns the denoised latent."""
+    returns the denoised latent.  ``process_x0``: diffusers' ``thresholding`` of the data prediction."""
+    denoise = with_processed_x0(denoise, process_x0)
     n = len(sigmas) - 1
     lambdas = [-math.log(float(s)) if s > 0 else math.inf for s in sigmas]
     # per-step table for the transition i -> i+1: (order, sigma'/sigma, expm1(-h), rks, B_h, rhos_p, rhos_c)

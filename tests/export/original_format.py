@@ -8,6 +8,8 @@ model configs, so it also handles the tiny test pipelines (any number of blocks 
 * VAE -> ``first_stage_model.*`` (mid-block attention q/k/v/proj_out as 1x1 conv weights)
 * SD 1.x CLIP -> ``cond_stage_model.transformer.text_model.*``
 * SD 2.x OpenCLIP -> ``cond_stage_model.model.*`` (fused ``in_proj_weight``/``in_proj_bias``)
+* SDXL: CLIP -> ``conditioner.embedders.0.transformer.*``, OpenCLIP bigG (with its text projection)
+  -> ``conditioner.embedders.1.model.*``, the U-Net's ``add_embedding`` -> ``label_emb.0``
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def unet_to_original(state: dict, config) -> dict:
     per_block = config["layers_per_block"]
     n_blocks = len(config["block_out_channels"])
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     places = {}  # diffusers prefix -> (ldm prefix, rename pairs)
     for block in range(n_blocks):
@@ -117,17 +120,22 @@ def vae_to_original(state: dict, config) -> dict:
     return out
 
 
-def clip_to_original(state: dict) -> dict:
+def clip_to_original(state: dict, prefix: str = CLIP_PREFIX) -> dict:
     """transformers CLIPTextModel (SD 1.x) -> ``cond_stage_model.transformer.text_model.*``."""
-    return {CLIP_PREFIX + key.removeprefix("text_model."): value for key, value in state.items()
+    return {prefix + key.removeprefix("text_model."): value for key, value in state.items()
             if not key.endswith("position_ids")}
 
 
-def open_clip_to_original(state: dict) -> dict:
-    """transformers CLIPTextModel (SD 2.x) -> OpenCLIP ``cond_stage_model.model.*`` keys."""
+def open_clip_to_original(state: dict, prefix: str = OPEN_CLIP_PREFIX) -> dict:
+    """transformers CLIPTextModel (SD 2.x) -> OpenCLIP ``cond_stage_model.model.*`` keys; a
+    projection (SDXL's second encoder) becomes OpenCLIP's ``text_projection`` matrix (x @ P)."""
+    OPEN_CLIP_PREFIX = prefix  # noqa: N806 - the same layout under another prefix
     state = {key.removeprefix("text_model."): value for key, value in state.items()
              if not key.endswith("position_ids")}
-    out = {
+    out = {}
+    if "text_projection.weight" in state:
+        out[OPEN_CLIP_PREFIX + "text_projection"] = state.pop("text_projection.weight").T
+    out |= {
         OPEN_CLIP_PREFIX + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
         OPEN_CLIP_PREFIX + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
         OPEN_CLIP_PREFIX + "ln_final.weight": state.pop("final_layer_norm.weight"),
@@ -149,6 +157,14 @@ def open_clip_to_original(state: dict) -> dict:
 
 def pipeline_to_original(pipe, *, open_clip: bool | None = None) -> dict:
     """All of a pipeline's weights in one original-format state dict (contiguous tensors)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        state = {
+            **unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
+            **vae_to_original(pipe.vae.state_dict(), pipe.vae.config),
+            **clip_to_original(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer.text_model."),
+            **open_clip_to_original(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."),
+        }
+        return {key: value.detach().clone().contiguous() for key, value in state.items()}
     if open_clip is None:  # SD 2.x text encoders use gelu; SD 1.x's OpenAI CLIP uses quick_gelu
         open_clip = pipe.text_encoder.config.hidden_act == "gelu"
     text = pipe.text_encoder.state_dict()

@@ -1,6 +1,7 @@
 """The shipped ONNX graphs reproduce the trained torch model (where the training checkpoint exists).
 
-The checkpoint is not in git; point EDGEDIFF_DEFAULT_CHECKPOINT at its diffusers folder.
+The checkpoint is not in git; point EDGEDIFF_DEFAULT_CHECKPOINT at its diffusers folder (what
+training/train_default_v2.py's ``assemble`` wrote); without it the test is skipped.
 """
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import torch
 from edgediff.models import default_model_dir
 from edgediff.runtime import Pipeline
 
-CHECKPOINT = Path(os.environ.get("EDGEDIFF_DEFAULT_CHECKPOINT", "/work/checkpoints/default-diffusers-v2"))
+CHECKPOINT = os.environ.get("EDGEDIFF_DEFAULT_CHECKPOINT")
 TOLERANCE = {"fp32": 2e-3, "fp16": 2e-2}  # fp16: stated for the shipped fp16 export, pixels in [0, 1]
 
 
-@pytest.mark.skipif(not (CHECKPOINT / "model_index.json").is_file(), reason=f"no training checkpoint at {CHECKPOINT}")
+@pytest.mark.skipif(CHECKPOINT is None, reason="set EDGEDIFF_DEFAULT_CHECKPOINT to the default model's training "
+                                                 "checkpoint (a diffusers folder) to run this")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_shipped_graphs_match_the_trained_model(precision):
     import diffusers
+
+    if not (Path(CHECKPOINT) / "model_index.json").is_file():
+        pytest.fail(f"EDGEDIFF_DEFAULT_CHECKPOINT={CHECKPOINT} is not a diffusers pipeline folder (no model_index.json)")
 
     reference = diffusers.StableDiffusionPipeline.from_pretrained(CHECKPOINT, safety_checker=None)
     reference.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(reference.scheduler.config)

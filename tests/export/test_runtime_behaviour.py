@@ -10,6 +10,7 @@ import pytest
 
 from edgediff.runtime import Pipeline
 from torch_blocker import BLOCK_TORCH
+from edgediff.runtime.errors import GraphInputError
 from edgediff.runtime.sessions import check_inputs
 
 
@@ -71,11 +72,11 @@ def test_inputs_checked_where_they_enter(tiny_exports):
     good = {"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.zeros(2, np.float32),
             "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
     check_inputs("unet", spec, good)
-    with pytest.raises(ValueError, match="unet input 'sample': expected shape"):
+    with pytest.raises(GraphInputError, match="unet input 'sample': expected shape"):
         check_inputs("unet", spec, {**good, "sample": np.zeros((2, 3, 8, 8), np.float32)})
-    with pytest.raises(ValueError, match="'encoder_hidden_states': axis 'batch' is 1"):
+    with pytest.raises(GraphInputError, match="'encoder_hidden_states': axis 'batch' is 1"):
         check_inputs("unet", spec, {**good, "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)})
-    with pytest.raises(ValueError, match="'timestep' contains NaN"):
+    with pytest.raises(GraphInputError, match="'timestep' contains NaN"):
         check_inputs("unet", spec, {**good, "timestep": np.full(2, np.nan, np.float32)})
 
 

@@ -28,11 +28,32 @@ SD15_PNDM_RAW = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedu
                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
 
 
+def _stored(cls_name, raw):
+    """What the exporter stores: the original scheduler's filled-in config and its class name."""
+    config = dict(getattr(diffusers, cls_name).from_config(raw).config)
+    return dict(config, _class_name=cls_name)
+
+
 def _pndm_filled():
-    return dict(diffusers.PNDMScheduler.from_config(SD15_PNDM_RAW).config)
+    return _stored("PNDMScheduler", SD15_PNDM_RAW)
+
+
+def _pndm_without_clip_sample():
+    """Many SD 1.x fine-tunes: a PNDM config without clip_sample, so DDIM/DDPM take their own
+    default clip_sample=True and Heun/LCM theirs (False)."""
+    return _stored("PNDMScheduler", {k: v for k, v in SD15_PNDM_RAW.items() if k != "clip_sample"})
+
+
+def _ddim_thresholding():
+    """An original DDIM config with dynamic thresholding (s can exceed 1: sample_max_value 3)."""
+    raw = {k: v for k, v in SD15.items() if k != "clip_sample"}
+    return _stored("DDIMScheduler", dict(raw, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0))
 
 
 CONFIGS = {"sd15_eps": lambda: SD15, "sd2_v": lambda: SD2V, "sd15_pndm_filled": _pndm_filled,
+           "sd15_pndm_no_clip": _pndm_without_clip_sample,
+           "sd2_v_clip": lambda: dict(SD2V, clip_sample=True, clip_sample_range=2.0),
+           "sd15_ddim_threshold": _ddim_thresholding,
            "sd15_trailing": lambda: dict(SD15, timestep_spacing="trailing"),
            "sd2_v_linspace": lambda: dict(SD2V, timestep_spacing="linspace", steps_offset=0)}
 
@@ -51,7 +72,6 @@ COUNTERPARTS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, {}),
     "lcm": ("LCMScheduler", {}, {}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}),
     "deis": ("DEISMultistepScheduler", {}, {}),
     "tcd": ("TCDScheduler", {}, {"eta": 0.3}),
@@ -95,12 +115,12 @@ class RecordingRng:
         return z
 
 
-def run_ours(sampler, config, steps, noise, *, schedule=None, seed=0):
+def run_ours(sampler, config, steps, noise, *, schedule=None, seed=0, with_plan=False):
     alphas_cumprod = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.numpy().astype(np.float64)
     plan = make_plan(sampler, alphas_cumprod, config, steps, schedule=schedule)
     rng = RecordingRng(seed)
     x = plan.run(make_denoiser(plan, config["prediction_type"]), noise * np.float32(plan.init_noise_sigma), rng=rng)
-    return x, rng.draws
+    return (x, rng.draws, plan) if with_plan else (x, rng.draws)
 
 
 def run_diffusers(cls_name, extra, step_kwargs, config, steps, noise, draws, monkeypatch):
@@ -137,7 +157,8 @@ def assert_close(ours, ref, rtol=1e-5):
 
 
 @pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("config_name", ["sd15_eps", "sd2_v", "sd15_pndm_filled"])
+@pytest.mark.parametrize("config_name", ["sd15_eps", "sd2_v", "sd15_pndm_filled", "sd15_pndm_no_clip",
+                                         "sd2_v_clip", "sd15_ddim_threshold"])
 @pytest.mark.parametrize("sampler", list(COUNTERPARTS))
 def test_parity(sampler, config_name, steps, monkeypatch):
     config = CONFIGS[config_name]()
@@ -173,12 +194,16 @@ SCHEDULE_CASES = [
     ("unipc", None, "sd15_trailing", "UniPCMultistepScheduler", {}),
     ("unipc", None, "sd2_v_linspace", "UniPCMultistepScheduler", {}),
     ("deis", None, "sd15_trailing", "DEISMultistepScheduler", {}),
+    ("deis", "karras", "sd2_v", "DEISMultistepScheduler", {"use_karras_sigmas": True}),
 ]
 
 
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("sampler,schedule,config_name,cls_name,extra", SCHEDULE_CASES)
 def test_schedule_parity(sampler, schedule, config_name, cls_name, extra, steps, monkeypatch):
+    if cls_name == "DEISMultistepScheduler" and schedule is not None and steps == 1:
+        pytest.skip("diffusers' DEIS does not move at 1 step on a sigma schedule "
+                    "(test_deis_one_step_on_a_sigma_schedule)")
     if schedule == "beta" or cls_name == "LMSDiscreteScheduler":
         pytest.importorskip("scipy")
     config = CONFIGS[config_name]()
@@ -221,3 +246,110 @@ def test_img2img_strength_parity(sampler, strength, monkeypatch):
     if plan.final_scale != 1.0:  # DDIM ends at alphas_cumprod[0]: both sides return x_t there
         pass
     assert_close(ours, ref)
+
+
+# Counterparts for the defaults check (dpmpp_sde's DPMSolverSDEScheduler draws Brownian-tree noise
+# and is compared with k-diffusion instead).
+DEFAULTS_OF = {**{name: cls for name, (cls, _, _) in COUNTERPARTS.items()}, "dpmpp_sde": "DPMSolverSDEScheduler"}
+
+
+@pytest.mark.parametrize("sampler", sorted(DEFAULTS_OF))
+def test_defaults_table_is_the_counterparts(sampler):
+    """Every key a plan reads defaults to the counterpart's own __init__ default (the value
+    ``from_config`` fills in for a missing key), and clip_sample / thresholding are listed exactly
+    where the counterpart applies them."""
+    import inspect
+
+    from edgediff.runtime.samplers import SAMPLERS
+
+    cls = getattr(diffusers, DEFAULTS_OF[sampler])
+    params = inspect.signature(cls.__init__).parameters
+    defaults = SAMPLERS[sampler].defaults
+    for key, value in defaults.items():
+        assert key in params and params[key].default == value, (key, value)
+    source = inspect.getsource(cls)
+    assert ("clip_sample" in defaults) == ("self.config.clip_sample:" in source)
+    assert ("thresholding" in defaults) == ("if self.config.thresholding" in source)
+
+
+def exact_model(alphas_cumprod, x0, prediction_type):
+    """The model that knows the clean latent: its eps / v for x_t at the timestep it is told."""
+
+    def model(x_t, t):
+        a = float(alphas_cumprod[int(t)])
+        eps = (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return (eps if prediction_type == "epsilon" else math.sqrt(a) * eps - math.sqrt(1 - a) * x0).astype(np.float32)
+
+    return model
+
+
+def diffusers_walk_is_consistent(config, steps):
+    """PNDMScheduler steps from t to t - T // steps whatever the spacing; that is its own next
+    timestep only where the spacing's gaps are all T // steps."""
+    scheduler = diffusers.PNDMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    gaps = -np.diff(scheduler._timesteps[::-1])
+    return bool(np.all(gaps == config["num_train_timesteps"] // steps))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 6, 20])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("config_name", ["sd15_eps", "sd2_v"])
+def test_pndm_every_spacing(config_name, spacing, steps, monkeypatch):
+    """Parity wherever diffusers' PLMS walk is consistent (leading; trailing when steps divides T).
+    Elsewhere (linspace at 2+ steps, trailing at 3 or 6) diffusers hands the model a sample at the
+    wrong timestep; edgediff walks the spacing's own timesteps, which the exact model shows: ours
+    lands on the clean latent, diffusers' does not."""
+    config = dict(CONFIGS[config_name](), timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    cls_name, extra, step_kwargs = COUNTERPARTS["pndm"]
+    noise = np.random.default_rng(1234).standard_normal(SHAPE, dtype=np.float32)
+    ours, draws = run_ours("pndm", config, steps, noise)
+    ref = run_diffusers(cls_name, extra, step_kwargs, config, steps, noise, draws, monkeypatch)
+    if diffusers_walk_is_consistent(dict(config, **extra), steps):
+        assert_close(ours, ref, rtol=2e-5 if steps == 1 else 1e-5)  # 1 step from t=999 with v: float32 cancellation
+        return
+    assert np.abs(ours - ref).max() > 1e-4 * np.abs(ref).max()  # 10x the parity tolerance
+    # The exact model: then both walks end at sigma 0 on x0 (for epsilon models: diffusers' PLMS,
+    # and ours after it, combines v outputs from different timesteps, which an exact v model does not
+    # make exact)
+    config = dict(config, set_alpha_to_one=True, prediction_type="epsilon")
+    alphas_cumprod = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.numpy().astype(np.float64)
+    x0 = np.random.default_rng(5).standard_normal(SHAPE, dtype=np.float32)
+    plan = make_plan("pndm", alphas_cumprod, config, steps)
+    ours = plan.run(lambda x, sigma: x0.copy(), x0 + noise * np.float32(plan.sigmas[0]))
+    # float32 round-off of the starting sample's size, amplified by the first (two-evaluation) step
+    tolerance = 5e-5 * float(plan.sigmas[0] * np.abs(noise).max())
+    ours_error = float(np.abs(ours - x0).max())
+    assert ours_error < tolerance
+    model = exact_model(alphas_cumprod, x0, config["prediction_type"])
+    scheduler = diffusers.PNDMScheduler.from_config(config, **extra)
+    scheduler.set_timesteps(steps)
+    t0 = int(scheduler.timesteps[0])
+    latents = torch.from_numpy(x0 * math.sqrt(alphas_cumprod[t0]) + noise * math.sqrt(1 - alphas_cumprod[t0]))
+    for t in scheduler.timesteps:
+        latents = scheduler.step(torch.from_numpy(model(latents.numpy(), t)), t, latents).prev_sample
+    assert float(np.abs(latents.numpy() - x0).max()) > 100 * max(ours_error, 1e-6)
+
+
+@pytest.mark.parametrize("schedule,option", [("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"),
+                                             ("beta", "use_beta_sigmas")])
+def test_deis_one_step_on_a_sigma_schedule(schedule, option, monkeypatch):
+    """diffusers' DEIS with karras/exponential/beta sigmas appends the last sigma again as the final
+    one; at 1 step that is sigma_max itself, so it returns its starting noise.  edgediff's one step
+    goes to sigma_min as at every other step count (those match diffusers: test_schedule_parity)."""
+    if schedule == "beta":
+        pytest.importorskip("scipy")
+    config = CONFIGS["sd15_eps"]()
+    noise = np.random.default_rng(3).standard_normal(SHAPE, dtype=np.float32)
+    ours, _ = run_ours("deis", config, 1, noise, schedule=schedule)
+    ref = run_diffusers("DEISMultistepScheduler", {option: True}, {}, config, 1, noise, [], monkeypatch)
+    alphas_cumprod = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.numpy().astype(np.float64)
+    plan = make_plan("deis", alphas_cumprod, config, 1, schedule=schedule)
+    np.testing.assert_allclose(ref, noise, rtol=1e-5)  # diffusers: its starting latents, unchanged
+    assert plan.sigmas[-1] == pytest.approx(math.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0]))
+    # ours: one DDIM step from sigma_max to sigma_min, x_t = (x0 + sigma_min eps) * sqrt(alpha_bar_0)
+    x = noise * np.float32(plan.init_noise_sigma)
+    denoised = make_denoiser(plan, "epsilon")(x, plan.sigmas[0])
+    eps = (x - denoised) / np.float32(plan.sigmas[0])
+    expected = (denoised + eps * np.float32(plan.sigmas[1])) * np.float32(plan.final_scale)
+    assert_close(ours, expected)

@@ -125,3 +125,38 @@ def test_runtime_samplers_never_import_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; "
             "sys.modules['transformers'] = None; import edgediff.runtime.samplers, edgediff.runtime.schedules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _one_step_result(sampler, config, value=5.0):
+    """The result of one step with a denoiser that always predicts ``value`` for the clean latent
+    (both walks end at sigma 0, so the result is the processed prediction)."""
+    plan = make_plan(sampler, ALPHAS, dict(config, set_alpha_to_one=True), 1)
+    x = np.full((1, 4, 8, 8), 3.0, np.float32)
+    return plan.run(lambda x, sigma: np.full_like(x, value), x)
+
+
+@pytest.mark.parametrize("sampler,config,expected", [
+    ("ddim", {}, 1.0),                                   # missing: DDIM's own default clip_sample=True
+    ("ddim", {"clip_sample": False}, 5.0),
+    ("ddim", {"clip_sample": False, "_use_default_values": ["clip_sample"]}, 1.0),  # a default of the original
+    ("ddim", {"clip_sample": True, "clip_sample_range": 2.0}, 2.0),
+    ("ddpm", {}, 1.0),
+    ("heun", {}, 5.0),                                   # Heun's default is False
+    ("heun", {"clip_sample": True}, 1.0),
+    ("heun", {"clip_sample": True, "_use_default_values": ["clip_sample"]}, 5.0),
+    ("euler", {"clip_sample": True}, 5.0),               # EulerDiscreteScheduler has no clip_sample
+    ("ddim", {"thresholding": True, "sample_max_value": 3.0}, 1.0),  # s = 3: clip to 3, divide by 3
+    ("dpmpp_2m", {"thresholding": True, "sample_max_value": 2.5}, 1.0),
+    ("dpmpp_2m", {"clip_sample": True}, 5.0),            # DPM-Solver: thresholding only
+])
+def test_clip_sample_and_thresholding_follow_the_counterpart(sampler, config, expected):
+    base = {k: v for k, v in SD15.items() if k != "clip_sample"}
+    out = _one_step_result(sampler, dict(base, **config))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_tcd_ignores_clip_sample_as_diffusers_does():
+    base = {k: v for k, v in SD15.items() if k != "clip_sample"}
+    clipped = _one_step_result("tcd", dict(base, clip_sample=True, thresholding=True))
+    np.testing.assert_array_equal(clipped, _one_step_result("tcd", dict(base, clip_sample=False)))
+    assert np.abs(clipped).max() > 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnxruntime
 import pytest
@@ -48,6 +49,13 @@ class FakeSession:
 
     def get_providers(self):
         return [FakeSession.active]
+
+    # What ENTRY declares, as ONNX Runtime's NodeArg reports it.
+    def get_inputs(self):
+        return [SimpleNamespace(name="x", type="tensor(float16)", shape=["batch", 4])]
+
+    def get_outputs(self):
+        return [SimpleNamespace(name="y", type="tensor(float16)", shape=["batch", 4])]
 
 
 def test_cuda_fallback_is_reported_in_one_line(monkeypatch, tmp_path):

@@ -1,0 +1,217 @@
+"""How much memory a generation needs, estimated from the graphs before any work starts.
+
+Per graph, the estimate walks the ONNX nodes in execution order with the request's batch and latent
+size: each activation's size follows from the convolution strides and Resize scales met on the way
+from the spatial input (its resolution) and the last weight that produced it (its channels). A tensor
+is alive from the node that writes it to the last node that reads it, as in ONNX Runtime's sequential
+memory plan; fused attention adds its scratch (the QKV buffer and the batch*heads*tokens^2 score
+matrix, which dominates at large sizes). The peak of one stage is the weights resident (one graph in
+``memory="low"``, all graphs used so far in ``"high"``) plus that stage's live activations; the
+process's own resident memory is added on top.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelFolderError
+from .graph_info import GraphInfo, read_graph
+from .manifest import GraphEntry
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "float16": 2}
+# Passthrough ops whose output holds a handful of numbers (shapes, indices), not an activation.
+SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "NonZero"}
+
+
+def _spatial_input(entry: GraphEntry):
+    """The graph's image-like input (batch, channels, height, width), or None."""
+    return next((spec for spec in entry.inputs if len(spec.shape) == 4), None)
+
+
+@dataclass
+class GraphProfile:
+    """One graph's weights and the node walk that sizes its activations."""
+
+    name: str
+    info: GraphInfo
+    spatial: str | None  # name of the (batch, channels, height, width) input
+    channels: int | None
+    outputs: set[str]
+    element_bytes: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.info.weight_bytes
+
+    def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str]:
+        """Peak bytes of live activations at this input size, and what the peak is."""
+        if self.spatial is None:
+            return 0, "weights"
+        info, shapes = self.info, self.info.shapes
+        scale = {self.spatial: 1.0}
+        chans = {self.spatial: self.channels or 1}
+        scores: set[str] = set()
+
+        def pixels(r: float) -> int:
+            return math.ceil(height * r) * math.ceil(width * r)
+
+        last_use = {}
+        for index, node in enumerate(info.nodes):
+            for name in node.inputs:
+                last_use[name] = index
+        size = lambda name: batch * chans[name] * pixels(scale[name]) * self.element_bytes  # noqa: E731
+        live = peak = size(self.spatial)
+        what = "input"
+        for index, node in enumerate(info.nodes):
+            tagged = [name for name in node.inputs if name in scale]
+            if not tagged or node.op_type in SHAPE_OPS:
+                continue
+            r, c = scale[tagged[0]], chans[tagged[0]]
+            transient, kind, what_here = 0, None, ""
+            op = node.op_type
+            if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+                stride = node.ints.get("strides", [1])[0]
+                r = r * stride if op == "ConvTranspose" else r / stride
+                weight = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
+                c = weight[0] if weight else c
+            elif op in ("Resize", "Upsample"):
+                factors = next((info.values[n] for n in node.inputs[1:] if len(info.values.get(n) or ()) == 4), None)
+                r *= factors[-1] if factors else 2.0
+            elif op in ("MatMul", "Gemm"):
+                a, b = node.inputs[0], node.inputs[1]
+                if a in scale and b in scale:  # unfused attention: Q.K^T makes scores, scores.V their output
+                    if a in scores:
+                        c = chans[b]
+                    else:
+                        c, kind = pixels(scale[b]), "score"
+                elif b in shapes:
+                    c = shapes[b][0] if op == "Gemm" and node.ints.get("transB", [0])[0] else shapes[b][-1]
+            elif op == "Attention":  # fused self-attention: QKV projection, then the score matrix
+                heads = node.ints.get("num_heads", [1])[0]
+                qkv = shapes.get(node.inputs[1])
+                c = qkv[1] // 3 if qkv else c
+                tokens = pixels(r)
+                transient = batch * tokens * (3 * c + heads * tokens) * self.element_bytes
+                what_here = f"self-attention at {math.ceil(height * r)}x{math.ceil(width * r)} latent pixels"
+            elif op == "MultiHeadAttention":
+                heads = node.ints.get("num_heads", [1])[0]
+                key = node.inputs[1] if len(node.inputs) > 1 else ""
+                if not key:  # packed QKV
+                    c, kv = c // 3, pixels(r)
+                else:
+                    kv = pixels(scale[key]) if key in scale else context_tokens
+                transient = batch * heads * pixels(r) * kv * self.element_bytes
+                what_here = f"attention at {math.ceil(height * r)}x{math.ceil(width * r)} latent pixels"
+            elif op == "Concat" and len(tagged) == len(node.inputs) > 1:
+                c = sum(chans[name] for name in tagged)
+            else:
+                c = max(chans[name] for name in tagged)
+                if any(name in scores for name in tagged):
+                    kind = "score"
+            written = 0
+            for name in node.outputs:
+                if not name:
+                    continue
+                scale[name], chans[name] = r, c
+                if kind == "score":
+                    scores.add(name)
+                written += size(name)
+            if live + written + transient > peak:
+                peak = live + written + transient
+                what = what_here if transient else f"{op} at {math.ceil(height * r)}x{math.ceil(width * r)}"
+            live += written
+            for name in set(node.inputs) | set(node.outputs):
+                if name in scale and last_use.get(name, -1) <= index and name not in self.outputs:
+                    live -= size(name)
+                    del scale[name]
+        return peak, what
+
+
+def load_profile(model_dir: Path, name: str, entry: GraphEntry) -> GraphProfile:
+    try:
+        info = read_graph(Path(model_dir) / entry.path)
+    except (OSError, ValueError, IndexError, KeyError) as error:
+        raise ModelFolderError(f"{name} graph {Path(model_dir) / entry.path} cannot be loaded "
+                               f"(corrupt or incomplete?): {error}; re-export the model") from None
+    spatial = _spatial_input(entry)
+    dtype = spatial.dtype if spatial is not None else "float32"
+    channels = spatial.shape[1] if spatial is not None and isinstance(spatial.shape[1], int) else None
+    return GraphProfile(name, info, spatial.name if spatial else None, channels,
+                        {spec.name for spec in entry.outputs}, DTYPE_BYTES.get(dtype, 4))
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int  # the whole process at its peak
+    stage: str  # the graph whose stage is the peak
+    what: str  # what dominates that stage
+
+    def __str__(self) -> str:
+        return f"{self.peak_bytes / GB:.1f} GB (peak in {self.stage}: {self.what})"
+
+
+def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]], memory: str,
+             resident: set[str], base_bytes: int, context_tokens: int) -> Estimate:
+    """Peak memory of running ``stages`` [(graph, batch, height, width)] in order.
+
+    ``height``/``width`` are the graph's spatial input size; ``resident`` graphs are already in
+    ``base_bytes`` (the process's resident memory now)."""
+    best = Estimate(base_bytes, "none", "nothing")
+    loaded = set(resident)
+    for graph, batch, height, width in stages:
+        profile = profiles[graph]
+        loaded.add(graph)
+        weights = sum(profiles[g].weight_bytes for g in loaded - resident) if memory == "high" else (
+            0 if graph in resident else profile.weight_bytes)
+        activations, what = profile.activation_bytes(batch, height, width, context_tokens)
+        total = base_bytes + weights + activations
+        if total > best.peak_bytes:
+            dominant = what if activations > weights else f"{weights / GB:.1f} GB of weights"
+            best = Estimate(total, graph, dominant)
+    return best
+
+
+def available_bytes() -> tuple[int | None, str]:
+    """Memory this process could still take: MemAvailable, a cgroup limit or an address-space limit."""
+    found: list[tuple[int, str]] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append((int(limit) - used, "the cgroup memory limit"))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        resource = None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0] if resource else -1
+    if resource and soft != resource.RLIM_INFINITY:
+        found.append((soft - _status_kb("VmSize") * 1024, "the address-space limit (ulimit -v)"))
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
