@@ -104,14 +104,31 @@ def _list_samplers(ctx, param, value):
                    "(diffusers, ComfyUI).")
 @click.option("--no-memory-check", is_flag=True,
               help="Start even when the estimated peak memory exceeds the memory free.")
+@click.option("--no-metadata", is_flag=True, help="Write no A1111 `parameters` text into the image.")
+@click.option("--from-png", type=click.Path(path_type=Path), default=None,
+              help="Take prompt, negative, seed, steps, sampler, schedule, CFG and size from an image's "
+                   "A1111 parameters; flags given explicitly override them.")
+@click.pass_context
 @user_errors
-def generate(prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
-             provider, memory, image, strength, noise, no_memory_check):
+def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
+             provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
+    from edgediff.runtime import metadata
     from edgediff.runtime.arguments import resolve_seed
     from edgediff.runtime.images import open_image
 
+    if from_png is not None:
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) not in
+                 (click.core.ParameterSource.DEFAULT, None)}
+        if "sampler" in given:  # a sampler chosen by hand brings its own schedule
+            given.add("schedule")
+        found = _read_parameters(from_png)
+        found["negative"] = found.pop("negative_prompt", negative)
+        values = dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, sampler=sampler,
+                      schedule=schedule, seed=seed, width=width, height=height)
+        values.update((name, value) for name, value in found.items() if name in values and name not in given)
+        prompt, negative, steps, guidance, sampler, schedule, seed, width, height = values.values()
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
@@ -131,8 +148,12 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
                   noise=noise, check_memory=not no_memory_check)
     output = output or Path(f"edgediff-{result.seed}.png")
     _check_writable(output)
+    text = None if no_metadata else metadata.infotext(dict(
+        prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler=sampler,
+        schedule=schedule, seed=result.seed, width=result.images[0].width, height=result.images[0].height,
+        strength=strength if picture is not None else None, **metadata.model_identity(pipe.model_dir, pipe.manifest)))
     try:
-        result.images[0].save(output)
+        metadata.save_image(result.images[0], output, text)
     except (OSError, ValueError, KeyError) as error:  # Pillow: ValueError/KeyError for formats it lacks
         raise EdgediffError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}") from None
     if random:
@@ -140,6 +161,20 @@ def generate(prompt, model, output, negative, steps, guidance, sampler, schedule
     t = result.timings
     click.echo(f"wrote {output} (seed {result.seed}, {steps} steps, {pipe.provider}, "
                f"{t['total']:.2f} s: unet {t['unet']:.2f} s, decode {t['vae_decoder']:.2f} s)", err=True)
+
+
+def _read_parameters(path: Path) -> dict:
+    from edgediff.runtime import metadata
+
+    if not path.is_file():
+        raise EdgediffError(f"image not found: {path}")
+    try:
+        text = metadata.read_infotext(path)
+    except OSError as error:
+        raise EdgediffError(f"cannot read image {path}: {error}") from None
+    if not text:
+        raise EdgediffError(f"{path} carries no A1111 parameters to regenerate from")
+    return metadata.generation_kwargs(metadata.parse_infotext(text))
 
 
 def _check_writable(output: Path) -> None:
@@ -204,6 +239,45 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
     click.echo(summary.line(), err=True)
     if summary.failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Exported model folder [default: the shipped default model].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other hosts: use --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--memory", type=click.Choice(["low", "high"]), default="high", show_default=True,
+              help="high: sessions stay resident between requests.")
+@click.option("--api-key", default=None, envvar="EDGEDIFF_API_KEY",
+              help="Require this key (Bearer, X-API-Key, or as the basic-auth password) on every endpoint "
+                   "but /health [env: EDGEDIFF_API_KEY].")
+@click.option("--api-auth", default=None, help="A1111's form: user:password[,user2:password2] for HTTP basic auth.")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests waiting behind the running one; more get 503 with Retry-After.")
+@click.option("--max-side", type=click.IntRange(8), default=2048, show_default=True, help="Largest width or height.")
+@click.option("--max-steps", type=click.IntRange(1), default=150, show_default=True)
+@click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="Largest batch_size x n_iter.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
+              help="Largest request body, MiB.")
+@user_errors
+def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
+          max_body_mb):
+    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...); docs at /docs."""
+    try:
+        from edgediff.server import Limits, serve as run_server
+    except ImportError as error:
+        raise EdgediffError(f"the server needs the serve extra ({error.name} is missing): "
+                            "pip install 'edgediff[serve]'") from None
+    limits = Limits(max_side=max_side, max_pixels=max_side * max_side, max_steps=max_steps, max_images=max_images,
+                    max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)))
+    credentials = [c for c in (api_auth or "").split(",") if c]
+    if any(":" not in c for c in credentials):
+        raise EdgediffError("--api-auth wants user:password pairs separated by commas")
+    click.echo(f"edgediff serving on http://{host}:{port} (API docs at /docs)", err=True)
+    run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
+               api_auth=credentials, limits=limits)
 
 
 def _register_bench():
