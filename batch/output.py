@@ -1,7 +1,8 @@
 """The output folder: one PNG per job, written atomically, and ``results.jsonl``.
 
-A PNG carries its job (key and parameters) in a text chunk; a re-run counts a job as done only
-when its file decodes and names the same key, so a torn write or a stale file is redone.
+A PNG carries A1111's ``parameters`` infotext (so PNG Info tabs and image browsers read it) and its
+job (key and parameters) in an ``edgediff-job`` chunk; a re-run counts a job as done only when its
+file decodes and names the same key, so a torn write or a stale file is redone.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import MANIFEST_NAME
+from edgediff.runtime.metadata import infotext
 
 from .jobs import Job
 
@@ -29,9 +31,13 @@ RESULTS = "results.jsonl"
 _TMP = ".tmp"
 
 
-def encode_png(image: Image.Image, job: Job) -> bytes:
-    """The PNG bytes of one job's image, with the job in a text chunk (done on the worker)."""
+def encode_png(image: Image.Image, job: Job, model: dict[str, str]) -> bytes:
+    """The PNG bytes of one job's image (made on the worker). ``model``: the model_name and
+    model_hash for the infotext, from the driver, so the bytes do not depend on where a worker
+    found its copy of the model."""
     info = PngImagePlugin.PngInfo()
+    # The same ``parameters`` chunk as metadata.save_image writes, next to the job's own.
+    info.add_text("parameters", infotext({**job.params, "negative_prompt": job.params["negative"], **model}))
     info.add_text(JOB_CHUNK, json.dumps({"key": job.key, "id": job.id, "params": job.params}, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)

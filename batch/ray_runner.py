@@ -48,6 +48,7 @@ class BatchWorker:
         from edgediff.runtime import Pipeline
 
         path = materialize(model)
+        self.identity = model["identity"]
         self.fingerprint = model_fingerprint(path)
         self.pipe = Pipeline.load(path, provider=provider, memory=memory, threads=threads)
 
@@ -58,7 +59,7 @@ class BatchWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
     def render(self, job: Job) -> dict[str, Any]:
-        return render(self.pipe, job)
+        return render(self.pipe, job, self.identity)
 
 
 def materialize(model: dict[str, Any]) -> Path:
@@ -175,7 +176,7 @@ class RayRunner:
     def run(self, todo: list[Job], model: ModelRef, finish: Finish) -> None:
         ray = self.ray
         spec = {"path": str(model.path), "precision": model.default_precision,
-                "fingerprint": model.fingerprint, "files": self._ship(model.path) if self.ship_model else None}
+                "fingerprint": model.fingerprint, "identity": model.identity, "files": self._ship(model.path) if self.ship_model else None}
         worker = ray.remote(BatchWorker)
         run_id, numbers = uuid.uuid4().hex[:8], itertools.count()
         threads = None if self.gpus else max(1, int(self.cpus))  # a CPU actor uses the cores Ray gave it

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import read_manifest
+from edgediff.runtime.metadata import model_identity
 
 from .jobs import Job, plan_jobs, read_jobs
 from .output import OutputFolder, encode_png, model_fingerprint
@@ -34,6 +35,7 @@ class ModelRef:
     path: Path
     fingerprint: str
     default_precision: str | None = None
+    identity: dict[str, str] = field(default_factory=dict)  # model_name, model_hash for the infotext
 
 
 @dataclass
@@ -84,7 +86,7 @@ def run_batch(jobs: str | Path | Iterable[dict], out: str | Path, *, model: str 
     with runner:
         path, precision = resolve_model(model, runner.gpu)
         manifest = read_manifest(path)
-        model_ref = ModelRef(path, model_fingerprint(path), precision)
+        model_ref = ModelRef(path, model_fingerprint(path), precision, model_identity(path, manifest))
         alphas = np.load(model_ref.path / manifest.alphas_cumprod)
         planned = plan_jobs(checked, manifest, alphas, model_ref.fingerprint, label)
         with OutputFolder(Path(out)) as folder:
@@ -129,12 +131,12 @@ def resolve_model(model: str | Path | None, gpu: bool) -> tuple[Path, str | None
     return default_model_dir(precision), precision
 
 
-def render(pipe, job: Job) -> dict[str, Any]:
+def render(pipe, job: Job, model: dict[str, str]) -> dict[str, Any]:
     """One job on a loaded pipeline: its PNG bytes (metadata included) and the stage timings."""
     params = dict(job.params)
     started = time.perf_counter()
     result = pipe(params.pop("prompt"), params.pop("negative"), **params)
-    png = encode_png(result.images[0], job)
+    png = encode_png(result.images[0], job, model)
     timings = {stage: round(seconds, 4) for stage, seconds in result.timings.items()}
     timings["job"] = round(time.perf_counter() - started, 4)
     return {"png": png, "timings": timings}
@@ -174,7 +176,7 @@ class LocalRunner:
         for job in todo:
             for attempt in range(1, self.retries + 2):
                 try:
-                    outcome = render(pipe, job)
+                    outcome = render(pipe, job, model.identity)
                     break
                 except Exception as error:  # a failed job is recorded, never stops the batch
                     outcome = {"error": describe_error(error)}

@@ -15,6 +15,8 @@ from edgediff.batch import run_batch
 from edgediff.batch.output import JOB_CHUNK, OutputFolder
 from edgediff.cli import main
 from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.metadata import generation_kwargs, parse_infotext, read_infotext
+from edgediff.runtime.samplers import resolve_sampler
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 
@@ -89,6 +91,11 @@ def test_rerun_skips_complete_jobs_and_redoes_torn_or_foreign_files(tmp_path):
         recorded = json.loads(image.text[JOB_CHUNK])
         assert image.size == (64, 64)
     assert recorded["key"] == first[2]["key"] and recorded["params"]["sampler"] == "euler_a"
+    # A1111's infotext too, which reads back as the job's own settings.
+    settings = generation_kwargs(parse_infotext(read_infotext(out / first[2]["file"])))
+    assert {k: settings[k] for k in ("prompt", "steps", "seed", "width", "height")} == \
+        {k: first[2]["job"][k] for k in ("prompt", "steps", "seed", "width", "height")}
+    assert resolve_sampler(settings["sampler"])[0] == "euler_a"
     assert "wrote 3 images" in stderr
 
     code, stderr = cli(path, "--out", out, *FAST)
@@ -109,12 +116,12 @@ def test_failing_jobs_are_retried_then_recorded_and_the_batch_goes_on(tmp_path, 
     calls = {}
     real_render = runner_module.render
 
-    def render(pipe, job):
+    def render(pipe, job, model):
         prompt = job.params["prompt"]
         calls[prompt] = calls.get(prompt, 0) + 1
         if prompt == "always broken" or (prompt == "flaky" and calls[prompt] == 1):
             raise RuntimeError(f"boom {calls[prompt]}")
-        return real_render(pipe, job)
+        return real_render(pipe, job, model)
 
     monkeypatch.setattr(runner_module, "render", render)
     path = jobs_file(tmp_path, {"prompt": "flaky"}, {"prompt": "always broken"}, {"prompt": "fine"})

@@ -2,12 +2,14 @@
 skips finished work, ships the model through the object store."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
 
 import pytest
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 
@@ -96,8 +98,14 @@ def test_model_shipped_through_the_object_store(cluster, plain, tmp_path):
     # The workers read their own copy, written once into the node's cache.
     (copy,) = [path for path in os.scandir(cluster) if not path.name.startswith(".")]
     assert os.path.isfile(os.path.join(copy.path, "manifest.json"))
-    shutil.rmtree(model)  # a copy of the default model: the same images as the plain run
-    assert set(read_images(tmp_path / "out").values()) <= set(plain.values())
+    shutil.rmtree(model)
+    shipped = read_images(tmp_path / "out")
+    assert len(shipped) == 2 and set(shipped) <= set(plain)  # a copy of the default model: same jobs
+    for name, data in shipped.items():
+        with Image.open(io.BytesIO(data)) as image, Image.open(io.BytesIO(plain[name])) as reference:
+            assert image.tobytes() == reference.tobytes()
+            # The infotext names the model as the driver knows it, not the worker's cache folder.
+            assert "Model: private-model" in image.text["parameters"]
 
 
 @pytest.mark.parametrize("provider, gpus_per_worker, workers, expected", [
