@@ -265,6 +265,46 @@ def info(model, verify):
 
 
 @main.command()
+@click.argument("jobs", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs and results.jsonl.")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Exported model folder, at the same path on every Ray node [default: the shipped default model].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on Ray: alone, a local cluster; with an address (or `auto`), that cluster. "
+                   "Put it after JOBS or write --ray=ADDRESS.")
+@click.option("--workers", type=int, default=None, help="Ray actors [default: one per GPU, else one per CPU].")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-worker", type=float, default=None, help="[default: 1 where the cluster has GPUs]")
+@click.option("--ship-model", is_flag=True, help="Send the model folder through Ray's object store "
+                                                  "instead of reading it from a shared path.")
+@click.option("--retries", type=int, default=2, show_default=True, help="Extra attempts for a failing job.")
+@click.option("--negative", default=None, help="Default negative prompt for jobs without one.")
+@click.option("--steps", type=int, default=None, help="Default steps [20].")
+@click.option("--guidance", type=float, default=None, help="Default guidance [7.5].")
+@click.option("--sampler", default=None, help="Default sampler [dpmpp_2m_karras].")
+@click.option("--schedule", default=None, help="Default sigma schedule.")
+@click.option("--width", type=int, default=None, help="Default width [the model's native size].")
+@click.option("--height", type=int, default=None)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--memory", type=click.Choice(["low", "high"]), default="high", show_default=True,
+              help="high: sessions stay loaded between jobs.")
+@user_errors
+def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_worker, ship_model, retries,
+          provider, memory, **defaults):
+    """Render every job of JOBS (one JSON object per line) into --out; re-runs skip finished jobs."""
+    from edgediff.batch import run_batch
+
+    summary = run_batch(jobs, out, model=model, defaults={k: v for k, v in defaults.items() if v is not None},
+                        provider=provider, memory=memory, ray=ray_address, workers=workers,
+                        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, ship_model=ship_model,
+                        retries=retries)
+    click.echo(summary.line(), err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Exported model folder [default: the shipped default model].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (other hosts: use --api-key).")

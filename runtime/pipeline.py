@@ -69,11 +69,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
-             warn: Callable[[str], None] | None = None) -> "Pipeline":
+             warn: Callable[[str], None] | None = None, threads: int | None = None) -> "Pipeline":
         """Open an exported model folder (the shipped default model when ``model_dir`` is None).
 
         ``memory="low"`` loads one graph at a time and releases it after its stage; ``"high"``
         keeps every graph resident after first use (faster for repeated generations).
+        ``threads``: ONNX Runtime's intra-op threads (default: one per core).
         """
         if model_dir is None:
             from edgediff.models import default_model_dir
@@ -91,7 +92,7 @@ class Pipeline:
         except (OSError, ValueError, TypeError) as error:
             raise ModelFolderError(f"cannot read {model_dir / manifest.alphas_cumprod} ({str(error)[:100]}); "
                                    "re-export the model") from None
-        sessions = Sessions(model_dir, manifest, provider, memory, warn=warn)
+        sessions = Sessions(model_dir, manifest, provider, memory, warn=warn, threads=threads)
         return cls(model_dir, manifest, sessions, tokenizers, alphas_cumprod)
 
     @property

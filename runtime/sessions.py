@@ -62,13 +62,16 @@ class GraphSession:
     """One graph: inputs are checked against the manifest where they enter, then cast to its dtypes."""
 
     def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
-                 optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None):
+                 optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None,
+                 threads: int | None = None):
         ort = _ort()
         self.name = name
         self.entry = entry
         path = model_dir / entry.path
         options = ort.SessionOptions()
         options.log_severity_level = 4  # provider load failures are reported below, in one line
+        if threads:  # several workers on one machine (batch actors) each get their share of the cores
+            options.intra_op_num_threads = threads
         if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
             options.enable_mem_pattern = False
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -252,13 +255,14 @@ class Sessions:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: str, memory: str,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, threads: int | None = None):
         if memory not in MEMORY_MODES:
             raise InputError(f"memory must be 'low' or 'high', not {memory!r}")
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.provider = resolve_provider(provider)
         self.memory = memory
+        self.threads = threads
         self.load_seconds: dict[str, float] = {}
         self._resident: dict[str, GraphSession] = {}
         self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
@@ -279,7 +283,7 @@ class Sessions:
             started = time.perf_counter()
             session = GraphSession(name, self.model_dir, self.manifest.graphs[name], self.provider,
                                    self.manifest.optimized_for, self._warn_once,
-                                   self._initializers.get(name, (None, {}))[1])
+                                   self._initializers.get(name, (None, {}))[1], threads=self.threads)
             self.load_seconds[name] = self.load_seconds.get(name, 0.0) + time.perf_counter() - started
             if self.memory == "high":
                 self._resident[name] = session

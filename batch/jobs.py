@@ -1,0 +1,225 @@
+"""Jobs files: one JSON object per line, checked in full before any work starts.
+
+A job names what to draw (``prompt``, ``negative``, ``seed``, ``steps``, ``sampler``, ``schedule``,
+``width``, ``height``, ``guidance``) and may carry an ``id``; missing fields take the batch's
+defaults. Every problem is reported as ``FILE:LINE: what is wrong``.
+
+A job without a seed gets one derived from the job itself (a hash of its fields after defaults,
+its id, and how many identical seedless jobs came before it), so a re-run, a run on Ray and a run
+without Ray draw the same image, and two identical seedless lines still draw two images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from edgediff.runtime.arguments import MAX_SEED
+from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.manifest import Manifest
+from edgediff.runtime.pipeline import DEFAULT_SAMPLER
+from edgediff.runtime.samplers import make_plan, resolve_sampler
+
+FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
+DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
+                            "width": None, "height": None, "guidance": 7.5}
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class JobsFileError(EdgediffError):
+    """A jobs file (or a default for its jobs) that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked job. ``params`` are exactly the pipeline's keyword arguments (plus the prompts)."""
+
+    line: int
+    id: str | None
+    params: dict[str, Any]  # prompt, negative, seed, steps, sampler, schedule, width, height, guidance
+    key: str  # hash of params, id and the model: names the output and proves it complete
+
+    @property
+    def filename(self) -> str:
+        return f"{self.id}-{self.key[:8]}.png" if self.id else f"{self.key}.png"
+
+
+def read_jobs(source: str | Path | Iterable[dict], defaults: dict[str, Any] | None = None) -> list[dict]:
+    """Parse and check a jobs file (or a list of job dicts); return jobs with defaults applied and
+    seeds resolved, still independent of any model. Raises JobsFileError naming the line."""
+    defaults = check_defaults(defaults or {})
+    if isinstance(source, (str, Path)):
+        label, rows = str(source), _lines(Path(source))
+    else:
+        label, rows = "jobs", ((number, raw) for number, raw in enumerate(source, 1))
+    jobs, seen = [], {}
+    for number, raw in rows:
+        try:
+            job = _check_job(raw, defaults)
+        except JobsFileError as error:
+            raise JobsFileError(f"{label}:{number}: {error}") from None
+        if job["seed"] is None:  # the n-th identical seedless job gets the n-th derived seed
+            identity = _canonical(job)
+            seen[identity] = seen.get(identity, -1) + 1
+            job["seed"] = derived_seed(job, seen[identity])
+        jobs.append({"line": number, **job})
+    if not jobs:
+        raise JobsFileError(f"{label}: no jobs in it")
+    return jobs
+
+
+def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_fingerprint: str,
+              label: str = "jobs") -> list[Job]:
+    """Resolve sizes against the model, check sampler plans, and key each job to its output.
+
+    Jobs with the same key (same params, id and model) are one output: the first line wins."""
+    planned, keys, checked_plans = [], set(), set()
+    for raw in jobs:
+        params = {name: raw[name] for name in FIELDS if name != "id"}
+        try:
+            for side in ("width", "height"):
+                value = manifest.default_size if params[side] is None else params[side]
+                if value % manifest.size_multiple:
+                    raise JobsFileError(f"{side} must be a multiple of {manifest.size_multiple} for this "
+                                        f"model, not {value}")
+                params[side] = value
+            plan_key = (params["sampler"], params["schedule"], params["steps"])
+            if plan_key not in checked_plans:
+                make_plan(params["sampler"], alphas_cumprod, manifest.scheduler, params["steps"],
+                          schedule=params["schedule"])
+                checked_plans.add(plan_key)
+        except EdgediffError as error:
+            raise JobsFileError(f"{label}:{raw['line']}: {error}") from None
+        key = _digest({"params": params, "id": raw["id"], "model": model_fingerprint})[:16]
+        if key not in keys:
+            keys.add(key)
+            planned.append(Job(line=raw["line"], id=raw["id"], params=params, key=key))
+    return planned
+
+
+def derived_seed(job: dict, occurrence: int = 0) -> int:
+    """The seed of a seedless job: 32 bits of a hash of its fields, id and occurrence number."""
+    return int(_digest({"job": _canonical(job), "n": occurrence})[:8], 16)
+
+
+def check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Batch-wide defaults (from the command line), checked like a job's fields."""
+    unknown = sorted(set(defaults) - set(DEFAULTS))
+    if unknown:
+        raise JobsFileError(f"no default for field {unknown[0]!r}; defaults exist for {', '.join(DEFAULTS)}")
+    merged = dict(DEFAULTS)
+    for name, value in defaults.items():
+        if value is None and name not in ("schedule", "width", "height"):
+            continue
+        try:
+            merged[name] = _CHECKS[name](value)
+        except JobsFileError as error:
+            raise JobsFileError(f"default {name}: {error}") from None
+    return merged
+
+
+def _lines(path: Path) -> Iterable[tuple[int, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobsFileError(f"jobs file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise JobsFileError(f"cannot read jobs file {path}: {error}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JobsFileError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _check_job(raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise JobsFileError(f"a job must be a JSON object, not {type(raw).__name__}")
+    unknown = [name for name in raw if name not in FIELDS]
+    if unknown:
+        raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join(FIELDS)}")
+    if "prompt" not in raw:
+        raise JobsFileError("the job has no 'prompt'")
+    job = {}
+    for name in FIELDS:
+        value = raw.get(name, defaults.get(name))
+        job[name] = value if value is None and name in ("id", "seed", "schedule", "width", "height") \
+            else _CHECKS[name](value)
+    # Canonical names, so that aliases of one sampler ("DPM++ 2M Karras") are one job and one seed.
+    job["sampler"], implied = resolve_sampler(job["sampler"])
+    job["schedule"] = job["schedule"] or implied
+    return job
+
+
+def _whole(low: int, high: int | None = None):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            bound = f"from {low} to {high}" if high else f">= {low}"
+            raise JobsFileError(f"must be a whole number {bound}, not {json.dumps(value)}")
+        return value
+    return check
+
+
+def _text(value):
+    if not isinstance(value, str):
+        raise JobsFileError(f"must be a string, not {json.dumps(value)}")
+    return value
+
+
+def _sampler(value):
+    try:
+        resolve_sampler(_text(value))
+    except JobsFileError:
+        raise
+    except EdgediffError as error:
+        raise JobsFileError(str(error)) from None
+    return value
+
+
+def _schedule(value):
+    name = _text(value).strip().lower().replace("-", "_").replace(" ", "_")
+    return None if name in ("", "default", "none", "model") else name
+
+
+def _guidance(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise JobsFileError(f"guidance must be a finite number >= 0, not {json.dumps(value)}")
+    return float(value)
+
+
+def _id(value):
+    value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise JobsFileError(f"id must be 1-64 letters, digits, '.', '_' or '-' (it names the file), "
+                            f"not {json.dumps(value)}")
+    return value
+
+
+def _named(name, check):
+    def wrapped(value):
+        try:
+            return check(value)
+        except JobsFileError as error:
+            message = str(error)
+            raise JobsFileError(message if message.startswith(name) else f"{name} {message}") from None
+    return wrapped
+
+
+_CHECKS = {name: _named(name, check) for name, check in {
+    "id": _id, "prompt": _text, "negative": _text, "seed": _whole(0, MAX_SEED), "steps": _whole(1),
+    "sampler": _sampler, "schedule": _schedule, "width": _whole(1), "height": _whole(1),
+    "guidance": _guidance}.items()}
+
+
+def _canonical(job: dict) -> str:
+    return json.dumps({name: job[name] for name in FIELDS if name != "seed"}, sort_keys=True)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
