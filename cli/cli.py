@@ -90,7 +90,7 @@ def _list_samplers(ctx, param, value):
 @click.option("--seed", type=int, default=None, help="Random seed [default: a fresh one, printed].")
 @click.option("--width", type=int, default=None, help="[default: the model's native size]")
 @click.option("--height", type=int, default=None)
-@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "openvino", "cpu"]), default="auto",
               show_default=True)
 @click.option("--memory", type=click.Choice(["low", "high"]), default="low", show_default=True,
               help="low: one graph in memory at a time (same speed for a single image).")
