@@ -66,8 +66,8 @@ def _model_tag(model_dir: Path) -> str:
     return f"{Path(resolved).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:10]}"
 
 
-def cpu_fingerprint() -> str:
-    """The processor model and the SIMD flags that matter, as one string (Linux: /proc/cpuinfo)."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(processor model fields, SIMD flags) from /proc/cpuinfo on Linux; elsewhere the platform's name."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,7 +81,17 @@ def cpu_fingerprint() -> str:
                 break  # the first processor describes them all
     except OSError:
         pass
-    return model + "|" + ",".join(sorted(flags & set(_CPU_FLAGS)))
+    return model, flags & set(_CPU_FLAGS)
+
+
+def cpu_flags() -> set[str]:
+    return _cpuinfo()[1]
+
+
+def cpu_fingerprint() -> str:
+    """The processor model and the SIMD flags that matter, as one string."""
+    model, flags = _cpuinfo()
+    return model + "|" + ",".join(sorted(flags))
 
 
 def _source_stamp(path: Path) -> list:

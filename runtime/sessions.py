@@ -238,6 +238,8 @@ def openvino_options(model_dir: Path, entry: GraphEntry) -> dict:
     """OpenVINO compiles the graph itself; its compiled-model cache lives beside our session cache."""
     device = os.environ.get("EDGEDIFF_OPENVINO_DEVICE", "CPU").upper()
     precision = os.environ.get("EDGEDIFF_OPENVINO_PRECISION", "").upper()
+    if not precision and device == "CPU" and session_cache.cpu_flags() & {"amx_bf16", "avx512_bf16"}:
+        precision = "BF16"  # native bf16 (AMX or AVX512-BF16): where diffusers' bf16 autocast wins too
     options = {"device_type": device}
     if precision == "BF16":  # not an EP precision: OpenVINO's CPU plugin takes it as an inference hint
         options["load_config"] = json.dumps({device: {"INFERENCE_PRECISION_HINT": "bf16"}})

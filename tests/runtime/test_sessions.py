@@ -188,3 +188,12 @@ def test_threads_default_to_physical_cores(monkeypatch):
     monkeypatch.setattr(sessions.Path, "read_text", lambda self: "0" if self.name == "physical_package_id"
                         else str(int(self.parent.parent.name[3:]) // 2))  # two hyper-threads per core
     assert sessions.default_threads() == 2
+
+
+def test_openvino_takes_bf16_where_the_cpu_has_it(saving, monkeypatch):
+    monkeypatch.delenv("EDGEDIFF_OPENVINO_PRECISION", raising=False)
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert "bf16" in sessions.openvino_options(saving, ENTRY)["load_config"]
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
+    assert sessions.openvino_options(saving, ENTRY) == {"device_type": "CPU",
+                                                        "cache_dir": str(saving / "session_cache" / "openvino")}
