@@ -27,7 +27,8 @@ MEMORY_MODES = ("low", "high")
 # OpenVINO's bf16 is an inference-precision hint on the fp32 graphs (AMX / AVX512-BF16 CPUs).
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8"), "openvino": ("fp32", "bf16"), "cuda": ("fp16",),
                        "tensorrt": ("fp16",), "dml": ("fp16",)}
-EXPORT_TARGET = {"cpu": "cpu", "openvino": "cpu", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
+# OpenVINO reads unfused graphs only (ONNX Runtime's fused ops are unknown to it).
+EXPORT_TARGET = {"cpu": "cpu", "openvino": "none", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
 EXPORT_PRECISION = {"bf16": "fp32"}
 # Environment a worker runs with, per (provider, precision): runtime/sessions.py reads these.
 WORKER_ENV = {("openvino", "fp32"): {"EDGEDIFF_OPENVINO_PRECISION": "FP32"},

@@ -30,6 +30,8 @@ EXTRA_FOR = {"cuda": "edgediff[cuda]", "tensorrt": "edgediff[cuda] and TensorRT"
 # TensorRT builds engines for minutes on first use, so "auto" never picks it: ask for it by name.
 AUTO_ORDER = ("cuda", "dml", "cpu")
 MEMORY_MODES = ("low", "high")
+# OpenVINO's ONNX reader does not know ONNX Runtime's fused contrib ops (SkipLayerNormalization, ...).
+OPENVINO_READS = ("none",)
 # Providers whose optimized graph ONNX Runtime can save and reload (session_cache.py). Compiling
 # providers (TensorRT, OpenVINO, DirectML's fused partitions) keep caches of their own instead.
 CACHED_PROVIDERS = ("cpu", "cuda")
@@ -56,9 +58,15 @@ def available_providers() -> list[str]:
     return [short for short, full in PROVIDERS.items() if full in offered]
 
 
-def resolve_provider(name: str) -> str:
-    """"auto" picks the best available; a named provider that is not installed is an error."""
+def resolve_provider(name: str, optimized_for: str | None = None) -> str:
+    """"auto" picks the best available; a named provider that is not installed is an error.
+    With the model's ``optimized_for``, OpenVINO is only taken for graphs it can read."""
     available = available_providers()
+    if optimized_for is not None and optimized_for not in OPENVINO_READS and "openvino" in available:
+        if name == "openvino":
+            raise ProviderError(f"this model's graphs carry ONNX Runtime's fused {optimized_for} ops, which "
+                                "OpenVINO cannot read: export it with --optimize-for none for --provider openvino")
+        available.remove("openvino")
     if name == "auto":
         return next(short for short in AUTO_ORDER if short in available)
     if name not in PROVIDERS:
@@ -281,7 +289,7 @@ class Sessions:
             raise ValueError(f"memory must be 'low' or 'high', not {memory!r}")
         self.model_dir = Path(model_dir)
         self.manifest = manifest
-        self.provider = resolve_provider(provider)
+        self.provider = resolve_provider(provider, manifest.optimized_for)
         self.memory = memory
         self.load_seconds: dict[str, float] = {}
         self.cache_states: dict[str, str] = {}  # per graph: "hit", "built" or "off" (session_cache.py)

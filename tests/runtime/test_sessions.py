@@ -197,3 +197,11 @@ def test_openvino_takes_bf16_where_the_cpu_has_it(saving, monkeypatch):
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
     assert sessions.openvino_options(saving, ENTRY) == {"device_type": "CPU",
                                                         "cache_dir": str(saving / "session_cache" / "openvino")}
+
+
+def test_openvino_only_for_graphs_it_can_read(offered):
+    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    assert sessions.resolve_provider("auto", "cpu") == "cpu"  # fused CPU graphs: ONNX Runtime's own CPU provider
+    assert sessions.resolve_provider("openvino", "none") == "openvino"
+    with pytest.raises(ProviderError, match="export it with --optimize-for none"):
+        sessions.resolve_provider("openvino", "cpu")
