@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -41,11 +42,23 @@ image.save(out)
 """ % PROMPT
 
 
-def timed(command: list[str], env: dict | None = None) -> dict:
-    """Wall seconds, CPU seconds and peak RSS of one child process run to completion."""
-    with tempfile.TemporaryFile() as log:
+def _pinned(threads: int | None):
+    """Give the child the first ``threads`` CPUs this process may use (both engines alike)."""
+    if not threads or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def timed(command: list[str], env: dict | None = None, threads: int | None = None, lock: Path | None = None) -> dict:
+    """Wall seconds, CPU seconds and peak RSS of one child process run to completion (while holding
+    ``lock``, an flock file shared with other big jobs on the machine; the wait is not timed)."""
+    env = dict(env or os.environ)
+    if threads:  # torch's OpenMP pool and ONNX Runtime's (EDGEDIFF_THREADS) get the same count
+        env.update(OMP_NUM_THREADS=str(threads), EDGEDIFF_THREADS=str(threads))
+    with tempfile.TemporaryFile() as log, _locked(lock):
         clock = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=log, env=env, preexec_fn=_pinned(threads))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - clock
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -53,6 +66,21 @@ def timed(command: list[str], env: dict | None = None) -> dict:
         tail = log.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
             "exit": process.returncode, "last_line": tail[0][:300]}
+
+
+@contextmanager
+def _locked(lock: Path | None):
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def edgediff_command(export: Path, size: int, steps: int, provider: str, out: Path) -> list[str]:
@@ -66,7 +94,7 @@ def diffusers_command(folder: Path, size: int, steps: int, precision: str, out: 
 
 
 def run(exports: list[Path], diffusers: Path | None, size: int, steps: int, repeats: int, provider: str,
-        bf16: bool, log=print) -> dict:
+        bf16: bool, log=print, threads: int | None = None, lock: Path | None = None) -> dict:
     """Interleaved rounds; each round: per export a first (empty cache) and a cached run, then diffusers."""
     work = Path(tempfile.mkdtemp(prefix="edgediff-oneshot-"))
     results: dict[str, list[dict]] = {}
@@ -78,13 +106,13 @@ def run(exports: list[Path], diffusers: Path | None, size: int, steps: int, repe
                 env = {**os.environ, "EDGEDIFF_SESSION_CACHE": str(cache)}
                 for phase in ("first", "cached"):
                     label = f"edgediff {provider} {export.name} {phase}"
-                    result = timed(edgediff_command(export, size, steps, provider, work / "e.png"), env)
+                    result = timed(edgediff_command(export, size, steps, provider, work / "e.png"), env, threads, lock)
                     results.setdefault(label, []).append(result)
                     log(f"round {round_ + 1}: {label}: {result['wall_s']:.1f} s, "
                         f"{result['peak_rss_bytes'] / 1e9:.2f} GB (exit {result['exit']})")
             for precision in (("fp32", "bf16") if bf16 else ("fp32",)) if diffusers else ():
                 label = f"diffusers cpu {precision}"
-                result = timed(diffusers_command(diffusers, size, steps, precision, work / "d.png"))
+                result = timed(diffusers_command(diffusers, size, steps, precision, work / "d.png"), None, threads, lock)
                 results.setdefault(label, []).append(result)
                 log(f"round {round_ + 1}: {label}: {result['wall_s']:.1f} s, "
                     f"{result['peak_rss_bytes'] / 1e9:.2f} GB (exit {result['exit']})")
@@ -96,7 +124,8 @@ def run(exports: list[Path], diffusers: Path | None, size: int, steps: int, repe
         summary[label] = {"runs": runs, "ok": len(ok),
                           "median_wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
                           "median_peak_rss_gb": statistics.median(r["peak_rss_bytes"] for r in ok) / 1e9 if ok else None}
-    return {"size": size, "steps": steps, "repeats": repeats, "provider": provider, "rows": summary}
+    return {"size": size, "steps": steps, "repeats": repeats, "provider": provider, "threads": threads,
+            "rows": summary}
 
 
 def markdown(document: dict) -> str:
@@ -125,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPUs for each process [default: all]")
+    parser.add_argument("--lock", type=Path, default=None, help="flock file held while each process runs")
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = parser.parse_args(argv)
     document = run(args.export, args.diffusers, args.size, args.steps, args.repeats, args.provider,
-                   not args.no_bf16, log=lambda line: print(f"oneshot: {line}", file=sys.stderr, flush=True))
+                   not args.no_bf16, log=lambda line: print(f"oneshot: {line}", file=sys.stderr, flush=True),
+                   threads=args.threads, lock=args.lock)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2))
     print(markdown(document))

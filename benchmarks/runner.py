@@ -280,7 +280,8 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
         if cpu_exports:
             log(f"one-shot CLI rows: {params.oneshot} interleaved rounds")
             oneshot = one_shot.run(cpu_exports, source if params.diffusers else None, params.resolution,
-                                   params.steps, params.oneshot, "auto", params.diffusers_bf16 and bf16, log=log)
+                                   params.steps, params.oneshot, "auto", params.diffusers_bf16 and bf16, log=log,
+                                   threads=threads)
     from .report import summarize
 
     document = {
