@@ -104,8 +104,6 @@ def test_directml_session_options(monkeypatch, tmp_path):
 def test_auto_takes_openvino_only_after_gpus(offered):
     offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
     assert sessions.resolve_provider("openvino") == "openvino"
-    # auto takes OpenVINO only where it was measured faster than the CPU provider (RESULTS.md)
-    assert sessions.resolve_provider("auto") == ("openvino" if "openvino" in sessions.AUTO_ORDER else "cpu")
     offered("CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
     assert sessions.resolve_provider("auto") == "cuda"
     offered("CPUExecutionProvider")
@@ -199,9 +197,18 @@ def test_openvino_takes_bf16_where_the_cpu_has_it(saving, monkeypatch):
                                                         "cache_dir": str(saving / "session_cache" / "openvino")}
 
 
-def test_openvino_only_for_graphs_it_can_read(offered):
+def test_openvino_only_for_graphs_it_can_read(offered, monkeypatch):
     offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"amx_bf16"})
     assert sessions.resolve_provider("auto", "cpu") == "cpu"  # fused CPU graphs: ONNX Runtime's own CPU provider
     assert sessions.resolve_provider("openvino", "none") == "openvino"
     with pytest.raises(ProviderError, match="export it with --optimize-for none"):
         sessions.resolve_provider("openvino", "cpu")
+
+def test_auto_takes_openvino_only_on_cpus_with_native_bf16(offered, monkeypatch):
+    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert sessions.resolve_provider("auto") == "openvino"
+    assert sessions.resolve_provider("auto", "none") == "openvino"
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
+    assert sessions.resolve_provider("auto") == "cpu"  # fp32 only: measured even with the CPU provider
