@@ -32,21 +32,26 @@ from .runner import ALL_PROVIDERS, MEMORY_MODES, PRECISIONS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Folder for bench.json, bench.md and bench.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--oneshot", type=int, default=0, show_default=True,
+              help="Rounds of one-shot CLI rows: fresh `edgediff generate` processes (first and cached run) "
+                   "against fresh diffusers processes, loading included.")
 @user_errors
 def bench(model, resolution, steps, batch, providers, precisions, memory, repeats, threads, no_diffusers,
-          no_bf16, cache, out, seed):
+          no_bf16, cache, out, seed, oneshot):
     """Latency and memory per stage and provider, side by side with diffusers, on full-size architectures."""
     from .report import write_outputs
     from .runner import BenchParams, run_benchmark
 
     if out.exists() and not out.is_dir():
         raise EdgediffError(f"--out {out} is a file; give a folder")
+    if oneshot < 0:
+        raise EdgediffError(f"--oneshot must be 0 or more, not {oneshot}")
     if threads is not None and threads < 1:
         raise EdgediffError(f"--threads must be at least 1, not {threads}")
     params = BenchParams(model=model, resolution=resolution, steps=steps, batch=batch,
                          providers=tuple(providers) or None, precisions=tuple(precisions) or None,
                          memory=tuple(memory) or MEMORY_MODES, repeats=repeats, threads=threads,
-                         seed=seed, diffusers=not no_diffusers, diffusers_bf16=not no_bf16, out=out,
+                         seed=seed, oneshot=oneshot, diffusers=not no_diffusers, diffusers_bf16=not no_bf16, out=out,
                          **({"cache": cache} if cache is not None else {}))
     params.check()
     document = run_benchmark(params)

@@ -20,12 +20,19 @@ from . import hardware
 from .models import BENCH_GRAPHS, config_source, default_cache, ensure_export, ensure_model
 
 GPU_PROVIDERS = ("cuda", "tensorrt", "dml")
-ALL_PROVIDERS = ("cpu", *GPU_PROVIDERS)
-PRECISIONS = ("fp32", "int8", "fp16")
+ALL_PROVIDERS = ("cpu", "openvino", *GPU_PROVIDERS)
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
 MEMORY_MODES = ("low", "high")
 # Which export each provider runs: CPU runs want fp32 or int8 graphs, GPUs fp16 (DESIGN.md).
-PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp16",), "tensorrt": ("fp16",), "dml": ("fp16",)}
-EXPORT_TARGET = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
+# OpenVINO's bf16 is an inference-precision hint on the fp32 graphs (AMX / AVX512-BF16 CPUs).
+PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8"), "openvino": ("fp32", "bf16"), "cuda": ("fp16",),
+                       "tensorrt": ("fp16",), "dml": ("fp16",)}
+# OpenVINO reads unfused graphs only (ONNX Runtime's fused ops are unknown to it).
+EXPORT_TARGET = {"cpu": "cpu", "openvino": "none", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
+EXPORT_PRECISION = {"bf16": "fp32"}
+# Environment a worker runs with, per (provider, precision): runtime/sessions.py reads these.
+WORKER_ENV = {("openvino", "fp32"): {"EDGEDIFF_OPENVINO_PRECISION": "FP32"},
+              ("openvino", "bf16"): {"EDGEDIFF_OPENVINO_PRECISION": "BF16"}}
 
 
 @dataclass
@@ -45,6 +52,7 @@ class BenchParams:
     diffusers: bool = True  # measure diffusers/PyTorch on the same weights in the same run
     diffusers_bf16: bool = True  # also diffusers with bf16 autocast on the CPU
     timeout_s: int = 3600  # per configuration
+    oneshot: int = 0  # rounds of the one-shot CLI rows (fresh processes, first and cached run); 0: none
 
     def check(self) -> None:
         config_source(self.model)  # raises a one-line error for an unknown model
@@ -89,7 +97,8 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
     for provider in providers:
         missing = None if provider in available else (
             "unmeasured (no GPU lent to this session)" if provider in GPU_PROVIDERS and not hardware.gpus()
-            else f"unmeasured ({provider} provider not installed in this onnxruntime)")
+            else "unmeasured (openvino needs its own environment: pip install 'edgediff[openvino]')"
+            if provider == "openvino" else f"unmeasured ({provider} provider not installed in this onnxruntime)")
         if params.providers is None and missing and provider == "dml":
             continue  # DirectML is Windows-only: list it only when asked for
         for precision in PROVIDER_PRECISIONS[provider]:
@@ -191,7 +200,8 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
     runnable = [c for c in configs if not c.unmeasured]
 
     config_dir = config_source(params.model)
-    exports_needed = sorted({(c.precision, EXPORT_TARGET[c.provider]) for c in runnable if c.engine == "edgediff"})
+    exports_needed = sorted({(EXPORT_PRECISION.get(c.precision, c.precision), EXPORT_TARGET[c.provider])
+                             for c in runnable if c.engine == "edgediff"})
     weights = hardware.estimate_bytes(config_dir)
     warnings = hardware.size_warnings(weights, exporting=bool(exports_needed),
                                       gpu_wanted=any(c.provider != "cpu" for c in configs))
@@ -238,7 +248,10 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
                     "precision": config.precision, "memory": config.memory, "resolution": params.resolution,
                     "steps": params.steps, "batch": params.batch, "repeats": params.repeats, "threads": threads,
                     "generations": 2 if config.memory == "high" else 1,
-                    "model_dir": str(exports[(config.precision, EXPORT_TARGET[config.provider])]
+                    "env": WORKER_ENV.get((config.provider, config.precision), {}) if config.engine == "edgediff"
+                    else {},
+                    "model_dir": str(exports[(EXPORT_PRECISION.get(config.precision, config.precision),
+                                              EXPORT_TARGET[config.provider])]
                                      if config.engine == "edgediff" else source)}
             progress.update(0.0, label, force=True)
             result = run_worker(spec, out / "logs" / f"{label.replace(' ', '_')}.log",
@@ -259,6 +272,16 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
         if config.unmeasured:
             rows.append({**asdict(config), "label": config.label})
 
+    oneshot = None
+    if params.oneshot:
+        from . import oneshot as one_shot
+
+        cpu_exports = [folder for (precision, target), folder in sorted(exports.items()) if target == "cpu"]
+        if cpu_exports:
+            log(f"one-shot CLI rows: {params.oneshot} interleaved rounds")
+            oneshot = one_shot.run(cpu_exports, source if params.diffusers else None, params.resolution,
+                                   params.steps, params.oneshot, "auto", params.diffusers_bf16 and bf16, log=log,
+                                   threads=threads)
     from .report import summarize
 
     document = {
@@ -267,7 +290,7 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
         "threads": {"torch": threads, "onnxruntime_intra_op": f"default (the {threads} cores the worker may use)"},
         "bf16": bf16_why, "cpu_peak": hardware.cpu_peak(threads), "unet_flops": flops,
         "command": " ".join(["edgediff", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
-        "warnings": warnings, "rows": rows,
+        "warnings": warnings, "rows": rows, "oneshot": oneshot,
     }
     document["summary"] = summarize(document)
     return document

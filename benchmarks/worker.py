@@ -68,6 +68,12 @@ def edgediff_stages(spec: dict) -> dict:
     for index, name in enumerate(names):
         progress(index, len(names), f"{name}: session")
         sessions = Sessions(Path(spec["model_dir"]), m, spec["provider"], "low", warn=_warn)
+        # The first session may optimize the graph and fill the session cache; the second shows what
+        # every later process pays (session_cache.py).
+        clock = time.perf_counter()
+        with sessions.use(name):
+            opened = time.perf_counter() - clock
+        opened_state = sessions.cache_states[name]
         with GpuMemoryMonitor() as gpu:
             clock = time.perf_counter()
             with sessions.use(name) as session:
@@ -75,7 +81,8 @@ def edgediff_stages(spec: dict) -> dict:
                 progress(index, len(names), f"{name}: run")
                 first, steady = _timed(lambda: session.run(**feeds[name]), spec["repeats"])
                 active = session.provider
-        stages[name] = {**_stage(load, first, steady), "provider": active, "peak_gpu_bytes": gpu.peak_bytes}
+        stages[name] = {**_stage(load, first, steady), "provider": active, "peak_gpu_bytes": gpu.peak_bytes,
+                        "cache": sessions.cache_states[name], "first_load_s": opened, "first_load_cache": opened_state}
     return {"stages": stages, "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -99,7 +106,8 @@ def edgediff_e2e(spec: dict) -> dict:
             if generation == 0:
                 peak_first = peak_rss_bytes()
     return {"open_s": opened, "runs": runs, "peak_rss_bytes": peak_first, "peak_rss_all_bytes": peak_rss_bytes(),
-            "peak_gpu_bytes": gpu.peak_bytes}
+            "peak_gpu_bytes": gpu.peak_bytes, "session_load_s": pipe.sessions.load_seconds,
+            "session_cache": pipe.sessions.cache_states}
 
 
 # --------------------------------------------------------------------------------------- diffusers
@@ -250,7 +258,10 @@ def _limit_cpus(threads: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import os
+
     spec = json.loads(Path(argv[0]).read_text())
+    os.environ.update(spec.get("env", {}))  # provider settings (runtime/sessions.py), before any session
     _limit_cpus(spec["threads"])
     started = time.perf_counter()
     result = WORK[(spec["engine"], spec["phase"])](spec)

@@ -91,7 +91,7 @@ def _list_samplers(ctx, param, value):
               help="Random seed in [0, 2**64 - 1]; negative (e.g. -1) or none: a fresh one, printed.")
 @click.option("--width", type=int, default=None, help="[default: the model's native size]")
 @click.option("--height", type=int, default=None)
-@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "cpu"]), default="auto",
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "openvino", "cpu"]), default="auto",
               show_default=True)
 @click.option("--memory", type=click.Choice(["low", "high"]), default="low", show_default=True,
               help="low: one graph in memory at a time (same speed for a single image).")

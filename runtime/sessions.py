@@ -4,6 +4,7 @@ This is the only module that imports onnxruntime.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import session_cache
 from .errors import EdgediffError, GraphInputError, InputError, ModelFolderError, OutOfMemoryError, ProviderError
 from .manifest import GraphEntry, Manifest, TensorSpec
 from .onnx_weights import initializer_index
@@ -21,13 +23,28 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
     "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
 EXTRA_FOR = {"cuda": "edgediff[cuda]", "tensorrt": "edgediff[cuda] and TensorRT", "dml": "edgediff[directml]",
-             "cpu": "edgediff[cpu]"}
+             "openvino": "edgediff[openvino]", "cpu": "edgediff[cpu]"}
 # TensorRT builds engines for minutes on first use, so "auto" never picks it: ask for it by name.
-AUTO_ORDER = ("cuda", "dml", "cpu")
+# OpenVINO comes before the CPU provider only on CPUs with native bf16 (AMX-BF16 / AVX512-BF16), where
+# its bf16 kernels were measured 3.9x faster per U-Net step than ONNX Runtime's fp32 (RESULTS.md);
+# in fp32 the two were even.
+AUTO_ORDER = ("cuda", "dml", "openvino", "cpu")
 MEMORY_MODES = ("low", "high")
+# OpenVINO's ONNX reader does not know ONNX Runtime's fused contrib ops (SkipLayerNormalization, ...).
+OPENVINO_READS = ("none",)
+# Providers whose optimized graph ONNX Runtime can save and reload (session_cache.py). Compiling
+# providers (TensorRT, OpenVINO, DirectML's fused partitions) keep caches of their own instead.
+CACHED_PROVIDERS = ("cpu", "cuda")
+# The cached graph is saved after this level of optimization and loaded at CACHED_LEVEL.
+SAVED_LEVEL = "ORT_ENABLE_ALL"
+CACHED_LEVEL = "ORT_DISABLE_ALL"
+# Provider settings a user may change without an API (and the benchmarks compare):
+# EDGEDIFF_OPENVINO_PRECISION (FP32, BF16 hint, ACCURACY), EDGEDIFF_OPENVINO_DEVICE (CPU, GPU, NPU),
+# EDGEDIFF_CUDNN_CONV_ALGO_SEARCH (HEURISTIC: cheap first run; DEFAULT; EXHAUSTIVE), EDGEDIFF_THREADS.
 
 
 def _ort():
@@ -45,10 +62,18 @@ def available_providers() -> list[str]:
     return [short for short, full in PROVIDERS.items() if full in offered]
 
 
-def resolve_provider(name: str) -> str:
-    """"auto" picks the best available; a named provider that is not installed is an error."""
+def resolve_provider(name: str, optimized_for: str | None = None) -> str:
+    """"auto" picks the best available; a named provider that is not installed is an error.
+    With the model's ``optimized_for``, OpenVINO is only taken for graphs it can read."""
     available = available_providers()
+    if optimized_for is not None and optimized_for not in OPENVINO_READS and "openvino" in available:
+        if name == "openvino":
+            raise ProviderError(f"this model's graphs carry ONNX Runtime's fused {optimized_for} ops, which "
+                                "OpenVINO cannot read: export it with --optimize-for none for --provider openvino")
+        available.remove("openvino")
     if name == "auto":
+        if "openvino" in available and not (session_cache.cpu_flags() & {"amx_bf16", "avx512_bf16"}):
+            available.remove("openvino")
         return next(short for short in AUTO_ORDER if short in available)
     if name not in PROVIDERS:
         raise ProviderError(f"unknown provider {name!r}; choose auto, {', '.join(PROVIDERS)}")
@@ -63,22 +88,27 @@ class GraphSession:
 
     def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
                  optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, cache: bool = True):
         ort = _ort()
         self.name = name
         self.entry = entry
         path = model_dir / entry.path
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # provider load failures are reported below, in one line
-        if threads:  # several workers on one machine (batch actors) each get their share of the cores
-            options.intra_op_num_threads = threads
-        if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
-            options.enable_mem_pattern = False
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        model, self._pinned = _patch(ort, options, path, initializers or {})
         providers = _provider_list(provider, model_dir, entry)
+        if initializers:  # patched weights (LoRAs, embeddings) make another graph than the cached one
+            options = _session_options(ort, provider, threads)
+            model, self._pinned = _patch(ort, options, path, initializers)
+
+            def opener():
+                return ort.InferenceSession(model, options, providers=providers), "off"
+        else:
+            self._pinned = []
+            cached = _cache_entry(ort, name, model_dir, entry, provider, providers) if cache else None
+
+            def opener():
+                return _open(ort, path, lambda: _session_options(ort, provider, threads), providers, cached,
+                             PROVIDERS[provider])
         try:
-            self.session = ort.InferenceSession(model, options, providers=providers)
+            self.session, self.cache_state = opener()
         except Exception as error:
             message = _first_line(error)
             if _is_out_of_memory(message):
@@ -215,12 +245,88 @@ def check_graph_matches(graph: str, entry: GraphEntry, session) -> None:
                     f"takes {ORT_DTYPES.get(arg.type, arg.type)} {shape}; re-export the model")
 
 
+def default_threads() -> int:
+    """ONNX Runtime's intra-op pool: one thread per physical core this process may run on
+    (EDGEDIFF_THREADS overrides). Hyper-threads share a core's vector units and only add contention."""
+    if os.environ.get("EDGEDIFF_THREADS", "").strip().isdigit() and int(os.environ["EDGEDIFF_THREADS"]) > 0:
+        return int(os.environ["EDGEDIFF_THREADS"])
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def _session_options(ort, provider: str, threads: int | None = None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # provider load failures are reported by GraphSession, in one line
+    if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
+        options.enable_mem_pattern = False
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:  # several workers on one machine (batch actors) each get their share of the cores
+        options.intra_op_num_threads = threads
+    elif provider in ("cpu", "openvino"):
+        options.intra_op_num_threads = default_threads()
+    return options
+
+
+def _cache_entry(ort, name: str, model_dir: Path, entry: GraphEntry, provider: str,
+                 providers: list) -> "session_cache.Entry | None":
+    if provider not in CACHED_PROVIDERS:
+        return None
+    root = session_cache.cache_root(model_dir)
+    if root is None:
+        return None
+    runtime = {"onnxruntime": ort.__version__, "device": ort.get_device()}
+    key = session_cache.cache_key(entry.sha256, model_dir / entry.path, provider, providers, runtime, SAVED_LEVEL)
+    return session_cache.Entry(root, name, key, provider)
+
+
+def _open(ort, path: Path, make_options: Callable, providers: list, cached, wanted: str):
+    """(session, "hit" | "built" | "off"): a verified cached graph loads with optimizations off;
+    otherwise the graph is optimized and the result saved for next time. A cached graph that ONNX
+    Runtime refuses is deleted and rebuilt; a cache that cannot be written never stops the session."""
+    level = ort.GraphOptimizationLevel
+    if cached is not None and cached.valid():
+        options = make_options()
+        options.graph_optimization_level = getattr(level, CACHED_LEVEL)
+        try:
+            return ort.InferenceSession(str(cached.model_path), options, providers=providers), "hit"
+        except Exception:
+            cached.discard()
+    if cached is not None:
+        options = make_options()
+        options.graph_optimization_level = getattr(level, SAVED_LEVEL)
+        try:
+            options.optimized_model_filepath = str(cached.begin())
+            for key, value in session_cache.session_config().items():
+                options.add_session_config_entry(key, value)
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception:
+            cached.abort()  # a broken source graph fails again below and is reported there
+        else:
+            # A provider that fell back to the CPU optimized for the CPU: not what the key says.
+            if session.get_providers()[0] == wanted and cached.commit():
+                return session, "built"
+            cached.abort()
+            return session, "off"
+    return ort.InferenceSession(str(path), make_options(), providers=providers), "off"
+
+
 def _provider_list(provider: str, model_dir: Path, entry: GraphEntry) -> list:
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
+        search = os.environ.get("EDGEDIFF_CUDNN_CONV_ALGO_SEARCH", "HEURISTIC").upper()
         return [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested",
-                                           "cudnn_conv_algo_search": "HEURISTIC"}),
+                                           "cudnn_conv_algo_search": search}),
                 "CPUExecutionProvider"]
     if provider == "tensorrt":
         cache = str(tensorrt_cache_dir(model_dir))
@@ -230,7 +336,32 @@ def _provider_list(provider: str, model_dir: Path, entry: GraphEntry) -> list:
                     "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}),
                 ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
                 "CPUExecutionProvider"]
+    if provider == "openvino":
+        return [("OpenVINOExecutionProvider", openvino_options(model_dir, entry)), "CPUExecutionProvider"]
     return [PROVIDERS[provider], "CPUExecutionProvider"]
+
+
+OPENVINO_PRECISIONS = ("FP32", "BF16", "FP16", "ACCURACY")
+
+
+def openvino_options(model_dir: Path, entry: GraphEntry) -> dict:
+    """OpenVINO compiles the graph itself; its compiled-model cache lives beside our session cache."""
+    device = os.environ.get("EDGEDIFF_OPENVINO_DEVICE", "CPU").upper()
+    precision = os.environ.get("EDGEDIFF_OPENVINO_PRECISION", "").upper()
+    if not precision and device == "CPU" and session_cache.cpu_flags() & {"amx_bf16", "avx512_bf16"}:
+        precision = "BF16"  # native bf16 (AMX or AVX512-BF16): where diffusers' bf16 autocast wins too
+    options = {"device_type": device}
+    if precision == "BF16":  # not an EP precision: OpenVINO's CPU plugin takes it as an inference hint
+        options["load_config"] = json.dumps({device: {"INFERENCE_PRECISION_HINT": "bf16"}})
+    elif precision:
+        if precision not in OPENVINO_PRECISIONS:
+            raise ProviderError(f"EDGEDIFF_OPENVINO_PRECISION must be one of {', '.join(OPENVINO_PRECISIONS)}, "
+                                f"not {precision!r}")
+        options["precision"] = precision
+    root = session_cache.cache_root(model_dir)
+    if root is not None:
+        options["cache_dir"] = str(root / "openvino")
+    return options
 
 
 def tensorrt_cache_dir(model_dir: Path) -> Path:
@@ -260,10 +391,11 @@ class Sessions:
             raise InputError(f"memory must be 'low' or 'high', not {memory!r}")
         self.model_dir = Path(model_dir)
         self.manifest = manifest
-        self.provider = resolve_provider(provider)
+        self.provider = resolve_provider(provider, manifest.optimized_for)
         self.memory = memory
         self.threads = threads
         self.load_seconds: dict[str, float] = {}
+        self.cache_states: dict[str, str] = {}  # per graph: "hit", "built" or "off" (session_cache.py)
         self._resident: dict[str, GraphSession] = {}
         self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
         self._warned: set[str] = set()
@@ -285,6 +417,7 @@ class Sessions:
                                    self.manifest.optimized_for, self._warn_once,
                                    self._initializers.get(name, (None, {}))[1], threads=self.threads)
             self.load_seconds[name] = self.load_seconds.get(name, 0.0) + time.perf_counter() - started
+            self.cache_states[name] = session.cache_state
             if self.memory == "high":
                 self._resident[name] = session
         try:

@@ -86,6 +86,7 @@ def test_plan_marks_gpu_rows_unmeasured_without_a_gpu(monkeypatch):
     for label in ("edgediff cuda fp16 low", "edgediff tensorrt fp16 high", "diffusers cuda fp16"):
         assert labels[label] == "unmeasured (no GPU lent to this session)"
     assert not any(c.provider == "dml" for c in configs)
+    assert labels["edgediff openvino bf16 low"].startswith("unmeasured (openvino needs its own environment")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,40 @@ def test_cached_export_is_reused(tiny_run, tmp_path):
 
     assert ensure_export(exports[0].parent.parent / "diffusers", "fp32", "cpu") == exports[0].parent
     assert exports[0].stat().st_mtime_ns == stamp
+
+
+def test_openvino_rows_count_as_cpu_rows_and_oneshot_targets():
+    rows = [{"label": label, "engine": engine, "provider": provider, "precision": precision, "memory": "low",
+             "stages": {"stages": {"unet": {"median_s": step}}}, "e2e": {"runs": [{"total": 20 * step}]}}
+            for label, engine, provider, precision, step in (
+                ("ov", "edgediff", "openvino", "bf16", 0.6), ("ort", "edgediff", "cpu", "fp32", 1.5),
+                ("pt", "diffusers", "cpu", "fp32", 2.0), ("pt16", "diffusers", "cpu", "bf16", 1.0))]
+    oneshot = {"rows": {"edgediff auto a first": {"median_wall_s": 60.0, "median_peak_rss_gb": 2.0},
+                        "edgediff auto a cached": {"median_wall_s": 30.0, "median_peak_rss_gb": 2.0},
+                        "diffusers cpu fp32": {"median_wall_s": 50.0, "median_peak_rss_gb": 5.0},
+                        "diffusers cpu bf16": {"median_wall_s": 40.0, "median_peak_rss_gb": 5.5}}}
+    summary = summarize({"rows": rows, "unet_flops": {}, "oneshot": oneshot})
+    targets = summary["targets"]
+    assert targets["unet_best_cpu_vs_best_diffusers_cpu"]["edgediff"] == "ov"
+    assert targets["unet_best_cpu_vs_best_diffusers_cpu"]["ratio"] == pytest.approx(0.6)
+    assert targets["unet_best_cpu_vs_best_diffusers_cpu"]["met"]  # target 0.7
+    assert {r["label"]: r.get("baseline") for r in summary["rows"]}["ov"] == "pt"
+    assert targets["oneshot_cached_vs_diffusers"]["ratio"] == pytest.approx(30 / 40)
+    assert targets["oneshot_cached_vs_diffusers"]["met"]
+    assert targets["oneshot_peak_rss_low_vs_diffusers"]["ratio"] == pytest.approx(0.4)
+
+
+def test_oneshot_runs_fresh_cli_processes(tiny_run):
+    from edgediff.benchmarks import oneshot
+
+    document, _ = tiny_run
+    export = next(Path(document["params"]["cache"]).glob("*/export-fp32-cpu"))
+    result = oneshot.run([export], None, 64, 2, 1, "cpu", bf16=False, log=lambda line: None)
+    assert set(result["rows"]) == {"edgediff cpu export-fp32-cpu first", "edgediff cpu export-fp32-cpu cached"}
+    for row in result["rows"].values():
+        assert row["ok"] == 1, row
+        assert row["median_wall_s"] > 0 and 0.05 < row["median_peak_rss_gb"] < 4
+    assert "| edgediff cpu export-fp32-cpu cached |" in oneshot.markdown(result)
 
 
 def test_summary_targets_from_synthetic_rows():

@@ -160,7 +160,8 @@ def test_memory_check_can_be_turned_off(pipe, monkeypatch, tmp_path):
 
 def test_estimate_grows_with_size_batch_and_guidance(pipe):
     sizes = [pipe.estimate_memory(1, side, side).peak_bytes for side in (64, 128, 256, 512)]
-    assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+    # (the estimate includes this process's own resident memory, so compare growth, not ratios)
+    assert sizes == sorted(sizes) and sizes[-1] - sizes[0] > 100 * 2**20
     assert pipe.estimate_memory(2, 256, 256).peak_bytes > pipe.estimate_memory(1, 256, 256).peak_bytes
     assert pipe.estimate_memory(1, 512, 512, guided=False).peak_bytes < pipe.estimate_memory(1, 512, 512).peak_bytes
     # at large sizes the score matrix of the highest-resolution self-attention dominates

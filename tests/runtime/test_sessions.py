@@ -107,3 +107,116 @@ def test_directml_session_options(monkeypatch, tmp_path):
     sessions.GraphSession("unet", tmp_path, ENTRY, "dml", "dml", print)
     assert seen["mem"] is False and seen["mode"] == onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     assert seen["providers"][0] == "DmlExecutionProvider"
+
+
+def test_auto_takes_openvino_only_after_gpus(offered):
+    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    assert sessions.resolve_provider("openvino") == "openvino"
+    offered("CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
+    assert sessions.resolve_provider("auto") == "cuda"
+    offered("CPUExecutionProvider")
+    with pytest.raises(ProviderError, match=r"install edgediff\[openvino\]"):
+        sessions.resolve_provider("openvino")
+
+
+class SavingSession(FakeSession):
+    """Writes the optimized graph where ONNX Runtime would (options.optimized_model_filepath)."""
+    seen: list = []
+
+    def __init__(self, path, options, providers):
+        super().__init__(path, options, providers)
+        SavingSession.seen.append((path, options.graph_optimization_level, options.optimized_model_filepath))
+        if options.optimized_model_filepath:
+            Path(options.optimized_model_filepath).write_bytes(b"optimized " + Path(path).name.encode())
+
+
+@pytest.fixture
+def saving(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDGEDIFF_SESSION_CACHE", raising=False)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", SavingSession)
+    SavingSession.seen.clear()
+    FakeSession.created.clear()
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.onnx").write_bytes(b"graph")
+    return tmp_path
+
+
+def test_cuda_sessions_share_the_optimized_graph_cache(saving, monkeypatch):
+    monkeypatch.setattr(FakeSession, "active", "CUDAExecutionProvider")
+    first = sessions.GraphSession("unet", saving, ENTRY, "cuda", "cuda", print)
+    second = sessions.GraphSession("unet", saving, ENTRY, "cuda", "cuda", print)
+    assert (first.cache_state, second.cache_state) == ("built", "hit")
+    (built_from, built_level, target), (loaded_from, loaded_level, _) = SavingSession.seen
+    assert built_from.endswith("unet/model.onnx") and target
+    assert built_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert loaded_level == onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert Path(loaded_from).parent.parent == saving / "session_cache"
+    assert FakeSession.created[0][0] == ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested",
+                                                                   "cudnn_conv_algo_search": "HEURISTIC"})
+
+
+def test_cudnn_search_choice_is_an_option_and_part_of_the_key(saving, monkeypatch):
+    monkeypatch.setattr(FakeSession, "active", "CUDAExecutionProvider")
+    sessions.GraphSession("unet", saving, ENTRY, "cuda", "cuda", print)
+    monkeypatch.setenv("EDGEDIFF_CUDNN_CONV_ALGO_SEARCH", "default")
+    session = sessions.GraphSession("unet", saving, ENTRY, "cuda", "cuda", print)
+    assert session.cache_state == "built"
+    assert FakeSession.created[-1][0][1]["cudnn_conv_algo_search"] == "DEFAULT"
+
+
+def test_cuda_falling_back_to_cpu_caches_nothing(saving, monkeypatch):
+    monkeypatch.setattr(FakeSession, "active", "CPUExecutionProvider")
+    warnings = []
+    session = sessions.GraphSession("unet", saving, ENTRY, "cuda", "cuda", warnings.append)
+    assert session.cache_state == "off" and len(warnings) == 1
+    assert not [p for p in (saving / "session_cache").iterdir()]
+
+
+def test_compiling_providers_use_their_own_caches(saving, monkeypatch):
+    monkeypatch.setattr(FakeSession, "active", "OpenVINOExecutionProvider")
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "bf16")
+    session = sessions.GraphSession("unet", saving, ENTRY, "openvino", "none", print)
+    assert session.cache_state == "off" and SavingSession.seen[0][2] == ""
+    (name, options), cpu = FakeSession.created[0]
+    assert name == "OpenVINOExecutionProvider" and options["device_type"] == "CPU"
+    assert Path(options["cache_dir"]) == saving / "session_cache" / "openvino"
+    assert "INFERENCE_PRECISION_HINT" in options["load_config"] and "precision" not in options
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "fp64")
+    with pytest.raises(ProviderError, match="EDGEDIFF_OPENVINO_PRECISION"):
+        sessions.GraphSession("unet", saving, ENTRY, "openvino", "none", print)
+
+
+def test_threads_default_to_physical_cores(monkeypatch):
+    monkeypatch.setenv("EDGEDIFF_THREADS", "3")
+    assert sessions.default_threads() == 3
+    monkeypatch.delenv("EDGEDIFF_THREADS")
+    monkeypatch.setattr(sessions.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(sessions.Path, "read_text", lambda self: "0" if self.name == "physical_package_id"
+                        else str(int(self.parent.parent.name[3:]) // 2))  # two hyper-threads per core
+    assert sessions.default_threads() == 2
+
+
+def test_openvino_takes_bf16_where_the_cpu_has_it(saving, monkeypatch):
+    monkeypatch.delenv("EDGEDIFF_OPENVINO_PRECISION", raising=False)
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert "bf16" in sessions.openvino_options(saving, ENTRY)["load_config"]
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
+    assert sessions.openvino_options(saving, ENTRY) == {"device_type": "CPU",
+                                                        "cache_dir": str(saving / "session_cache" / "openvino")}
+
+
+def test_openvino_only_for_graphs_it_can_read(offered, monkeypatch):
+    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"amx_bf16"})
+    assert sessions.resolve_provider("auto", "cpu") == "cpu"  # fused CPU graphs: ONNX Runtime's own CPU provider
+    assert sessions.resolve_provider("openvino", "none") == "openvino"
+    with pytest.raises(ProviderError, match="export it with --optimize-for none"):
+        sessions.resolve_provider("openvino", "cpu")
+
+def test_auto_takes_openvino_only_on_cpus_with_native_bf16(offered, monkeypatch):
+    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert sessions.resolve_provider("auto") == "openvino"
+    assert sessions.resolve_provider("auto", "none") == "openvino"
+    monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
+    assert sessions.resolve_provider("auto") == "cpu"  # fp32 only: measured even with the CPU provider
