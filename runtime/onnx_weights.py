@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFolderError
+from .graph_info import _fields, _ints, _text  # the one protobuf wire reader of the runtime
 
 # TensorProto.DataType codes -> NumPy dtypes (the float and integer types weights use).
 ONNX_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
@@ -42,11 +43,11 @@ def initializer_index(path: str | Path) -> dict[str, TensorLocation]:
     try:
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             index = {}
-            for field, start, end in _fields(buf, 0, len(buf)):
-                if field == _MODEL_GRAPH:
-                    for sub, s, e in _fields(buf, start, end):
-                        if sub == _GRAPH_INITIALIZER:
-                            entry = _tensor(buf, s, e, path)
+            for field, wire, graph in _fields(buf, 0, len(buf)):
+                if field == _MODEL_GRAPH and wire == 2:
+                    for sub, sub_wire, span in _fields(buf, *graph):
+                        if sub == _GRAPH_INITIALIZER and sub_wire == 2:
+                            entry = _tensor(buf, span, path)
                             if entry is not None:
                                 index[entry[0]] = entry[1]
             return index
@@ -54,22 +55,22 @@ def initializer_index(path: str | Path) -> dict[str, TensorLocation]:
         raise ModelFolderError(f"cannot read the weights of {path}: {error}") from None
 
 
-def _tensor(buf, start: int, end: int, path: Path):
+def _tensor(buf, span: tuple[int, int], path: Path):
     dims, dtype, name, raw, external, location = [], None, None, None, {}, 0
-    for field, s, e in _fields(buf, start, end):
+    for field, wire, value in _fields(buf, *span):
         if field == _T_DIMS:
-            dims.extend(_packed_varints(buf, s, e) if e is not None else [s])
+            dims.extend(_ints(buf, wire, value))
         elif field == _T_DATA_TYPE:
-            dtype = s
+            dtype = value
         elif field == _T_NAME:
-            name = bytes(buf[s:e]).decode()
+            name = _text(buf, value)
         elif field == _T_RAW:
-            raw = s
+            raw = value[0]
         elif field == _T_EXTERNAL:
-            entry = {k: bytes(buf[a:b]).decode() for k, a, b in _fields(buf, s, e)}
+            entry = {k: _text(buf, v) for k, w, v in _fields(buf, *value) if w == 2}
             external[entry.get(1, "")] = entry.get(2, "")
         elif field == _T_LOCATION:
-            location = s
+            location = value
     if name is None or dtype not in ONNX_DTYPES:
         return None
     if location == 1:  # EXTERNAL
@@ -78,43 +79,3 @@ def _tensor(buf, start: int, end: int, path: Path):
     if raw is None:
         return None
     return name, TensorLocation(path, raw, np.dtype(ONNX_DTYPES[dtype]), tuple(dims))
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _packed_varints(buf, start: int, end: int) -> list[int]:
-    values, pos = [], start
-    while pos < end:
-        value, pos = _varint(buf, pos)
-        values.append(value)
-    return values
-
-
-def _fields(buf, start: int, end: int):
-    """(field number, a, b) per field: a varint's (value, None), a length-delimited field's byte span."""
-    pos = start
-    while pos < end:
-        tag, pos = _varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield field, value, None
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            yield field, pos, pos + length
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
