@@ -153,8 +153,9 @@ def test_one_batch_per_output_folder_and_no_stale_temporary_files(tmp_path):
 def test_a_workers_thread_share_reaches_onnx_runtime():
     """A 1-CPU Ray actor runs its sessions with one intra-op thread (Pipeline.load(threads=...))."""
     from edgediff.runtime import Pipeline
+    from edgediff.runtime.sessions import default_threads
 
-    for threads, expected in ((1, 1), (None, 0)):  # 0: ONNX Runtime's default, one per core
+    for threads, expected in ((1, 1), (None, default_threads())):  # default: one per physical core
         pipe = Pipeline.load(None, provider="cpu", memory="high", threads=threads)
         pipe("a dot", steps=1, seed=0, width=64, height=64)
         used = {name: session.session.get_session_options().intra_op_num_threads
