@@ -234,3 +234,19 @@ def test_shipped_sdxl_config_is_chosen_by_the_checkpoint_keys():
     assert _shipped_config(set(pipeline_to_original(build_sdxl_pipeline("sdxl")))) == "sdxl"
     unet = json.loads((configs_dir() / "sdxl" / "unet" / "config.json").read_text())
     assert unet["cross_attention_dim"] == 2048 and unet["addition_embed_type"] == "text_time"
+
+
+def test_long_and_weighted_prompts_on_both_encoders(sdxl):
+    """A1111 prompt syntax reaches both text encoders: chunks past 75 tokens change the image, a
+    weight of 1.0 changes nothing, and the pooled embedding comes from the first chunk."""
+    pipe = Pipeline.load(sdxl["sdxl"][1], provider="cpu", memory="high")
+    words = " ".join(["red circle", "blue square", "green star"] * 30)  # well past 75 tokens
+    head = pipe.tokenizer.encode([words])[0][:75]
+    latents = start_noise(sdxl["sdxl"][1])
+    run = dict(steps=3, guidance=GUIDANCE, sampler="euler", latents=latents)
+    long_image = pipe(words, NEGATIVE, **run).pixels
+    short_image = pipe(pipe.tokenizer._tokenizer.decode(head), NEGATIVE, **run).pixels
+    assert np.abs(long_image - short_image).max() > 5 * FP32_TOLERANCE
+    plain = pipe(PROMPT, NEGATIVE, **run).pixels
+    weighted = pipe(PROMPT.replace("circle", "(circle:1.0)"), NEGATIVE, **run).pixels
+    assert np.array_equal(plain, weighted)
