@@ -277,6 +277,17 @@ class Pipeline:
         return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds,
                       loras=adapted.loras, embeddings=adapted.embeddings)
 
+    def decode(self, latents: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
+        """(images, float pixels) for latents in sampler space, such as the ``latents`` an
+        ``on_step`` callback sees (the state at the start of that step): what an interrupted
+        run had reached."""
+        m = self.manifest
+        x = np.asarray(latents, dtype=np.float32)
+        with self.sessions.use("vae_decoder") as vae_decoder:
+            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
+        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+        return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
+
     def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
         """A sample of the VAE's latent Gaussian, scaled as the U-Net expects it."""
         mean, std = moments
