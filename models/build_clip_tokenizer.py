@@ -10,8 +10,8 @@ install needed) and reproduces OpenAI CLIP's ``SimpleTokenizer`` construction ex
 
 Usage::
 
-    pip download --no-deps open_clip_torch -d /tmp/oc
-    python models/build_clip_tokenizer.py /tmp/oc/open_clip_torch-*.whl [--out models/clip_tokenizer]
+    pip download --no-deps open_clip_torch -d DIR
+    python models/build_clip_tokenizer.py DIR/open_clip_torch-*.whl [--out models/clip_tokenizer]
 
 It writes vocab.json, merges.txt and LICENSE (OpenAI CLIP's MIT licence, with the source noted),
 and, when transformers is importable, the transformers tokenizer files (save_pretrained) so that
@@ -22,7 +22,6 @@ Only the standard library is needed for vocab.json / merges.txt.
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os
@@ -152,10 +151,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     source = args.source
     if source is None:
-        found = sorted(glob.glob("/tmp/oc/open_clip_torch-*.whl"))
-        if not found:
-            p.error("give the open_clip_torch wheel (pip download --no-deps open_clip_torch -d /tmp/oc)")
-        source = found[-1]
+        p.error("give the open_clip_torch wheel (pip download --no-deps open_clip_torch -d DIR)")
     encoder, merges = build(read_bpe_lines(source))
     write(args.out, encoder, merges)
     if not args.no_transformers:

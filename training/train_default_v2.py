@@ -388,7 +388,7 @@ def assemble(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["prep", "train", "assemble"])
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/v2"))
+    p.add_argument("--out", default=os.environ.get("OUT", "v2-out"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--te-minutes", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=7.0)
