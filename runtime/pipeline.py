@@ -268,8 +268,7 @@ class Pipeline:
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
-            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
-        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+            pixels = self._to_pixels(vae_decoder, x)
         if mask is not None and mask.overlay is not None:  # blurred mask: a soft seam over the picture
             pixels = mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
         timings["total"] = time.perf_counter() - started
@@ -281,12 +280,15 @@ class Pipeline:
         """(images, float pixels) for latents in sampler space, such as the ``latents`` an
         ``on_step`` callback sees (the state at the start of that step): what an interrupted
         run had reached."""
-        m = self.manifest
-        x = np.asarray(latents, dtype=np.float32)
         with self.sessions.use("vae_decoder") as vae_decoder:
-            (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
-        pixels = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+            pixels = self._to_pixels(vae_decoder, np.asarray(latents, dtype=np.float32))
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
+
+    def _to_pixels(self, vae_decoder: GraphSession, x: np.ndarray) -> np.ndarray:
+        """Sampler-space latents -> float32 pixels (batch, height, width, 3) in [0, 1]."""
+        m = self.manifest
+        (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
+        return np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
 
     def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
         """A sample of the VAE's latent Gaussian, scaled as the U-Net expects it."""
