@@ -126,7 +126,7 @@ def _list_samplers(ctx, param, value):
 @click.option("--embedding-dir", type=click.Path(path_type=Path), default=None,
               help="Load every embedding in this folder.")
 @click.option("--allow-pickle", is_flag=True,
-              help="Allow pickled LoRA/embedding files (loading them runs code; needs torch).")
+              help="Allow pickled (torch zip) LoRA/embedding files; only tensors are unpickled.")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,

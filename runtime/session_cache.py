@@ -49,15 +49,20 @@ def cache_root(model_dir: Path) -> Path | None:
         return None
     if setting:
         return Path(setting).expanduser() / _model_tag(model_dir)
-    local = Path(model_dir) / "session_cache"
+    return writable_cache_dir(Path(model_dir), "session_cache", f"session_cache/{_model_tag(model_dir)}")
+
+
+def writable_cache_dir(model_dir: Path, name: str, user_path: str) -> Path:
+    """``<model>/<name>`` where the model folder is writable, else ``edgediff/<user_path>`` in the
+    user's cache."""
+    local = model_dir / name
     try:
         local.mkdir(exist_ok=True)
         if os.access(local, os.W_OK):
             return local
     except OSError:
         pass
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgediff" / "session_cache" / \
-        _model_tag(model_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgediff" / user_path
 
 
 def _model_tag(model_dir: Path) -> str:

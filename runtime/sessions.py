@@ -366,16 +366,9 @@ def openvino_options(model_dir: Path, entry: GraphEntry) -> dict:
 
 def tensorrt_cache_dir(model_dir: Path) -> Path:
     """Engines persist under the model folder; a read-only install caches in the user's cache."""
-    cache = model_dir / "tensorrt_cache"
-    try:
-        cache.mkdir(exist_ok=True)
-        if os.access(cache, os.W_OK):
-            return cache
-    except OSError:
-        pass
-    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgediff" / "tensorrt" / model_dir.name
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+    cache = session_cache.writable_cache_dir(model_dir, "tensorrt_cache", f"tensorrt/{model_dir.name}")
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 class Sessions:
