@@ -2,6 +2,7 @@
 
     python -m edgediff.benchmarks.export_memory --model sd15 --precision fp16 --optimize-for cuda
     python -m edgediff.benchmarks.export_memory --model sd21 --precision fp16 fp32 int8
+    python -m edgediff.benchmarks.export_memory --model sd15 --precision int4 --keep --work DIR
 
 The model is built once with random weights (benchmarks.models.ensure_model); each export runs as
 its own `edgediff export` process, whose peak RSS is read back from the kernel (wait4's ru_maxrss,
@@ -47,7 +48,7 @@ def export_once(source: Path, out: Path, precision: str, target: str | None, log
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15", help="sd15, sd21 or a diffusers config folder")
-    parser.add_argument("--precision", nargs="+", default=["fp16", "fp32", "int8"], choices=["fp16", "fp32", "int8"])
+    parser.add_argument("--precision", nargs="+", default=["fp16", "fp32", "int8"], choices=["fp16", "fp32", "int8", "int4"])
     parser.add_argument("--optimize-for", default=None, help="target for every precision [default: the export's]")
     parser.add_argument("--cache", type=Path, default=None, help="built models [default: ~/.cache/edgediff/bench]")
     parser.add_argument("--work", type=Path, default=None, help="where exports are written, then deleted")

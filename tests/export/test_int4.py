@@ -97,6 +97,7 @@ def test_generate_and_info_through_the_cli(int4_sd1, tmp_path):
     assert "4-bit MatMulNBits weights, blocks of 32" in info.output
 
 
+@pytest.mark.slow
 def test_sdxl_int4_matches_diffusers(tmp_path):
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -150,27 +151,33 @@ def test_quantized_fp16_matmul_runs_on_the_cpu(tmp_path):
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 24)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 24])],
-                              [numpy_helper.from_array(weight, "w")])
+    offset = rng.standard_normal((16, 64)).astype(np.float32)  # a float weight of another op: left alone
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"]), helper.make_node("Add", ["a", "c"], ["z"])],
+                              "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 24]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [16, 64])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(offset, "c")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, str(tmp_path / "raw.onnx"))
     stripped = load_stripped(tmp_path / "raw.onnx", "weights.bin")
-    assert stripped.graph.initializer[0].data_location == TensorProto.EXTERNAL
+    assert all(t.data_location == TensorProto.EXTERNAL for t in stripped.graph.initializer)
     quantized = opt.quantize_nbits(stripped, tmp_path, bits=4, block_size=32)
+    kept = {t.name: t for t in quantized.graph.initializer}
+    assert "w" not in kept and kept["c"].data_location == TensorProto.EXTERNAL  # still on disk, never loaded
     converted = opt.to_fp16(quantized, [], [])
     write_graph(converted, tmp_path / "model.onnx", tmp_path)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    a = rng.standard_normal((2, 64)).astype(np.float16)
-    got = session.run(None, {"a": a})[0].astype(np.float32)
+    a = rng.standard_normal((16, 64)).astype(np.float16)
+    got, added = (out.astype(np.float32) for out in session.run(None, {"a": a}))
+    assert np.abs(added - (a.astype(np.float32) + offset)).max() <= 1e-2
     # Symmetric 4-bit blocks along K: the block's largest-magnitude weight maps to -8.
     blocks = weight.reshape(2, 32, 24)
     peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
     scale = peak / -8
     dequantized = (np.round(blocks / scale).clip(-8, 7) * scale).reshape(64, 24)
     expected = a.astype(np.float32) @ dequantized
-    assert got.dtype == np.float32 and np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
+    assert session.get_outputs()[0].type == "tensor(float16)"
+    assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
     assert np.abs(got - a.astype(np.float32) @ weight).max() > 1e-3  # quantized, not passed through
 
 
@@ -181,3 +188,16 @@ def test_int4_for_directml_is_one_error_line(tiny_sources, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "int4" in lines[0], result.stderr
     assert not (tmp_path / "dml").exists()
+
+
+def test_bench_measures_int4_when_asked(monkeypatch):
+    from edgediff.benchmarks import hardware, runner
+
+    monkeypatch.setattr(hardware, "gpus", lambda: [])
+    default = {c.label for c in runner.plan(runner.BenchParams(), ["cpu"], cuda_torch=False, bf16=True)}
+    assert not any("int4" in label for label in default)  # opt-in: the default rows stay as they were
+    asked = runner.plan(runner.BenchParams(precisions=("int4",)), ["cpu"], cuda_torch=False, bf16=True)
+    labels = {c.label: c.unmeasured for c in asked}
+    assert labels["edgediff cpu int4 low"] is None and labels["edgediff cpu int4 high"] is None
+    assert labels["edgediff cuda int4 low"] == "unmeasured (no GPU lent to this session)"
+    assert labels["diffusers cpu fp32"] is None
