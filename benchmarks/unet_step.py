@@ -11,6 +11,7 @@ resident memory the session added, and the median and best step per model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -52,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
-    from edgediff.runtime.manifest import read_manifest
+    from edgediff.runtime.manifest import MANIFEST_NAME, Manifest
     from edgediff.runtime.sessions import GraphSession, default_threads
 
     print(f"cpu {platform.processor() or platform.machine()}; threads {default_threads()}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     sessions, feeds, times = [], [], []
     for folder in args.models:
-        manifest = read_manifest(folder)
+        manifest = Manifest.from_dict(json.loads((folder / MANIFEST_NAME).read_text()))  # U-Net-only exports too
         entry = manifest.graphs["unet"]
         before, started = _rss(), time.perf_counter()
         session = GraphSession("unet", folder, entry, "cpu", manifest.optimized_for, warn=print, cache=False)
