@@ -273,7 +273,7 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     weights = {}
     if spec.name in WEIGHT_MAPPED:  # LoRAs patch these: map torch names to the saved initializers
         with components.open(keep) as pipe:
-            weights = module_weight_map(spec.name, spec.module(pipe, dims), path)
+            weights = module_weight_map(spec.name, spec.module(pipe, dims), path, graph_precision)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
         inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation, weights=weights,
