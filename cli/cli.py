@@ -127,12 +127,15 @@ def _list_samplers(ctx, param, value):
               help="Load every embedding in this folder.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled (torch zip) LoRA/embedding files; only tensors are unpickled.")
+@click.option("--vae-tiling/--no-vae-tiling", default=None,
+              help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
+                   "tile [default: automatic above the size the model states].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle):
+             allow_pickle, vae_tiling):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -176,7 +179,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
                       sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
                       width=width, height=height, on_step=on_step, image=picture, strength=strength,
                       mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert, noise=noise,
-                      check_memory=not no_memory_check, **adapters)
+                      check_memory=not no_memory_check, vae_tiling=vae_tiling, **adapters)
         for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
             path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
                     else output or Path(f"edgediff-{image_seed}.png"))

@@ -24,7 +24,7 @@ import torch
 
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha256_file,
-                                       write_manifest)
+                                       vae_tiling_rule, write_manifest)
 
 from . import optimize as opt
 from .components import Components, used_by
@@ -340,6 +340,7 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
         tokenizer=_tokenizer_spec(pipe.tokenizer, "tokenizer"),
         text_encoders=text_encoders,
         conditioning=_conditioning(pipe),
+        vae_tiling=vae_tiling_rule(_vae_sample_size(pipe), vae_scale_factor),
         graphs=entries,
         precision=precision,
         optimized_for=target,
@@ -348,6 +349,12 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
                               "transformers": transformers.__version__, "onnx": onnx.__version__,
                               "onnxruntime": onnxruntime.__version__}},
     )
+
+
+def _vae_sample_size(pipe) -> int:
+    """The VAE's training size in pixels: diffusers' tile for ``enable_tiling()``."""
+    size = pipe.vae.config.sample_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def _text_encoders(pipe) -> list[tuple[str, str, str]]:

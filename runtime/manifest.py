@@ -97,6 +97,9 @@ class Manifest:
     text_encoders: list[dict[str, Any]] = field(default_factory=list)
     # Data for the U-Net's extra conditioning inputs: SDXL's size ids, zeroed empty negatives.
     conditioning: dict[str, Any] = field(default_factory=dict)
+    # Tiled VAE (runtime/vae_tiling.py): tile sizes from the VAE's config and the image area above
+    # which tiling is automatic; filled with the same rule for exports made before it existed.
+    vae_tiling: dict[str, Any] = field(default_factory=dict)
     alphas_cumprod: str = "alphas_cumprod.npy"
     precision: str = "fp32"
     optimized_for: str = "none"
@@ -106,6 +109,7 @@ class Manifest:
     def __post_init__(self):
         if not self.text_encoders:
             self.text_encoders = [{"graph": "text_encoder", "tokenizer": self.tokenizer}]
+        self.vae_tiling = {**vae_tiling_rule(self.default_size, self.vae_scale_factor), **self.vae_tiling}
 
     @property
     def size_multiple(self) -> int:
@@ -125,6 +129,17 @@ class Manifest:
         data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def vae_tiling_rule(tile_pixels: int, vae_scale_factor: int) -> dict[str, Any]:
+    """Tiles of the VAE's ``sample_size`` with a quarter overlap, as diffusers' ``enable_tiling()``.
+    Automatic above four tiles' area (twice the VAE's size each way): tiling costs 1.5x the
+    decoder's work or more (the overlaps) and changes the picture, since each tile's GroupNorm and
+    attention see that tile only (benchmarks/RESULTS.md, "Tiled VAE"), so below that it is left to
+    the memory check, which tiles when a whole decode would not fit."""
+    tile_latent = max(1, tile_pixels // vae_scale_factor)
+    return {"tile_latent": tile_latent, "tile_pixels": tile_latent * vae_scale_factor, "overlap": 0.25,
+            "auto_above_pixels": 4 * (tile_latent * vae_scale_factor) ** 2}
 
 
 # What each field must hold. A check returns None when the value is fine, else what was expected.
@@ -159,7 +174,10 @@ FIELDS = {
     "shift_factor": _number(), "latent_multiple": _int(1), "default_size": _int(1), "tokenizer": _table,
     "graphs": _table,
 }
-OPTIONAL_FIELDS = {"alphas_cumprod": _text, "precision": _text, "optimized_for": _text, "source": _table}
+OPTIONAL_FIELDS = {"alphas_cumprod": _text, "precision": _text, "optimized_for": _text, "source": _table,
+                   "vae_tiling": _table}
+VAE_TILING_FIELDS = {"tile_latent": _int(1), "tile_pixels": _int(1), "auto_above_pixels": _int(0),
+                     "overlap": lambda v: None if type(v) in (int, float) and 0 <= v < 1 else "a number in [0, 1)"}
 TOKENIZER_FIELDS = {"path": _text, "max_length": _int(3), "pad_token_id": _int(0), "bos_token_id": _int(0),
                     "eos_token_id": _int(0)}
 # The scheduler keys the samplers read; other keys are diffusers' and not ours to judge.
@@ -226,6 +244,14 @@ def check_manifest_data(data: Any) -> None:
                 raise _fail(f"graphs.{name}.{kind}", "a non-empty list", graph[kind])
             for index, tensor in enumerate(graph[kind]):
                 _check_fields(tensor, f"graphs.{name}.{kind}[{index}]", TENSOR_FIELDS)
+    if "vae_tiling" in data:
+        tiling = data["vae_tiling"]
+        _check_fields(tiling, "vae_tiling", VAE_TILING_FIELDS)
+        if tiling["tile_pixels"] != tiling["tile_latent"] * data["vae_scale_factor"]:
+            raise _fail("vae_tiling.tile_pixels", f"tile_latent * vae_scale_factor ({tiling['tile_latent'] * data['vae_scale_factor']})",
+                        tiling["tile_pixels"])
+        if int(tiling["tile_latent"] * (1 - tiling["overlap"])) < 1:
+            raise _fail("vae_tiling.overlap", "small enough to leave a stride of one latent pixel", tiling["overlap"])
     if data["default_size"] % (data["latent_multiple"] * data["vae_scale_factor"]):
         raise _fail("default_size", f"a multiple of {data['latent_multiple'] * data['vae_scale_factor']}",
                     data["default_size"])

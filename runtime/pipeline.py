@@ -25,6 +25,7 @@ from .prompts import encode_prompts
 from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
 from .tokenizer import ClipTokenizer
+from .vae_tiling import needs_tiling, tiled_decode, tiled_encode
 
 DEFAULT_SAMPLER = "dpmpp_2m_karras"
 StepCallback = Callable[[int, int, np.ndarray], None]  # (step, steps, latents)
@@ -112,7 +113,7 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
-                 allow_pickle: bool = False) -> Result:
+                 allow_pickle: bool = False, vae_tiling: bool | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -137,6 +138,8 @@ class Pipeline:
         exceeds what the machine has free; False tries anyway. Bad arguments raise InputError.
         ``loras``: [(file, weight)], plus A1111 ``<lora:name:weight>`` tags in the prompt, found in
         ``lora_dir``; ``embeddings``: textual-inversion files, used by name in the prompts (lora.py).
+        ``vae_tiling``: decode (and encode) the VAE in overlapping tiles (runtime/vae_tiling.py) so its
+        activations stay those of one tile; None tiles above the size the manifest states.
         """
         started = time.perf_counter()
         prompts = args.prompt_list(prompt, "prompt")
@@ -159,6 +162,7 @@ class Pipeline:
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
+        tile = self._tiling(vae_tiling, width, height)
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
         if noise not in NOISE_SOURCES:
@@ -198,7 +202,8 @@ class Pipeline:
         # embeds the guidance scale (LCM) runs once per step with it.
         guided = guidance > 1.0 and not embeds_guidance(unet_inputs)
         if check_memory:
-            self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None)
+            tile = self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None,
+                                     vae_tiling=vae_tiling)
 
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise EdgediffError(f"latents must have shape {shape} for this prompt count and size, "
@@ -211,7 +216,12 @@ class Pipeline:
                          if image is not None else np.zeros((1, 3, height, width), np.float32))
             with self._stage("vae_encoder", timings) as vae_encoder:
                 def moments(pixels):
-                    return vae_encoder.run(sample=np.repeat(pixels, len(prompts), axis=0))
+                    pixels = np.repeat(pixels, len(prompts), axis=0)
+                    if not tile:
+                        return vae_encoder.run(sample=pixels)
+                    t = m.vae_tiling
+                    return list(tiled_encode(lambda part: tuple(vae_encoder.run(sample=part)), pixels,
+                                             t["tile_pixels"], t["tile_latent"], t["overlap"]))
                 image_moments = moments(pixels_in) if need_x0 else None
                 masked_moments = moments(masked_pixels(pixels_in, mask)) if conditioned else None
         # diffusers samples the posterior first, then draws the starting noise, then the masked
@@ -271,7 +281,7 @@ class Pipeline:
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
-            pixels = self._to_pixels(vae_decoder, x)
+            pixels = self._to_pixels(vae_decoder, x, tile)
         if mask is not None and mask.overlay is not None:  # blurred mask: a soft seam over the picture
             pixels = mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
         timings["total"] = time.perf_counter() - started
@@ -279,18 +289,27 @@ class Pipeline:
         return Result(images=images, pixels=pixels, seed=seed, timings=timings, seeds=seeds,
                       loras=adapted.loras, embeddings=adapted.embeddings)
 
-    def decode(self, latents: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
+    def decode(self, latents: np.ndarray, *, vae_tiling: bool | None = None) -> tuple[list[Image.Image], np.ndarray]:
         """(images, float pixels) for latents in sampler space, such as the ``latents`` an
         ``on_step`` callback sees (the state at the start of that step): what an interrupted
-        run had reached."""
+        run had reached. ``vae_tiling`` as for ``__call__``."""
+        latents = np.asarray(latents, dtype=np.float32)
+        f = self.manifest.vae_scale_factor
+        tile = self._tiling(vae_tiling, latents.shape[-1] * f, latents.shape[-2] * f) if latents.ndim == 4 else False
         with self.sessions.use("vae_decoder") as vae_decoder:
-            pixels = self._to_pixels(vae_decoder, np.asarray(latents, dtype=np.float32))
+            pixels = self._to_pixels(vae_decoder, latents, tile)
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels], pixels
 
-    def _to_pixels(self, vae_decoder: GraphSession, x: np.ndarray) -> np.ndarray:
+    def _to_pixels(self, vae_decoder: GraphSession, x: np.ndarray, tile: bool = False) -> np.ndarray:
         """Sampler-space latents -> float32 pixels (batch, height, width, 3) in [0, 1]."""
         m = self.manifest
-        (decoded,) = vae_decoder.run(latent_sample=x / np.float32(m.scaling_factor) + np.float32(m.shift_factor))
+        z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor)
+        if tile:
+            t = m.vae_tiling
+            decoded = tiled_decode(lambda part: vae_decoder.run(latent_sample=part)[0], z, t["tile_latent"],
+                                   t["tile_pixels"], t["overlap"])
+        else:
+            (decoded,) = vae_decoder.run(latent_sample=z)
         return np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
 
     def _sample_latent(self, moments: list[np.ndarray], rng) -> np.ndarray:
@@ -349,50 +368,71 @@ class Pipeline:
                         if s.name == "encoder_hidden_states" and len(s.shape) == 3), None)
         return context // self.tokenizer.max_length if isinstance(context, int) else None
 
+    def _tiling(self, vae_tiling: bool | None, width: int, height: int) -> bool:
+        """Whether the VAE runs in tiles: forced on or off, or automatic (None) per the manifest."""
+        if vae_tiling is not None and not isinstance(vae_tiling, (bool, np.bool_)):
+            raise InputError(f"vae_tiling must be True, False or None, not {vae_tiling!r}")
+        t = self.manifest.vae_tiling
+        if vae_tiling is None:
+            return needs_tiling(height, width, t["tile_pixels"], t["auto_above_pixels"])
+        return bool(vae_tiling) and needs_tiling(height, width, t["tile_pixels"], None)
+
     def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         multiple = self.manifest.size_multiple
         return tuple(args.check_side(label, self.manifest.default_size if value is None else value, multiple)
                      for label, value in (("width", width), ("height", height)))
 
     def estimate_memory(self, batch: int, width: int, height: int, *, guided: bool = True,
-                        img2img: bool = False) -> mem.Estimate:
-        """Estimated peak memory (bytes, whole process) of one generation at this size."""
+                        img2img: bool = False, vae_tiling: bool | None = None) -> mem.Estimate:
+        """Estimated peak memory (bytes, whole process) of one generation at this size; a tiled VAE
+        (``vae_tiling`` as for ``__call__``) runs at the size of one tile."""
         m = self.manifest
         if not self._profiles:
             self._profiles = {name: mem.load_profile(self.model_dir, name, entry) for name, entry in m.graphs.items()}
         f = m.vae_scale_factor
+        tile = m.vae_tiling["tile_pixels"]
+        vae_h, vae_w = (min(height, tile), min(width, tile)) if self._tiling(vae_tiling, width, height) else (height, width)
         stages = [("text_encoder", 2 * batch if guided else batch, 0, 0)]
         if img2img:
-            stages.append(("vae_encoder", batch, height, width))
+            stages.append(("vae_encoder", batch, vae_h, vae_w))
         split = self.sessions.memory == "low"  # the guidance halves run one at a time (make_denoiser)
         stages += [("unet", 2 * batch if guided and not split else batch, height // f, width // f),
-                   ("vae_decoder", batch, height // f, width // f)]
+                   ("vae_decoder", batch, vae_h // f, vae_w // f)]
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
         return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
                             mem.resident_bytes(), context)
 
-    def check_memory(self, batch: int, width: int, height: int, *, guided: bool = True, img2img: bool = False) -> None:
-        """OutOfMemoryError when the estimate exceeds the memory available (not checked on GPUs)."""
+    def check_memory(self, batch: int, width: int, height: int, *, guided: bool = True, img2img: bool = False,
+                     vae_tiling: bool | None = None) -> bool:
+        """OutOfMemoryError when the estimate exceeds the memory available (not checked on GPUs).
+        Returns whether the VAE runs in tiles: with ``vae_tiling=None`` also when only a tiled VAE fits."""
+        tile = self._tiling(vae_tiling, width, height)
         if self.sessions.provider != "cpu":
-            return  # the activations live in GPU memory, which this process cannot see cheaply
+            return tile  # the activations live in GPU memory, which this process cannot see cheaply
         available, source = mem.available_bytes()
         if available is None:
-            return
-        need = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img)
+            return tile
+        need = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=tile)
         if need.peak_bytes - mem.resident_bytes() <= available:
-            return
+            return tile
+        if vae_tiling is None and not tile and need.stage.startswith("vae"):
+            tiled = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=True)
+            if tiled.peak_bytes - mem.resident_bytes() <= available:
+                return True
         scale = 1.0
         multiple = self.manifest.size_multiple
         while scale > 0.05:
             scale *= 0.9
             w, h = (max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
-            if self.estimate_memory(batch, w, h, guided=guided, img2img=img2img).peak_bytes - mem.resident_bytes() <= available:
+            if self.estimate_memory(batch, w, h, guided=guided, img2img=img2img,
+                                    vae_tiling=tile).peak_bytes - mem.resident_bytes() <= available:
                 break
+        tiles = need.stage.startswith("vae") and not tile
         raise OutOfMemoryError(
             f"a {width}x{height} generation needs about {need} but {available / mem.GB:.1f} GB is free "
-            f"({source}); try a smaller size such as {w}x{h}, or turn the check off (--no-memory-check, "
-            "check_memory=False) if you know better")
+            f"({source}); try {'--vae-tiling (vae_tiling=True), or ' if tiles else ''}a smaller size such as "
+            f"{w}x{h}, or turn the check off (--no-memory-check, check_memory=False) if you know better")
 
 
 class RowGenerators:
