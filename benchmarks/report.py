@@ -24,10 +24,14 @@ def _row_summary(row: dict, document: dict) -> dict:
     errors = [row[p]["error"] for p in ("stages", "e2e") if _get(row, p, "error")]
     if errors:
         summary["error"] = "; ".join(errors)
+    stages = _get(row, "stages", "stages") or {}
     for stage in STAGES:
-        summary[f"{stage}_s"] = _get(row, "stages", "stages", stage, "median_s")
-        summary[f"{stage}_load_s"] = _get(row, "stages", "stages", stage, "load_s")
-        summary[f"{stage}_first_run_s"] = _get(row, "stages", "stages", stage, "first_run_s")
+        # "text_encoder": every text encoder the model has (SDXL's two run one after the other).
+        measured = [value for name, value in stages.items() if name == stage or
+                    (stage == "text_encoder" and name.startswith("text_encoder_"))]
+        for key, field in (("_s", "median_s"), ("_load_s", "load_s"), ("_first_run_s", "first_run_s")):
+            values = [value.get(field) for value in measured]
+            summary[f"{stage}{key}"] = sum(values) if values and None not in values else None
     runs = _get(row, "e2e", "runs") or []
     summary["e2e_s"] = runs[0]["total"] if runs else None
     summary["e2e_warm_s"] = runs[1]["total"] if len(runs) > 1 else None
