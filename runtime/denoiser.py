@@ -29,19 +29,23 @@ def to_denoised(model_output: np.ndarray, x: np.ndarray, sigma: float, predictio
 
 
 def make_denoiser(unet: UNet, timestep: Callable[[float], float], prediction_type: str,
-                  cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, guidance: float
-                  ) -> Callable[[np.ndarray, float], np.ndarray]:
-    """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch."""
+                  cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, guidance: float,
+                  split: bool = False) -> Callable[[np.ndarray, float], np.ndarray]:
+    """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch, or as
+    two calls of half the batch when ``split`` (half the U-Net's activation memory, same result)."""
     guided = uncond is not None
     context = {name: np.concatenate([uncond[name], value]) for name, value in cond.items()} if guided else cond
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         c_in = np.float32(1.0 / (sigma**2 + 1) ** 0.5)
-        x_in = np.concatenate([x, x]) if guided else x
-        t = np.full(x_in.shape[0], timestep(sigma), dtype=np.float32)
-        output = unet(x_in * c_in, t, context)
+        t = np.full(x.shape[0], timestep(sigma), dtype=np.float32)
+        if guided and split:
+            output_uncond, output_cond = (unet(x * c_in, t, half) for half in (uncond, cond))
+        elif guided:
+            output_uncond, output_cond = np.split(unet(np.concatenate([x, x]) * c_in, np.concatenate([t, t]), context), 2)
+        else:
+            output = unet(x * c_in, t, context)
         if guided:
-            output_uncond, output_cond = np.split(output, 2)
             output = output_uncond + np.float32(guidance) * (output_cond - output_uncond)
         return to_denoised(output, x, sigma, prediction_type).astype(np.float32, copy=False)
 

@@ -255,7 +255,10 @@ class Pipeline:
                                            np.concatenate([masked_latent] * repeat)], axis=1)
                 return unet.run(sample=x_in, timestep=t, **ctx)[0]
 
-            denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance)
+            # Low memory runs the guidance halves one after the other: the U-Net's activations are
+            # the peak of a generation once only one graph is resident.
+            denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance,
+                                    split=self.sessions.memory == "low")
             blend = mask is not None and not conditioned
             if blend:
                 denoise = keep_known(denoise, mask.latent, x0, noise, float(plan.sigmas[0]))
@@ -361,7 +364,8 @@ class Pipeline:
         stages = [("text_encoder", 2 * batch if guided else batch, 0, 0)]
         if img2img:
             stages.append(("vae_encoder", batch, height, width))
-        stages += [("unet", 2 * batch if guided else batch, height // f, width // f),
+        split = self.sessions.memory == "low"  # the guidance halves run one at a time (make_denoiser)
+        stages += [("unet", 2 * batch if guided and not split else batch, height // f, width // f),
                    ("vae_decoder", batch, height // f, width // f)]
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])

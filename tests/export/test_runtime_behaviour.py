@@ -11,7 +11,7 @@ import pytest
 from edgediff.runtime import Pipeline
 from torch_blocker import BLOCK_TORCH
 from edgediff.runtime.errors import GraphInputError
-from edgediff.runtime.sessions import check_inputs
+from edgediff.runtime.sessions import GraphSession, check_inputs
 
 
 
@@ -47,12 +47,23 @@ def test_same_seed_same_image(tiny_exports, sampler):
     assert np.abs(first - other).max() > 1e-3
 
 
-def test_low_memory_matches_high_and_releases(tiny_exports):
+def test_low_memory_matches_high_and_releases(tiny_exports, monkeypatch):
     low = Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu", memory="low")
     high = Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu", memory="high")
-    a = low("a dog", steps=3, seed=5)
-    b = high("a dog", steps=3, seed=5)
-    np.testing.assert_array_equal(a.pixels, b.pixels)
+    batches = []
+    run = GraphSession.run
+
+    def spy(session, **feed):  # the U-Net's batch per call: in low memory the guidance halves run apart
+        if session.name == "unet":
+            batches.append(feed["sample"].shape[0])
+        return run(session, **feed)
+
+    monkeypatch.setattr(GraphSession, "run", spy)
+    a = low(["a dog", "a cat"], steps=3, seed=5)
+    assert batches == [2] * 6  # 3 steps x (uncond, cond), each the 2 prompts' batch
+    b = high(["a dog", "a cat"], steps=3, seed=5)
+    assert batches[6:] == [4] * 3
+    np.testing.assert_allclose(a.pixels, b.pixels, atol=2e-6)
     assert low.sessions._resident == {}
     assert set(high.sessions._resident) == {"text_encoder", "unet", "vae_decoder"}
 
@@ -99,3 +110,4 @@ def test_manifest_records_the_contract(tiny_exports):
         ("sample", "float16"), ("timestep", "float32"), ("encoder_hidden_states", "float16")]
     assert any("upcast_attention" in kept for kept in unet.kept_fp32)
     assert all(g.validation["validated"] for g in m.graphs.values())
+
