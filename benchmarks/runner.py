@@ -21,12 +21,14 @@ from .models import BENCH_GRAPHS, config_source, default_cache, ensure_export, e
 
 GPU_PROVIDERS = ("cuda", "tensorrt", "dml")
 ALL_PROVIDERS = ("cpu", "openvino", *GPU_PROVIDERS)
-PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+PRECISIONS = ("fp32", "int8", "fp16", "bf16", "int4")
 MEMORY_MODES = ("low", "high")
 # Which export each provider runs: CPU runs want fp32 or int8 graphs, GPUs fp16 (DESIGN.md).
 # OpenVINO's bf16 is an inference-precision hint on the fp32 graphs (AMX / AVX512-BF16 CPUs).
-PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8"), "openvino": ("fp32", "bf16"), "cuda": ("fp16",),
+# int4 (weight-only MatMulNBits U-Net) is what fits a 4 GB GPU; measured only when --precision names it.
+PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8", "int4"), "openvino": ("fp32", "bf16"), "cuda": ("fp16", "int4"),
                        "tensorrt": ("fp16",), "dml": ("fp16",)}
+OPT_IN = ("int4",)
 # OpenVINO reads unfused graphs only (ONNX Runtime's fused ops are unknown to it).
 EXPORT_TARGET = {"cpu": "cpu", "openvino": "none", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
 EXPORT_PRECISION = {"bf16": "fp32"}
@@ -80,7 +82,7 @@ class Config:
     engine: str  # edgediff | diffusers
     provider: str  # cpu/cuda/tensorrt/dml; for diffusers: cpu or cuda (torch device)
     precision: str  # fp32/int8/fp16; diffusers: fp32/bf16/fp16
-    memory: str | None = None  # edgediff only
+    memory: str | None = None  # edgediff: low/high; diffusers: "offload" (enable_model_cpu_offload) or None
     unmeasured: str | None = None  # reason, when it cannot run here
 
     @property
@@ -102,7 +104,7 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
         if params.providers is None and missing and provider == "dml":
             continue  # DirectML is Windows-only: list it only when asked for
         for precision in PROVIDER_PRECISIONS[provider]:
-            if params.precisions and precision not in params.precisions:
+            if (precision not in params.precisions) if params.precisions else precision in OPT_IN:
                 continue
             for memory in params.memory:
                 configs.append(Config("edgediff", provider, precision, memory, missing))
@@ -114,10 +116,12 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
             if params.diffusers_bf16:
                 configs.append(Config("diffusers", "cpu", "bf16", unmeasured=None if bf16 else
                                       "unmeasured (this CPU has no native bf16: AMX-BF16 or AVX512-BF16)"))
-        if wants_gpu and (not params.precisions or "fp16" in params.precisions):
-            configs.append(Config("diffusers", "cuda", "fp16", unmeasured=None if cuda_torch else
-                                  "unmeasured (no GPU lent to this session)" if not hardware.gpus() else
-                                  "unmeasured (this torch build has no CUDA)"))
+        if wants_gpu and (not params.precisions or {"fp16", "int4"} & set(params.precisions)):
+            why = (None if cuda_torch else "unmeasured (no GPU lent to this session)" if not hardware.gpus()
+                   else "unmeasured (this torch build has no CUDA)")
+            # Whole pipeline on the GPU, and what a 4 GB GPU needs with diffusers (modules moved in turn).
+            configs.append(Config("diffusers", "cuda", "fp16", unmeasured=why))
+            configs.append(Config("diffusers", "cuda", "fp16", "offload", unmeasured=why))
     if not configs:
         raise EdgediffError("nothing to measure: the --provider/--precision choices select no configuration")
     return configs

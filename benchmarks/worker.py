@@ -168,7 +168,9 @@ def _load_diffusers(spec, torch, device, dtype) -> tuple[object, dict]:
             continue
         clock = time.perf_counter()
         dtype_arg = {"torch_dtype": dtype} if hasattr(cls, "load_config") else {"dtype": dtype}
-        parts[name] = cls.from_pretrained(folder / name, **dtype_arg).to(device).eval()
+        parts[name] = cls.from_pretrained(folder / name, **dtype_arg).eval()
+        if spec.get("memory") != "offload":
+            parts[name] = parts[name].to(device)
         _sync(torch, device)
         loads["vae_decoder" if name == "vae" else name] = time.perf_counter() - clock
     if device == "cuda":  # SDPA is diffusers' default attention processor on torch 2
@@ -180,6 +182,8 @@ def _load_diffusers(spec, torch, device, dtype) -> tuple[object, dict]:
     # from_pretrained with every component given loads nothing more, and reads the pipeline's own
     # settings (SDXL's force_zeros_for_empty_prompt) from model_index.json.
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, scheduler=scheduler, **parts)
+    if spec.get("memory") == "offload":  # each module on the GPU only while it runs
+        pipe.enable_model_cpu_offload()
     pipe.set_progress_bar_config(disable=True)
     return pipe, loads
 

@@ -86,3 +86,31 @@ def test_stage_inputs_come_from_the_components(sdxl_built, tmp_path):
         expected = stages["text_encoder"]["median_s"] + stages["text_encoder_2"]["median_s"]
         assert row["text_encoder_s"] == pytest.approx(expected)
         assert row["unet_s"] == stages["unet"]["median_s"] > 0
+
+
+def test_plan_has_the_4gb_gpu_rows_and_int4_only_when_asked(monkeypatch):
+    from edgediff.benchmarks import hardware, runner
+
+    monkeypatch.setattr(hardware, "gpus", lambda: [])
+    default = {c.label for c in runner.plan(runner.BenchParams(), ["cpu"], cuda_torch=False, bf16=True)}
+    assert not any("int4" in label for label in default)
+    asked = runner.BenchParams(providers=("cpu", "cuda"), precisions=("int4",), memory=("low",))
+    labels = {c.label: c.unmeasured for c in runner.plan(asked, ["cpu"], cuda_torch=False, bf16=True)}
+    assert labels["edgediff cpu int4 low"] is None
+    for label in ("edgediff cuda int4 low", "diffusers cuda fp16", "diffusers cuda fp16 offload"):
+        assert labels[label] == "unmeasured (no GPU lent to this session)"
+
+
+def test_gpu_target_reads_the_int4_low_row():
+    def row(label, engine, precision, memory, gpu_bytes):
+        return {"label": label, "engine": engine, "provider": "cuda", "precision": precision, "memory": memory,
+                "e2e": {"runs": [{"total": 1.0}], "peak_rss_bytes": 1e9, "peak_gpu_bytes": gpu_bytes}}
+
+    rows = [row("ours", "edgediff", "int4", "low", 3.5e9), row("whole", "diffusers", "fp16", None, 9e9),
+            row("offload", "diffusers", "fp16", "offload", 5e9)]
+    summary = summarize({"rows": rows, "unet_flops": {}})
+    target = summary["targets"]["gpu_peak_int4_low_within_4gb"]
+    assert target["met"] and target["diffusers"] == "offload" and target["ratio"] == pytest.approx(0.7)
+    assert next(r for r in summary["rows"] if r["label"] == "ours")["baseline"] == "whole"
+    rows[0]["e2e"]["peak_gpu_bytes"] = 4.2e9
+    assert not summarize({"rows": rows, "unet_flops": {}})["targets"]["gpu_peak_int4_low_within_4gb"]["met"]
