@@ -29,8 +29,10 @@ from .models import default_cache, ensure_model, export_folder
 GIB = 1024**3
 
 
-def export_once(source: Path, out: Path, precision: str, target: str | None, log_file: Path) -> dict:
-    command = [sys.executable, "-m", "edgediff", "export", str(source), str(out), "--precision", precision,
+def export_once(source: Path, out: Path, precision: str, target: str | None, log_file: Path,
+                probe: bool = False) -> dict:
+    runner = ["edgediff.benchmarks.export_probe"] if probe else ["edgediff", "export"]
+    command = [sys.executable, "-m", *runner, str(source), str(out), "--precision", precision,
                "--overwrite", *(["--optimize-for", target] if target else [])]
     started = time.perf_counter()
     stages: dict[str, float] = {}  # "[i/n] graph: stage" -> highest VmRSS seen while it was the last line
@@ -52,7 +54,7 @@ def export_once(source: Path, out: Path, precision: str, target: str | None, log
         "wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
         "stage_rss_gib": {stage: round(rss, 2) for stage, rss in stages.items()},
         "final_line": lines[-1] if lines else "", "validation": validation,
-        "command": " ".join(["edgediff", *command[3:]]),
+        "command": " ".join(["edgediff", "export", *command[3 if probe else 4:]]),
     }
 
 
@@ -71,16 +73,22 @@ def _rss_gib(pid: int) -> float | None:
 
 
 def _last_stage(log_file: Path) -> str | None:
-    """The stage the export is in: its last "[i/n] graph: what" line, "loading" before the first."""
+    """The stage the export is in: its last "[i/n] graph: what" line ("loading" before the first),
+    refined by the last ``probe`` line after it (export_probe.py)."""
     with open(log_file, "rb") as handle:
-        handle.seek(max(0, log_file.stat().st_size - 4096))
+        handle.seek(max(0, log_file.stat().st_size - 8192))
         lines = handle.read().decode(errors="replace").splitlines()
+    probe = None
     for line in reversed(lines):
-        if line.startswith("[") and ": " in line:
-            return (line.split(": validate")[0] + ": validating" if ": validate " in line
-                    else line.split(" in ")[0])[:80]
-        if line.startswith("loading"):
-            return "loading"
+        if line.startswith("probe ") and probe is None:
+            _, name, when = line.split()[:3]
+            probe = name if when == "start" else f"after {name}"
+        elif line.startswith("[") and ": " in line:
+            stage = (line.split(": validate")[0] + ": validated" if ": validate " in line
+                     else line.split(" in ")[0])[:80]
+            return f"{stage.split(': ')[0]}: {probe}" if probe else stage
+        elif line.startswith("loading"):
+            return f"loading: {probe}" if probe else "loading"
     return None
 
 
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="where exports are written, then deleted")
     parser.add_argument("--json", type=Path, default=None, help="append one JSON line per export here")
     parser.add_argument("--keep", action="store_true", help="keep the exported folders")
+    parser.add_argument("--probe", action="store_true",
+                        help="book RSS to each fusion/write/validation call too (runs export_probe)")
     parser.add_argument("--for-bench", action="store_true",
                         help="export into the bench's cache beside the built model and keep it there")
     args = parser.parse_args(argv)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         out = (export_folder(source, precision, args.optimize_for or default_target(precision)) if args.for_bench
                else work / f"{args.model}-{precision}")
-        result = export_once(source, out, precision, args.optimize_for, work / f"{precision}.log")
+        result = export_once(source, out, precision, args.optimize_for, work / f"{precision}.log", args.probe)
         result.update(model=args.model, load_average=[round(x, 2) for x in os.getloadavg()], files=_sizes(out))
         for line in result["validation"]:
             print(f"  {line}")
