@@ -35,6 +35,11 @@ def sdxl_built(sdxl_config, tmp_path_factory):
         return models.ensure_model(str(sdxl_config), cache, seed=0, log=lambda line: None)
 
 
+@pytest.fixture(scope="module")
+def sdxl_export(sdxl_built):
+    return models.ensure_export(sdxl_built, "fp32", "cpu", log=lambda line: None)
+
+
 def _weights(folder: Path, name: str) -> dict:
     from safetensors.torch import load_file
 
@@ -71,9 +76,8 @@ def test_random_build_is_seeded(sdxl_built, sdxl_config, tmp_path):
     assert models.ensure_model(str(sdxl_config), tmp_path / "again", seed=0) == again  # cached: not rebuilt
 
 
-def test_stage_inputs_come_from_the_components(sdxl_built, tmp_path):
-    export = models.ensure_export(sdxl_built, "fp32", "cpu", log=lambda line: None)
-    spec = {"model_dir": str(export), "provider": "cpu", "batch": 1, "resolution": 64, "repeats": 1,
+def test_stage_inputs_come_from_the_components(sdxl_built, sdxl_export):
+    spec = {"model_dir": str(sdxl_export), "provider": "cpu", "batch": 1, "resolution": 64, "repeats": 1,
             "threads": 2, "precision": "fp32"}
     ours = worker.edgediff_stages(spec)["stages"]
     theirs = worker.diffusers_stages({**spec, "model_dir": str(sdxl_built)})["stages"]
@@ -114,3 +118,13 @@ def test_gpu_target_reads_the_int4_low_row():
     assert next(r for r in summary["rows"] if r["label"] == "ours")["baseline"] == "whole"
     rows[0]["e2e"]["peak_gpu_bytes"] = 4.2e9
     assert not summarize({"rows": rows, "unet_flops": {}})["targets"]["gpu_peak_int4_low_within_4gb"]["met"]
+
+
+def test_generation_memory_books_the_peak_to_stages(sdxl_export):
+    from edgediff.benchmarks.generation_memory import measure
+
+    result = measure(str(sdxl_export), 64, 1, "low", "cpu", None)
+    stages = result["stage_peak_rss_gib"]
+    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(stages)
+    assert 0 < max(stages.values()) <= result["peak_rss_gib"]
+    assert result["timings"]["unet"] > 0
