@@ -3,6 +3,7 @@
     python -m edgediff.benchmarks.export_memory --model sd15 --precision fp16 --optimize-for cuda
     python -m edgediff.benchmarks.export_memory --model sd21 --precision fp16 fp32 int8
     python -m edgediff.benchmarks.export_memory --model sdxl --precision fp32 --for-bench
+    python -m edgediff.benchmarks.export_memory --model sd15 --precision int4 --keep --work DIR
 
 The model is built once with random weights (benchmarks.models.ensure_model); each export runs as
 its own `edgediff export` process, whose peak RSS is read back from the kernel (wait4's ru_maxrss,

@@ -25,10 +25,10 @@ PRECISIONS = ("fp32", "int8", "fp16", "bf16", "int4")
 MEMORY_MODES = ("low", "high")
 # Which export each provider runs: CPU runs want fp32 or int8 graphs, GPUs fp16 (DESIGN.md).
 # OpenVINO's bf16 is an inference-precision hint on the fp32 graphs (AMX / AVX512-BF16 CPUs).
-# int4 (weight-only MatMulNBits U-Net) is what fits a 4 GB GPU; measured only when --precision names it.
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8", "int4"), "openvino": ("fp32", "bf16"), "cuda": ("fp16", "int4"),
                        "tensorrt": ("fp16",), "dml": ("fp16",)}
-OPT_IN = ("int4",)
+# Measured only when --precision names them (4-bit U-Net weights: the small-GPU/SDXL export).
+OPT_IN_PRECISIONS = ("int4",)
 # OpenVINO reads unfused graphs only (ONNX Runtime's fused ops are unknown to it).
 EXPORT_TARGET = {"cpu": "cpu", "openvino": "none", "cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
 EXPORT_PRECISION = {"bf16": "fp32"}
@@ -104,14 +104,14 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
         if params.providers is None and missing and provider == "dml":
             continue  # DirectML is Windows-only: list it only when asked for
         for precision in PROVIDER_PRECISIONS[provider]:
-            if (precision not in params.precisions) if params.precisions else precision in OPT_IN:
+            if precision not in (params.precisions or set(PRECISIONS) - set(OPT_IN_PRECISIONS)):
                 continue
             for memory in params.memory:
                 configs.append(Config("edgediff", provider, precision, memory, missing))
     if params.diffusers:
         wants_cpu = "cpu" in providers
         wants_gpu = any(p in ("cuda", "tensorrt") for p in providers)
-        if wants_cpu and (not params.precisions or {"fp32", "int8"} & set(params.precisions)):
+        if wants_cpu and (not params.precisions or {"fp32", "int8", "int4"} & set(params.precisions)):
             configs.append(Config("diffusers", "cpu", "fp32"))
             if params.diffusers_bf16:
                 configs.append(Config("diffusers", "cpu", "bf16", unmeasured=None if bf16 else

@@ -34,14 +34,23 @@ from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
 from .weight_map import WEIGHT_MAPPED, module_weight_map
 
-PRECISIONS = ("fp16", "fp32", "int8")
+PRECISIONS = ("fp16", "fp32", "int8", "int4")
 OPSET = 17
-FLOAT_DTYPE = {"fp16": "float16", "fp32": "float32", "int8": "float32"}
+# int4: the U-Net's MatMul weights as 4-bit blocks (MatMulNBits), everything else float: fp16 on
+# CUDA, fp32 on the CPU. Symmetric blocks of 32 along K: RESULTS.md, "int4 weight-only U-Net".
+INT4 = {"bits": 4, "block_size": 32, "symmetric": True, "op": "MatMulNBits"}
+# Targets with a MatMulNBits kernel that these exports were checked on.
+INT4_TARGETS = ("cuda", "cpu", "none")
 
 
 def default_target(precision: str) -> str:
-    """fp16 graphs are for GPUs; CPU runs want fp32 or int8 graphs (DESIGN.md)."""
+    """fp16 graphs are for GPUs; CPU runs want fp32, int8 or int4 graphs (DESIGN.md)."""
     return "cuda" if precision == "fp16" else "cpu"
+
+
+def float_dtype(precision: str, target: str) -> str:
+    """The dtype of a graph's float tensors: int4 keeps fp16 activations where it targets CUDA."""
+    return "float16" if precision == "fp16" or (precision == "int4" and target == "cuda") else "float32"
 
 
 def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
@@ -55,6 +64,9 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     target = optimize_for or default_target(precision)
     if target not in opt.TARGETS:
         raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
+    if precision == "int4" and target not in INT4_TARGETS:
+        raise EdgediffError(f"--precision int4 supports --optimize-for {', '.join(INT4_TARGETS)}, not {target!r} "
+                            "(its MatMulNBits graphs are untested there); use fp16 for that target")
     from .load import check_source, load_components
 
     started = time.perf_counter()
@@ -172,23 +184,44 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     # SD 2.x attention overflows fp16. CUDA's fused attention kernel is what ONNX Runtime's own
     # SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its scores can stay fp32.
     upcast = spec.name == "unet" and bool(getattr(meta.unet.config, "upcast_attention", False))
-    model = opt.optimize(model, work, spec.optimizer_type, target,
-                         fuse_attention=not (upcast and precision == "fp16" and target != "cuda"))
+    float16 = float_dtype(precision, target) == "float16"
+    quantize = precision == "int4" and spec.name == "unet"
+    # On the CPU the fused Attention op holds self-attention's q/k/v as one packed weight that
+    # MatMulNBits cannot take: int4 keeps attention as MatMuls there (RESULTS.md, "int4").
+    fuse = not (upcast and float16 and target != "cuda") and not (quantize and target != "cuda")
+    model = opt.optimize(model, work, spec.optimizer_type, target, fuse_attention=fuse)
     spill(model, work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
     model = fresh(model)
     # The fusions' objects keep the old graph alive in reference cycles, and with it every weight a
     # fusion read (measured: the whole SDXL U-Net for CUDA's, 9 GiB), until the collector runs.
     release_freed(collect=True)
 
-    inputs = spec.resolve(spec.inputs, dims, FLOAT_DTYPE[precision])
-    outputs = spec.resolve(spec.outputs, dims, FLOAT_DTYPE[precision])
+    inputs = spec.resolve(spec.inputs, dims, float_dtype(precision, target))
+    outputs = spec.resolve(spec.outputs, dims, float_dtype(precision, target))
     providers = runnable_providers(target)
     path = folder / "model.onnx"
     kept_fp32: list[str] = []
-    graph_precision = precision
+    # int8/int4 apply to the U-Net; the other graphs are float (fp16 where int4 targets CUDA).
+    graph_precision = (precision if spec.name == "unet" or precision in ("fp16", "fp32")
+                       else "fp16" if float16 else "fp32")
     report = None
+    quantization = {}
 
-    if precision == "fp16":
+    if quantize:
+        log(f"{prefix}: quantizing MatMul weights to {INT4['bits']}-bit blocks of {INT4['block_size']}")
+        float_bytes = opt.weight_bytes_by_op(model)
+        model = opt.quantize_nbits(model, work, INT4["bits"], INT4["block_size"])
+        spill(model, work, "quantized.bin")  # the packed weights and their scales
+        model = fresh(model)
+        release_freed()
+        kept = opt.weight_bytes_by_op(model)
+        quantization = {**INT4, "matmul_float_bytes": float_bytes.get("MatMul", 0),
+                        "packed_bytes": kept.get("MatMulNBits", 0),
+                        "float_bytes": sum(b for op, b in kept.items() if op != "MatMulNBits"),
+                        "float": "convolutions, Gemm and MatMuls without a constant weight, norms, biases"}
+        if not float16:
+            kept_fp32 = ["convolutions and non-MatMul weights (MatMulNBits covers MatMul weights only)"]
+    if float16:
         log(f"{prefix}: converting to fp16")
         opt.name_nodes(model)
         keep_io = [s.name for s in inputs if s.dtype == "float32"]
@@ -203,7 +236,7 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
             steps = ((None, "whole graph (the VAE config sets force_upcast)"),)
         for keep_nodes, why in steps:
             if keep_nodes is None:
-                graph_precision, converted = "fp32", model
+                graph_precision, converted = "int4" if quantize else "fp32", model
                 inputs = spec.resolve(spec.inputs, dims, "float32")
                 outputs = spec.resolve(spec.outputs, dims, "float32")
                 kept_fp32 = [why]
@@ -230,7 +263,8 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     else:
         if precision == "int8":
             kept_fp32 = ["whole graph (int8 applies to the U-Net)"]
-            graph_precision = "fp32"
+        elif precision == "int4" and not quantize:
+            kept_fp32 = ["whole graph (int4 applies to the U-Net)"]
         write_graph(model, path, work)
     model = None
     shutil.rmtree(work)
@@ -241,10 +275,11 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     weights = {}
     if spec.name in WEIGHT_MAPPED:  # LoRAs patch these: map torch names to the saved initializers
         with components.open(keep) as pipe:
-            weights = module_weight_map(spec.name, spec.module(pipe, dims), path)
+            weights = module_weight_map(spec.name, spec.module(pipe, dims), path, graph_precision)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
         inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation, weights=weights,
+        quantization=quantization,
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
     return entry

@@ -144,7 +144,8 @@ def _t(name, dtype, *shape):
     return TensorSpec(name, dtype, tuple(shape))
 
 
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}
+# int4: about twice the worst measured on random weights (8.9e-2, tiny SDXL; RESULTS.md, "int4").
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1, "int4": 2e-1}
 VAE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
 UNET = GraphSpec(
     "unet",

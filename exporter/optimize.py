@@ -1,9 +1,10 @@
-"""Graph optimization per target and precision conversion (fp16, int8) of exported graphs.
+"""Graph optimization per target and precision conversion (fp16, int8, int4) of exported graphs.
 
 Graphs arrive stripped (weights.py): their big tensors are external data in a work folder.
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,49 @@ def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     finally:
         onnx_quantizer.save_and_reload_model_with_shape_infer = original
     return quantizer.model.model
+
+
+def quantize_nbits(model: onnx.ModelProto, folder: Path, bits: int, block_size: int) -> onnx.ModelProto:
+    """Weight-only blockwise quantization of every MatMul with a constant weight into ``MatMulNBits``
+    (symmetric, ``block_size`` weights along K share one scale), on a stripped graph.
+
+    The quantizer reads each weight as it quantizes it (onnx-ir resolves external data against the
+    working directory) and keeps only the packed result in memory; the float weights it replaced
+    are dropped from the graph, never loaded. Activations stay float (fp32 or, after fp16
+    conversion, fp16).
+    """
+    quantizer_class = _nbits_quantizer()
+    with _working_directory(folder):
+        quantizer = quantizer_class(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                    op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    return quantizer.model.model
+
+
+def _nbits_quantizer():
+    """MatMulNBitsQuantizer, imported without the INFO-level root logging its module sets up on import
+    (one line per node quantized)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    matmul_nbits_quantizer.logger.setLevel(logging.WARNING)
+    return matmul_nbits_quantizer.MatMulNBitsQuantizer
+
+
+def weight_bytes_by_op(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the initializers each op type consumes (a weight shared by two op types counts once)."""
+    from .weights import nbytes
+
+    sizes = {t.name: nbytes(t) for t in model.graph.initializer if t.data_type != onnx.TensorProto.STRING}
+    totals: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in sizes:
+                totals[node.op_type] = totals.get(node.op_type, 0) + sizes.pop(name)
+    return totals
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

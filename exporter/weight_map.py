@@ -20,6 +20,8 @@ import numpy as np
 
 from edgediff.runtime.onnx_weights import initializer_index
 
+from .graphs import GRAPHS
+
 PROBE = 8  # leading values used as a fingerprint before comparing whole tensors
 
 
@@ -122,15 +124,25 @@ def _runs(first_row, rows_count, dtype, windows, rows):
     return name, spans
 
 
-WEIGHT_MAPPED = ("unet", "text_encoder")
+# The graphs LoRAs and embeddings patch, chosen by what their declaration says they are (the U-Net
+# and every CLIP text encoder, SDXL's second included); the others' maps would be dead weight.
+PATCHED_KINDS = ("unet", "clip")
+WEIGHT_MAPPED = tuple(name for name, spec in GRAPHS.items() if spec.optimizer_type in PATCHED_KINDS)
+FLOAT_PRECISIONS = ("fp32", "fp16")
 
 
-def module_weight_map(graph: str, module, graph_path: str | Path) -> dict[str, dict]:
+def module_weight_map(graph: str, module, graph_path: str | Path, precision: str = "fp32") -> dict[str, dict]:
     """The map for an exported boundary module (``UNet``, ``TextEncoder``): keys without its wrapper prefix.
 
-    Only the graphs LoRAs and embeddings patch get one; the others' maps would be dead weight.
+    A weight the saved graph does not hold is one its outputs do not depend on (SDXL's first text
+    encoder stops at the penultimate layer): it is recorded as ``{"init": None}``, so a LoRA layer on
+    it is known to change nothing rather than reported as matching nothing. Quantized graphs get no
+    map: their weights are not stored as they were, and the runtime refuses LoRAs on them.
     """
-    if graph not in WEIGHT_MAPPED:
+    if graph not in WEIGHT_MAPPED or precision not in FLOAT_PRECISIONS:
         return {}
     state = {key.split(".", 1)[1]: value.detach().float().numpy() for key, value in module.state_dict().items()}
-    return build_weight_map(state, graph_path)
+    found = build_weight_map(state, graph_path)
+    unused = {key: {"init": None} for key, value in state.items()
+              if key.endswith("weight") and value.ndim in (2, 4) and key not in found}
+    return {**found, **unused}

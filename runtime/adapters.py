@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from .embeddings import Embedding, extend_table, read_embeddings, token_table_key
 from .errors import EdgediffError
-from .lora import COMPONENT_GRAPHS, LoraError, LoraFile, extract_lora_tags, lora_deltas, merge, read_lora
+from .lora import LoraError, LoraFile, component_graphs, extract_lora_tags, lora_deltas, merge, read_lora
 from .manifest import Manifest
 from .onnx_weights import initializer_index
 
@@ -36,16 +36,21 @@ class Adapters:
         self._files: dict[tuple, object] = {}
         self._indexes: dict[str, dict] = {}
         self._patches: dict[str, tuple[tuple, dict]] = {}
+        self._components = component_graphs(manifest)
+        self._encoders = [encoder["graph"] for encoder in manifest.text_encoders]
 
     def index(self, graph: str) -> dict:
         if graph not in self._indexes:
             self._indexes[graph] = initializer_index(self.model_dir / self.manifest.graphs[graph].path)
         return self._indexes[graph]
 
-    def apply(self, sessions, tokenizer, prompts: list[str], loras: Sequence[LoraSpec] | None,
+    def apply(self, sessions, tokenizers, prompts: list[str], loras: Sequence[LoraSpec] | None,
               embeddings: Sequence[str | Path] | None, lora_dir: str | Path | None,
               allow_pickle: bool = False) -> Applied:
-        """Resolve prompt tags and files, hand each graph its patched weights, set the tokenizer's tokens."""
+        """Resolve prompt tags and files, hand each graph its patched weights, set each tokenizer's tokens.
+
+        ``tokenizers``: one per text encoder, in the manifest's order.
+        """
         stripped, tags = zip(*map(extract_lora_tags, prompts)) if prompts else ((), ())
         if len(set(map(tuple, tags))) > 1:
             raise LoraError("all prompts of one batch must carry the same <lora:...> tags")
@@ -57,18 +62,19 @@ class Adapters:
             vectors += self._load(Path(path), read_embeddings, allow_pickle)
 
         active = [(lora, weight) for lora, weight in files if weight != 0]  # weight 0: the base weights exactly
-        for graph in COMPONENT_GRAPHS.values():
+        for graph in dict.fromkeys(self._components.values()):
             if graph not in self.manifest.graphs:
                 continue
             touching = [(lora, w) for lora, w in active
-                        if any(COMPONENT_GRAPHS.get(layer.component) == graph for layer in lora.layers)]
-            extra = vectors if graph == "text_encoder" else []
+                        if any(self._components.get(layer.component) == graph for layer in lora.layers)]
+            extra = vectors if graph in self._encoders else []
             key = (tuple((str(lora.path), w) for lora, w in touching), tuple(str(e.path) for e in extra))
             key = key if touching or extra else ()  # () is the unpatched graph, as Sessions starts
             if self._patches.get(graph, (None,))[0] != key:
                 self._patches[graph] = (key, self._patch(graph, touching, extra))
             sessions.set_initializers(graph, key, self._patches[graph][1]["arrays"])
-        tokenizer.added_tokens = self._patches.get("text_encoder", ((), {"tokens": {}}))[1]["tokens"]
+        for graph, tokenizer in zip(self._encoders, tokenizers):
+            tokenizer.added_tokens = self._patches.get(graph, ((), {"tokens": {}}))[1]["tokens"]
         return Applied(list(stripped), [(lora.name, w) for lora, w in files], [e.name for e in vectors])
 
     def _patch(self, graph: str, loras: list[tuple[LoraFile, float]], embeddings: list[Embedding]) -> dict:
@@ -77,12 +83,14 @@ class Adapters:
         entry = self.manifest.graphs[graph]
         deltas = []
         for lora, weight in loras:
-            deltas += lora_deltas(lora, weight, self.manifest.graphs, self.index, self._warn_once).get(graph, [])
+            deltas += lora_deltas(lora, weight, self.manifest.graphs, self._components, self.index,
+                                  self._warn_once).get(graph, [])
         arrays = merge(self.index(graph), entry.weights, deltas)
         tokens = {}
         if embeddings:
             init = entry.weights[token_table_key(entry.weights)]["init"]
-            arrays[init], tokens = extend_table(self.index(graph)[init], embeddings)
+            arrays[init], tokens = extend_table(self.index(graph)[init], embeddings, self._encoders.index(graph),
+                                                len(self._encoders))
         return {"arrays": arrays, "tokens": tokens}
 
     def _load(self, path: Path, reader, allow_pickle: bool):

@@ -32,6 +32,11 @@ def describe(model_dir: Path | None, verify: bool = False) -> str:
                  if v.get("validated") else f"not validated ({v.get('reason', 'unknown')})")
         kept = f"; fp32 kept: {', '.join(g.kept_fp32)}" if g.kept_fp32 else ""
         lines.append(f"  {name:13} {g.precision:5} {megabytes:8.1f} MB  {check}{kept}")
+        if g.quantization:
+            q = g.quantization
+            lines.append(f"  {'':13} {q.get('bits', '?')}-bit {q.get('op', '')} weights, blocks of "
+                         f"{q.get('block_size', '?')} ({q.get('packed_bytes', 0) / 1e6:.1f} MB packed, from "
+                         f"{q.get('matmul_float_bytes', 0) / 1e6:.1f} MB float); float: {q.get('float', '?')}")
     lines.append(f"providers  {', '.join(available_providers())}")
     if verify:
         lines.append("verified   every graph matches its sha256")

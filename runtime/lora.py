@@ -1,10 +1,12 @@
 """LoRA files applied at run time: W' = W + weight * (alpha / rank) * up @ down, in NumPy.
 
-Formats: kohya (``lora_unet_*`` / ``lora_te_*`` with ``lora_down`` / ``lora_up`` / ``alpha``,
-LoCon convolutions included: down is a k x k convolution, up a 1 x 1) and diffusers/PEFT
-(``unet.<module>.lora_A.weight`` / ``lora_B``, older ``.lora.down`` / ``.lora.up``). Module names
-are diffusers' (kohya writes them with ``_`` for ``.``), matched against the weight map the exporter
-stored per graph, which says which initializer holds each weight and in what layout. The patched
+Formats: kohya (``lora_unet_*`` / ``lora_te_*``, SDXL's ``lora_te1_*`` / ``lora_te2_*``, with
+``lora_down`` / ``lora_up`` / ``alpha``, LoCon convolutions included: down is a k x k convolution, up
+a 1 x 1) and diffusers/PEFT (``unet.`` / ``text_encoder.`` / ``text_encoder_2.<module>.lora_A.weight``
+/ ``lora_B``, older ``.lora.down`` / ``.lora.up``). Module names are diffusers' (kohya writes them with
+``_`` for ``.``, and SDXL U-Net names in the original SGM numbering: ``sgm_to_diffusers``), matched
+against the weight map the exporter stored per graph, which says which initializer holds each
+weight and in what layout. The patched
 initializers go to ONNX Runtime at session creation (sessions.py); the graph is never re-optimized.
 """
 from __future__ import annotations
@@ -21,14 +23,21 @@ from .manifest import GraphEntry
 from .onnx_weights import TensorLocation
 from .tensor_files import read_tensors
 
-# The graph each LoRA component patches; SDXL's second text encoder has no graph here yet.
-COMPONENT_GRAPHS = {"unet": "unet", "text_encoder": "text_encoder"}
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                    "lora_te2_": "text_encoder_2"}
 _PEFT_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
                (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 _OLD_PROCESSOR = {"processor.to_q_lora": "to_q", "processor.to_k_lora": "to_k", "processor.to_v_lora": "to_v",
                   "processor.to_out_lora": "to_out.0"}
+FLOAT_PRECISIONS = ("fp32", "fp16")  # graphs whose weights are stored as trained, so a delta can be added
+# kohya trains SDXL on the original (SGM) U-Net: its names, mapped to diffusers' module paths.
+_SGM_FIXED = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+              "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+              "label_emb_0_2": "add_embedding_linear_2"}
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+_SGM_BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_SGM_MIDDLE = re.compile(r"middle_block_(\d+)_(.+)$")
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
@@ -80,6 +89,60 @@ class LoraFile:
     @property
     def name(self) -> str:
         return self.path.stem
+
+
+def component_graphs(manifest) -> dict[str, str]:
+    """LoRA component -> the graph it patches: the U-Net, and the text encoders in manifest order
+    under the names LoRA files give them (diffusers' ``text_encoder``, ``text_encoder_2``)."""
+    graphs = {"unet": "unet"}
+    for position, encoder in enumerate(manifest.text_encoders):
+        graphs["text_encoder" if position == 0 else f"text_encoder_{position + 1}"] = encoder["graph"]
+    return graphs
+
+
+def sgm_to_diffusers(name: str, layers_per_block: int) -> str:
+    """A kohya SDXL U-Net name (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``) as diffusers'
+    module path with ``_`` for ``.``; other names are returned as they are.
+
+    The original U-Net numbers its blocks flat: ``input_blocks`` 1.. hold each down block's resnets
+    (then a downsampler, ``op``), ``layers_per_block + 1`` entries per block; ``output_blocks`` hold
+    each up block's ``layers_per_block + 1`` resnets; inside an entry 0 is the resnet, 1 the
+    attention, the last the up/downsampler.
+    """
+    if name in _SGM_FIXED:
+        return _SGM_FIXED[name]
+    per = layers_per_block + 1
+    middle = _SGM_MIDDLE.match(name)
+    if middle:
+        part, rest = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(int(middle.group(1))), middle.group(2)
+        return name if part is None else _sgm_inner(f"mid_block_{part}", part.startswith("resnets"), rest)
+    block = _SGM_BLOCK.match(name)
+    if not block:
+        return name
+    kind, index, inner, rest = block.group(1), int(block.group(2)), int(block.group(3)), block.group(4)
+    if kind == "input_blocks":
+        number, layer = divmod(index - 1, per)
+        if rest == "op":
+            return f"down_blocks_{number}_downsamplers_0_conv"
+        where = f"down_blocks_{number}"
+    else:
+        number, layer = divmod(index, per)
+        where = f"up_blocks_{number}"
+        if rest == "conv" and inner > 0:  # the upsampler: after the attention, or after the resnet alone
+            return f"{where}_upsamplers_0_conv"
+    if inner == 0:
+        return _sgm_inner(f"{where}_resnets_{layer}", True, rest)
+    return _sgm_inner(f"{where}_attentions_{layer}", False, rest)
+
+
+def _sgm_inner(where: str, resnet: bool, rest: str) -> str:
+    return f"{where}_{_SGM_RESNET.get(rest, rest) if resnet else rest}"
+
+
+def _layers_per_block(modules) -> int:
+    """Resnets per down block, read from the U-Net's own weight names."""
+    found = [int(m.group(1)) for m in map(re.compile(r"down_blocks\.\d+\.resnets\.(\d+)\.").match, modules) if m]
+    return max(found, default=0) + 1
 
 
 def read_lora(path: str | Path, *, allow_pickle: bool = False) -> LoraFile:
@@ -140,29 +203,30 @@ def param_shape(entry: dict, loc: TensorLocation) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], index_of,
+def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], components: dict[str, str], index_of,
                 warn) -> dict[str, list[tuple[str, np.ndarray]]]:
     """{graph: [(torch weight name, weight * scale * up @ down)]}; one warning line for what matches nothing.
 
-    ``index_of(graph)`` gives that graph's initializer index (onnx_weights.initializer_index).
+    ``components`` maps each LoRA component to its graph (``component_graphs``); ``index_of(graph)``
+    gives that graph's initializer index (onnx_weights.initializer_index).
     """
-    if not any(graphs[g].weights for g in COMPONENT_GRAPHS.values() if g in graphs):
-        raise LoraError("this model was exported without a weight map (before LoRA support): re-export it "
-                        "with this edgediff to use LoRAs")
+    _check_fits(lora, graphs, components)
     tables = {}
-    for component, graph in COMPONENT_GRAPHS.items():
+    for component, graph in components.items():
         modules = {key[: -len(".weight")]: key for key in graphs[graph].weights} if graph in graphs else {}
-        tables[component] = (graph, modules, {m.replace(".", "_"): m for m in modules})
+        tables[component] = (graph, modules, {m.replace(".", "_"): m for m in modules}, _layers_per_block(modules))
     deltas: dict[str, list] = {}
     unmatched = []
     for layer in lora.layers:
-        graph, modules, kohya = tables.get(layer.component, (None, {}, {}))
-        module = kohya.get(layer.module) if layer.kohya else layer.module
+        graph, modules, kohya, per_block = tables.get(layer.component, (None, {}, {}, 1))
+        module = kohya.get(sgm_to_diffusers(layer.module, per_block)) if layer.kohya else layer.module
         key = modules.get(module) if module is not None else None
         if key is None:
             unmatched.append(f"{layer.component}.{layer.module}")
             continue
         entry = graphs[graph].weights[key]
+        if entry["init"] is None:  # a weight the graph's outputs do not depend on: the LoRA changes nothing there
+            continue
         shape = param_shape(entry, index_of(graph)[entry["init"]])
         try:
             delta = layer.delta(shape)
@@ -170,7 +234,7 @@ def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], in
             raise LoraError(f"{lora.path.name} does not fit this model: {layer.component}.{module} is "
                             f"{'x'.join(map(str, shape))} here but the LoRA gives "
                             f"{'x'.join(map(str, layer.up.shape[:1] + layer.down.shape[1:]))} "
-                            f"(a LoRA for another architecture, e.g. SD 1.x on SD 2.x?)") from None
+                            f"(a LoRA for another architecture: SD 1.x, SD 2.x and SDXL LoRAs do not mix)") from None
         deltas.setdefault(graph, []).append((key, np.float32(weight * layer.scale) * delta))
     if unmatched and len(unmatched) == len(lora.layers):
         raise LoraError(f"{lora.path.name}: none of its {len(unmatched)} layers match this model "
@@ -179,6 +243,24 @@ def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], in
         warn(f"{lora.path.name}: {len(unmatched)} of {len(lora.layers)} LoRA layers match nothing in this "
              f"model and are ignored (e.g. {', '.join(unmatched[:3])})")
     return deltas
+
+
+def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[str, str]) -> None:
+    """Whole-file mismatches, each one line: more text encoders than the model has, quantized or unmapped graphs."""
+    wanted = {layer.component for layer in lora.layers}
+    encoders = sorted(c for c in wanted if c.startswith("text_encoder") and c not in components)
+    if encoders:
+        count = sum(1 for c in components if c.startswith("text_encoder"))
+        raise LoraError(f"{lora.path.name} has layers for {encoders[0]}, but this model has {count} text "
+                        f"encoder{'s' if count != 1 else ''}: a LoRA for another architecture (SDXL's has two)")
+    touched = [components[c] for c in wanted if c in components and components[c] in graphs]
+    for graph in touched:
+        if graphs[graph].precision not in FLOAT_PRECISIONS:
+            raise LoraError(f"LoRAs cannot be applied to this model's {graphs[graph].precision} {graph} graph "
+                            f"(quantized weights); export it with --precision fp32 or fp16 to use {lora.path.name}")
+    if touched and not any(graphs[g].weights for g in touched):
+        raise LoraError("this model was exported without a weight map (before LoRA support): re-export it "
+                        "with this edgediff to use LoRAs")
 
 
 def merge(index: dict[str, TensorLocation], weights: dict[str, dict],

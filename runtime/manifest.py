@@ -55,6 +55,8 @@ class GraphEntry:
     # Original torch weight name -> {"init": initializer, "perm": axes, "cols": spans} (exporter/weight_map.py):
     # where LoRAs and embeddings patch this graph. Empty for exports made before it existed.
     weights: dict[str, dict] = field(default_factory=dict)
+    # Weight-only quantization of a graph with precision "int4": bits, block size, what stays float.
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GraphEntry":
@@ -67,6 +69,7 @@ class GraphEntry:
             kept_fp32=list(data.get("kept_fp32", [])),
             validation=dict(data.get("validation", {})),
             weights=dict(data.get("weights", {})),
+            quantization=dict(data.get("quantization", {})),
         )
 
     def to_dict(self) -> dict:
@@ -169,7 +172,7 @@ SCHEDULER_FIELDS = {
 }
 GRAPH_FIELDS = {"path": _text, "sha256": _text, "precision": _text, "inputs": _of(list, "a list"),
                 "outputs": _of(list, "a list")}
-OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table}
+OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table}
 
 
 def _axis(v):

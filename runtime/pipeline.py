@@ -151,7 +151,7 @@ class Pipeline:
         guidance = args.check_guidance(guidance)
         args.check_name(sampler, "sampler"), args.check_name(schedule, "schedule")
         adapt_started = time.perf_counter()
-        adapted = self.adapters.apply(self.sessions, self.tokenizer, prompts, loras, embeddings, lora_dir,
+        adapted = self.adapters.apply(self.sessions, self.tokenizers, prompts, loras, embeddings, lora_dir,
                                       allow_pickle)
         prompts, adapt_seconds = adapted.prompts, time.perf_counter() - adapt_started
         if image is not None:

@@ -16,11 +16,12 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
 
 
-def lora_layers(pipe, rank: int = 4, seed: int = 0, magnitude: float = 0.15) -> dict[str, tuple]:
-    """{"unet.<module>" / "text_encoder.<module>": (down, up)} with small random values."""
+def lora_layers(pipe, rank: int = 4, seed: int = 0, magnitude: float = 0.15,
+                encoders: tuple[str, ...] = ("text_encoder",)) -> dict[str, tuple]:
+    """{"unet.<module>" / "text_encoder.<module>" / ...: (down, up)} with small random values."""
     rng = np.random.default_rng(seed)
     layers = {}
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+    for component, targets in (("unet", UNET_TARGETS), *((encoder, TEXT_TARGETS) for encoder in encoders)):
         for name, module in getattr(pipe, component).named_modules():
             if not name.endswith(targets) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
@@ -45,12 +46,14 @@ def save_peft(layers: dict, path: Path) -> Path:
     return path
 
 
-def save_kohya(layers: dict, path: Path, alpha: float) -> Path:
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+def save_kohya(layers: dict, path: Path, alpha: float, prefixes: dict | None = None, rename=None) -> Path:
+    """``prefixes``: component -> kohya prefix; ``rename``: (component, flat name) -> the name kohya writes."""
+    prefixes = prefixes or {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     tensors = {}
     for name, (down, up) in layers.items():
         component, module = name.split(".", 1)
-        flat = prefixes[component] + module.replace(".", "_")
+        flat = module.replace(".", "_")
+        flat = prefixes[component] + (rename(component, flat) if rename else flat)
         # kohya saves Linear LoRAs of 1x1-conv layers as 1x1 convs too.
         tensors[f"{flat}.lora_down.weight"] = torch.from_numpy(down)
         tensors[f"{flat}.lora_up.weight"] = torch.from_numpy(up)
