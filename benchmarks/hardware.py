@@ -236,26 +236,42 @@ def other_load() -> list[str]:
 
 
 def estimate_bytes(config_dir: Path) -> dict:
-    """fp32 parameter bytes per component, counted on the meta device (no memory allocated)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """fp32 parameter bytes per weighted component that model_index.json names, counted on the meta
+    device (no memory allocated)."""
+    import importlib
+    import json
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-    count = lambda m: 4 * sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"unet": count(unet), "vae": count(vae), "text_encoder": count(text)}
+    import torch
+
+    sizes = {}
+    for name, entry in json.loads((config_dir / "model_index.json").read_text()).items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # tokenizers, schedulers
+        with torch.device("meta"):
+            module = (cls.from_config(cls.load_config(config_dir / name)) if hasattr(cls, "load_config")
+                      else cls(cls.config_class.from_pretrained(config_dir / name)))
+        sizes[name] = 4 * sum(p.numel() for p in module.parameters())
+    return sizes
+
+
+def _export_need(unet_bytes: int) -> int:
+    try:
+        from edgediff.exporter.memory import required_bytes
+    except ImportError:  # no export extra: the bench's export will say so itself
+        return 0
+    return required_bytes([unet_bytes])
 
 
 def size_warnings(weights: dict, *, exporting: bool, gpu_wanted: bool) -> list[str]:
     """Warnings when this machine looks too small for what was asked."""
     warnings = []
     total = sum(weights.values())
-    # Measured: the ONNX optimizer peaked at ~4x the U-Net's fp32 bytes (13.7 GB for SD 1.5, DESIGN.md);
+    # The export's own estimate of its peak (exporter/memory.py, measured per graph size);
     # diffusers' fp32 pipeline holds every weight plus activations (~1.4x).
-    need = max(4.1 * weights["unet"] if exporting else 0, 1.4 * total)
+    need = max(_export_need(weights["unet"]) if exporting else 0, 1.4 * total)
     memory = ram()
     if memory["total_gb"] * 1e9 < need:
         warnings.append(f"this machine has {memory['total_gb']:.1f} GB of RAM; the benchmark needs about "

@@ -16,7 +16,7 @@ from typing import Callable
 
 from edgediff.runtime.errors import EdgediffError
 
-KNOWN_MODELS = ("sd15", "sd21")
+KNOWN_MODELS = ("sd15", "sd21", "sdxl")
 COMPONENT_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                      "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
 # Graphs the benchmark needs (the VAE encoder is for img2img; not measured).
@@ -28,12 +28,12 @@ def default_cache() -> Path:
 
 
 def config_source(model: str) -> Path:
-    """``sd15``/``sd21`` name a shipped config; anything else is a folder laid out the same way."""
+    """``sd15``/``sd21``/``sdxl`` name a shipped config; anything else is a folder laid out the same way."""
     from edgediff.models import configs_dir
 
     folder = configs_dir() / model if model in KNOWN_MODELS else Path(model)
     if not folder.is_dir():
-        raise EdgediffError(f"unknown model {model!r}: give sd15, sd21 or a diffusers config folder")
+        raise EdgediffError(f"unknown model {model!r}: give sd15, sd21, sdxl or a diffusers config folder")
     missing = [name for name in COMPONENT_CONFIGS if not (folder / name).is_file()]
     if missing:
         raise EdgediffError(f"{folder} is not a diffusers config folder (missing {', '.join(missing)})")
@@ -55,39 +55,62 @@ def model_key(model: str, seed: int) -> str:
 
 
 def copy_config(model: str, dest: Path) -> Path:
-    """The config folder plus the CLIP BPE files, as the exporter's single-file loader prepares it."""
+    """The config folder plus the CLIP BPE files in every tokenizer folder, as the exporter's
+    single-file loader prepares it."""
     from edgediff.models import clip_tokenizer_dir
 
     source = config_source(model)
     shutil.copytree(source, dest)
-    for name in ("vocab.json", "merges.txt"):
-        target = dest / "tokenizer" / name
-        if not target.exists():
-            shutil.copy(clip_tokenizer_dir() / name, target)
+    for tokenizer in sorted(dest.glob("tokenizer*")):
+        for name in ("vocab.json", "merges.txt"):
+            if not (tokenizer / name).exists():
+                shutil.copy(clip_tokenizer_dir() / name, tokenizer / name)
     return dest
 
 
-def build_pipeline(config: Path, seed: int = 0):
-    """A float32 StableDiffusionPipeline with seeded random weights, from a config folder."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+# Weighted components in the order their random weights are drawn from one seeded generator (the
+# SD 1.x/2.x order of the first version, so those cached models keep their weights).
+WEIGHTED_ORDER = ("unet", "vae", "text_encoder", "text_encoder_2")
+SHARD = "1GB"  # save_pretrained's shard size: the builder's peak is one module plus about this
 
+
+def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> None:
+    """A diffusers folder with seeded random float32 weights from a config folder, whatever pipeline its
+    model_index.json names: each component is built, saved and freed before the next, so the peak is
+    the largest module (the SDXL U-Net: 10.3 GB) rather than the whole pipeline."""
+    import gc
+    import importlib
+
+    import torch
+
+    log = log or _stderr
+    index = json.loads((config / "model_index.json").read_text())
+    entries = {name: entry for name, entry in index.items()
+               if not name.startswith("_") and isinstance(entry, list) and None not in entry}
+    unknown = [name for name in entries if name not in WEIGHTED_ORDER and not name.startswith(("tokenizer", "scheduler"))]
+    order = [name for name in WEIGHTED_ORDER if name in entries] + sorted(unknown)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(str(config / "tokenizer"))
-    scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (unet, vae, text_encoder):
-        module.eval()
-    return pipe
+    for name in order:
+        cls = getattr(importlib.import_module(entries[name][0]), entries[name][1])
+        with torch.no_grad():
+            if hasattr(cls, "load_config"):  # diffusers
+                module = cls.from_config(cls.load_config(config / name))
+            else:  # transformers
+                module = cls(cls.config_class.from_pretrained(config / name))
+        module.eval().save_pretrained(dest / name, safe_serialization=True, max_shard_size=SHARD)
+        count = sum(p.numel() for p in module.parameters())
+        del module
+        gc.collect()
+        log(f"  {name}: {entries[name][1]}, {count / 1e6:.1f} M parameters saved")
+    for name, (library, class_name) in entries.items():
+        if name in order:
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        if name.startswith("scheduler"):
+            cls.from_config(cls.load_config(config / name)).save_pretrained(dest / name)
+        else:
+            cls.from_pretrained(str(config / name)).save_pretrained(str(dest / name))
+    shutil.copy(config / "model_index.json", dest / "model_index.json")  # last: the folder is whole
 
 
 def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
@@ -98,12 +121,12 @@ def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], No
         return folder
     partial = folder.with_name("diffusers.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir(parents=True)
     log(f"building {model} with random weights (seed {seed}) into {folder}")
+    shutil.rmtree(partial.with_name("config"), ignore_errors=True)
     config = copy_config(model, partial.with_name("config"))
     try:
-        pipe = build_pipeline(config, seed)
-        pipe.save_pretrained(partial, safe_serialization=True)
+        build_model(config, partial, seed, log)
     finally:
         shutil.rmtree(config, ignore_errors=True)
     (partial / ".complete").write_text(json.dumps({"model": model, "seed": seed}))
@@ -112,11 +135,16 @@ def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], No
     return folder
 
 
+def export_folder(diffusers_folder: Path, precision: str, target: str) -> Path:
+    """Where the bench keeps (and looks for) the export of a built model at one precision/target."""
+    return Path(diffusers_folder).parent / f"export-{precision}-{target}"
+
+
 def ensure_export(diffusers_folder: Path, precision: str, target: str, graphs: tuple[str, ...] = BENCH_GRAPHS,
                   log: Callable[[str], None] | None = None) -> Path:
     """``edgediff export`` of the folder at one precision/target, cached beside it."""
     log = log or _stderr
-    out = Path(diffusers_folder).parent / f"export-{precision}-{target}"
+    out = export_folder(diffusers_folder, precision, target)
     if (out / "manifest.json").is_file():
         return out
     from edgediff.exporter.export import export_model

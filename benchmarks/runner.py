@@ -82,7 +82,7 @@ class Config:
     engine: str  # edgediff | diffusers
     provider: str  # cpu/cuda/tensorrt/dml; for diffusers: cpu or cuda (torch device)
     precision: str  # fp32/int8/fp16; diffusers: fp32/bf16/fp16
-    memory: str | None = None  # edgediff only
+    memory: str | None = None  # edgediff: low/high; diffusers: "offload" (enable_model_cpu_offload) or None
     unmeasured: str | None = None  # reason, when it cannot run here
 
     @property
@@ -117,9 +117,11 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
                 configs.append(Config("diffusers", "cpu", "bf16", unmeasured=None if bf16 else
                                       "unmeasured (this CPU has no native bf16: AMX-BF16 or AVX512-BF16)"))
         if wants_gpu and (not params.precisions or {"fp16", "int4"} & set(params.precisions)):
-            configs.append(Config("diffusers", "cuda", "fp16", unmeasured=None if cuda_torch else
-                                  "unmeasured (no GPU lent to this session)" if not hardware.gpus() else
-                                  "unmeasured (this torch build has no CUDA)"))
+            why = (None if cuda_torch else "unmeasured (no GPU lent to this session)" if not hardware.gpus()
+                   else "unmeasured (this torch build has no CUDA)")
+            # Whole pipeline on the GPU, and what a 4 GB GPU needs with diffusers (modules moved in turn).
+            configs.append(Config("diffusers", "cuda", "fp16", unmeasured=why))
+            configs.append(Config("diffusers", "cuda", "fp16", "offload", unmeasured=why))
     if not configs:
         raise EdgediffError("nothing to measure: the --provider/--precision choices select no configuration")
     return configs

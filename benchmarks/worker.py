@@ -43,26 +43,12 @@ def _stage(load: float, first: float, steady: list[float]) -> dict:
 
 # ---------------------------------------------------------------------------------------- edgediff
 def edgediff_stages(spec: dict) -> dict:
-    import numpy as np
-
     from edgediff.runtime import Pipeline
     from edgediff.runtime.sessions import Sessions
 
     pipe = Pipeline.load(spec["model_dir"], provider=spec["provider"], memory="low", warn=_warn)
     m = pipe.manifest
-    batch, size = spec["batch"], spec["resolution"]
-    latent = size // m.vae_scale_factor
-    hidden = next(s.shape[-1] for s in m.graphs["unet"].inputs if s.name == "encoder_hidden_states")
-    rng = np.random.default_rng(0)
-    ids = pipe.tokenizer([PROMPT] * batch + [""] * batch)
-    feeds = {
-        "text_encoder": {"input_ids": ids},
-        "unet": {"sample": rng.standard_normal((2 * batch, m.latent_channels, latent, latent), dtype=np.float32),
-                 "timestep": np.full(2 * batch, 601.0, dtype=np.float32),
-                 "encoder_hidden_states": rng.standard_normal((2 * batch, ids.shape[1], hidden), dtype=np.float32)},
-        "vae_decoder": {"latent_sample": rng.standard_normal((batch, m.latent_channels, latent, latent),
-                                                             dtype=np.float32)},
-    }
+    feeds = edgediff_feeds(pipe, spec["batch"], spec["resolution"])
     stages = {}
     names = list(feeds)
     for index, name in enumerate(names):
@@ -84,6 +70,37 @@ def edgediff_stages(spec: dict) -> dict:
         stages[name] = {**_stage(load, first, steady), "provider": active, "peak_gpu_bytes": gpu.peak_bytes,
                         "cache": sessions.cache_states[name], "first_load_s": opened, "first_load_cache": opened_state}
     return {"stages": stages, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def edgediff_feeds(pipe, batch: int, size: int) -> dict[str, dict]:
+    """One input set per stage, shaped as a guided generation feeds it: every text encoder the
+    manifest lists (prompt and negative), the U-Net at batch 2 x ``batch`` with whatever extra
+    conditioning its graph declares (SDXL's text_embeds/time_ids, an LCM timestep_cond), the decoder."""
+    import numpy as np
+
+    m = pipe.manifest
+    latent = size // m.vae_scale_factor
+    rng = np.random.default_rng(0)
+    feeds = {encoder["graph"]: {"input_ids": tokenizer([PROMPT] * batch + [""] * batch)}
+             for encoder, tokenizer in zip(m.text_encoders, pipe.tokenizers)}
+    tokens = next(iter(feeds.values()))["input_ids"].shape[1]
+    known = {"sample": (2 * batch, pipe._unet_channels(), latent, latent), "timestep": (2 * batch,)}
+    unet = {}
+    for spec in m.graphs["unet"].inputs:
+        shape = known.get(spec.name) or tuple(
+            2 * batch if axis == 0 else tokens if isinstance(dim, str) else dim for axis, dim in enumerate(spec.shape))
+        if spec.name == "timestep":
+            unet[spec.name] = np.full(shape, 601.0, dtype=spec.dtype)
+        elif spec.name == "time_ids":  # original/target size and crop, as the runtime fills them
+            unet[spec.name] = np.tile(np.array([size, size, 0, 0, size, size][:shape[-1]], dtype=spec.dtype),
+                                      (shape[0], 1))
+        else:
+            unet[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    feeds["unet"] = unet
+    decoder = m.graphs["vae_decoder"].inputs[0]
+    feeds["vae_decoder"] = {decoder.name: rng.standard_normal((batch, m.latent_channels, latent, latent))
+                            .astype(decoder.dtype)}
+    return feeds
 
 
 def edgediff_e2e(spec: dict) -> dict:
@@ -132,29 +149,41 @@ def _sync(torch, device):
 
 
 def _load_diffusers(spec, torch, device, dtype) -> tuple[object, dict]:
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The pipeline class model_index.json names, each weighted component loaded (and timed) apart."""
+    import importlib
+
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler
 
     folder = Path(spec["model_dir"])
-    loads = {}
-    parts = {}
-    for name, load in (("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)),
-                       ("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)),
-                       ("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype))):
+    index = json.loads((folder / "model_index.json").read_text())
+    loads, parts = {}, {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        if not issubclass(cls, torch.nn.Module):
+            if not name.startswith("scheduler"):
+                parts[name] = cls.from_pretrained(folder / name)  # tokenizers
+            continue
         clock = time.perf_counter()
-        parts[name] = load().to(device).eval()
+        dtype_arg = {"torch_dtype": dtype} if hasattr(cls, "load_config") else {"dtype": dtype}
+        parts[name] = cls.from_pretrained(folder / name, **dtype_arg).eval()
+        if spec.get("memory") != "offload":
+            parts[name] = parts[name].to(device)
         _sync(torch, device)
         loads["vae_decoder" if name == "vae" else name] = time.perf_counter() - clock
     if device == "cuda":  # SDPA is diffusers' default attention processor on torch 2
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         parts["unet"].set_attn_processor(AttnProcessor2_0())
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     # The same sampler as edgediff's default (DPM++ 2M Karras): one U-Net call per step on both sides.
     scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler", use_karras_sigmas=True)
-    pipe = StableDiffusionPipeline(tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False, **parts)
+    # from_pretrained with every component given loads nothing more, and reads the pipeline's own
+    # settings (SDXL's force_zeros_for_empty_prompt) from model_index.json.
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, scheduler=scheduler, **parts)
+    if spec.get("memory") == "offload":  # each module on the GPU only while it runs
+        pipe.enable_model_cpu_offload()
     pipe.set_progress_bar_config(disable=True)
     return pipe, loads
 
@@ -166,13 +195,27 @@ def diffusers_stages(spec: dict) -> dict:
     batch, size = spec["batch"], spec["resolution"]
     latent = size // pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(0)
-    ids = pipe.tokenizer([PROMPT] * batch + [""] * batch, padding="max_length", max_length=77,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    hidden = pipe.text_encoder.config.hidden_size
-    sample = torch.randn((2 * batch, 4, latent, latent), generator=generator).to(device, dtype)
-    context = torch.randn((2 * batch, ids.shape[1], hidden), generator=generator).to(device, dtype)
+    texts = [PROMPT] * batch + [""] * batch
+    encoders = [(name, getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer")))
+                for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+    ids = {name: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device) for name, _, tokenizer in encoders}
+    unet = pipe.unet.config
+    channels = unet.in_channels
+    sample = torch.randn((2 * batch, channels, latent, latent), generator=generator).to(device, dtype)
+    context = torch.randn((2 * batch, next(iter(ids.values())).shape[1], unet.cross_attention_dim),
+                          generator=generator).to(device, dtype)
     timestep = torch.full((2 * batch,), 601.0).to(device)
-    latents = torch.randn((batch, 4, latent, latent), generator=generator).to(device, dtype)
+    extra = {}
+    if unet.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size ids
+        pooled = encoders[-1][1].config.projection_dim  # the projecting (last) text encoder's
+        count = (unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn((2 * batch, pooled), generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size][:count]] * 2 * batch).to(device, dtype)}
+    if unet.time_cond_proj_dim:  # LCM's guidance embedding
+        extra["timestep_cond"] = torch.randn((2 * batch, unet.time_cond_proj_dim), generator=generator).to(device, dtype)
+    latents = torch.randn((batch, pipe.vae.config.latent_channels, latent, latent), generator=generator).to(device, dtype)
 
     def call(fn):
         def run():
@@ -181,11 +224,11 @@ def diffusers_stages(spec: dict) -> dict:
             _sync(torch, device)
         return run
 
-    calls = {
-        "text_encoder": call(lambda: pipe.text_encoder(ids, return_dict=False)),
-        "unet": call(lambda: pipe.unet(sample, timestep, context, return_dict=False)),
-        "vae_decoder": call(lambda: pipe.vae.decode(latents, return_dict=False)),
-    }
+    # CLIP's hidden states for every layer, as the pipelines ask for them (they take the penultimate).
+    calls = {name: call(lambda module=module, name=name: module(ids[name], output_hidden_states=True, return_dict=False))
+             for name, module, _ in encoders}
+    calls["unet"] = call(lambda: pipe.unet(sample, timestep, context, return_dict=False, **extra))
+    calls["vae_decoder"] = call(lambda: pipe.vae.decode(latents, return_dict=False))
     stages = {}
     for index, (name, run) in enumerate(calls.items()):
         progress(index, len(calls), f"{name}: run")
@@ -216,7 +259,8 @@ def diffusers_e2e(spec: dict) -> dict:
                 return kwargs
 
             generator = torch.Generator().manual_seed(0)
-            noise = torch.randn((spec["batch"], 4, latent, latent), generator=generator).to(device, dtype)
+            noise = torch.randn((spec["batch"], pipe.unet.config.in_channels, latent, latent),
+                                generator=generator).to(device, dtype)
             clock = time.perf_counter()
             with torch.inference_mode(), autocast():
                 pipe([PROMPT] * spec["batch"], negative_prompt=[""] * spec["batch"], num_inference_steps=steps,

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .memory import release_freed
+
 NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 
@@ -46,7 +48,8 @@ def validate(expected: list[np.ndarray], graph_path: Path, inputs: tuple[torch.T
     session = ort.InferenceSession(str(graph_path), options, providers=providers)
     feed = {spec.name: tensor.numpy().astype(NUMPY[spec.dtype]) for spec, tensor in zip(input_specs, inputs)}
     actual = session.run([spec.name for spec in output_specs], feed)
-    del session  # its copy of the weights goes before the next stage
+    del session  # its copy of the weights goes before the next stage (the LoRA weight map reloads torch's)
+    release_freed()
     report = {}
     for spec, ref, got in zip(output_specs, expected, actual):
         got = got.astype(np.float64)

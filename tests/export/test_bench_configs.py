@@ -49,3 +49,21 @@ def test_sd21_config(tmp_path):
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "v_prediction"
     sizes = estimate_bytes(config_source("sd21"))
     assert 865e6 < sizes["unet"] / 4 < 866e6  # SD 2.x U-Net: 865.9 M parameters
+
+
+def test_sdxl_config(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    unet, vae, text, tokenizer, folder = _load("sdxl", tmp_path)
+    assert unet["addition_embed_type"] == "text_time" and unet["cross_attention_dim"] == 2048
+    assert unet["transformer_layers_per_block"] == [1, 2, 10] and unet["sample_size"] == 128
+    assert vae["force_upcast"] and vae["scaling_factor"] == 0.13025
+    text_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+    assert (text_2.num_hidden_layers, text_2.hidden_size, text_2.projection_dim) == (32, 1280, 1280)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))  # BPE files copied here too
+    assert tokenizer_2("a photo of a cat").input_ids == tokenizer("a photo of a cat").input_ids
+    assert tokenizer_2.pad_token == "!" and tokenizer.pad_token == "<|endoftext|>"
+    sizes = estimate_bytes(config_source("sdxl"))  # every weighted component model_index.json names
+    assert set(sizes) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert 2567e6 < sizes["unet"] / 4 < 2568e6  # SDXL base U-Net: 2567.5 M parameters
+    assert 694e6 < sizes["text_encoder_2"] / 4 < 695e6  # OpenCLIP bigG text tower with projection: 694.7 M
