@@ -35,13 +35,16 @@ def version() -> str:
     return openvino.__version__
 
 
-def _ports(ports) -> list:
-    """Ports as NodeArg-like records: dynamic axes become None (OpenVINO keeps no axis names)."""
+def _ports(ports, known: set[str]) -> list:
+    """Ports as NodeArg-like records: dynamic axes become None (OpenVINO keeps no axis names). A port
+    can carry several tensor names (the ONNX input and the Cast fused into it): the one in ``known``
+    (the manifest's names) is the graph's own."""
     described = []
     for port in ports:
+        name = next((n for n in sorted(port.get_names()) if n in known), port.get_any_name())
         shape = [dim.get_length() if dim.is_static else None for dim in port.get_partial_shape()]
         kind = port.get_element_type().get_type_name()
-        described.append(SimpleNamespace(name=port.get_any_name(), names=port.get_names(), shape=shape,
+        described.append(SimpleNamespace(name=name, names=port.get_names(), shape=shape,
                                          type=ONNX_TYPES.get(kind, f"tensor({kind})")))
     return described
 
@@ -49,7 +52,7 @@ def _ports(ports) -> list:
 class OpenVINOSession:
     """A compiled model with one infer request (run calls are serialized, like a session's are safe)."""
 
-    def __init__(self, path: Path, device: str, config: dict, cache_dir: Path | None):
+    def __init__(self, path: Path, device: str, config: dict, cache_dir: Path | None, names: set[str] = frozenset()):
         import openvino
 
         core = openvino.Core()
@@ -59,7 +62,7 @@ class OpenVINOSession:
         self._compiled = core.compile_model(str(path), device, config)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
-        self._inputs, self._outputs = _ports(self._compiled.inputs), _ports(self._compiled.outputs)
+        self._inputs, self._outputs = _ports(self._compiled.inputs, names), _ports(self._compiled.outputs, names)
 
     def get_providers(self) -> list[str]:
         return [NAME]

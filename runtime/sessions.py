@@ -158,7 +158,8 @@ class GraphSession:
             marker = session_cache.Entry(root / "openvino", name, key, "openvino")
         hit = marker is not None and marker.compiled_blobs()
         try:
-            session = openvino_session.OpenVINOSession(path, device, config, marker and marker.folder)
+            session = openvino_session.OpenVINOSession(path, device, config, marker and marker.folder,
+                                                       {spec.name for spec in entry.inputs + entry.outputs})
         except Exception as error:
             message = _first_line(error)
             if _is_out_of_memory(message):

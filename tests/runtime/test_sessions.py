@@ -179,7 +179,7 @@ class FakeOpenVINO:
     """Stands in for openvino_session.OpenVINOSession: records how it was compiled, writes a blob."""
     created: list = []
 
-    def __init__(self, path, device, config, cache_dir):
+    def __init__(self, path, device, config, cache_dir, names):
         FakeOpenVINO.created.append((path, device, config, cache_dir))
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
