@@ -281,3 +281,15 @@ def test_auto_takes_openvino_only_on_cpus_with_native_bf16(offered, monkeypatch)
     assert sessions.resolve_provider("auto", "none") == "openvino"
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
     assert sessions.resolve_provider("auto") == "cpu"  # fp32 only: measured even with the CPU provider
+
+
+def test_openvino_alone_needs_no_onnxruntime(monkeypatch):
+    def missing():
+        raise ProviderError("onnxruntime is not installed")
+
+    monkeypatch.setattr(sessions, "_ort", missing)
+    monkeypatch.setattr(sessions.openvino_session, "available", lambda: True)
+    assert sessions.available_providers() == ["openvino"]
+    monkeypatch.setattr(sessions.openvino_session, "available", lambda: False)
+    with pytest.raises(ProviderError, match="onnxruntime is not installed"):
+        sessions.available_providers()
