@@ -5,7 +5,9 @@ cache: graph optimization paid) and cached run (the optimized graphs saved by th
 diffusers: a fresh Python process that imports diffusers, loads the pipeline from the diffusers
 folder and generates the same image (same sampler, steps, size), fp32 and bf16 autocast.
 Runs are interleaved (edgediff, diffusers, edgediff, ...) so that a machine whose speed drifts
-slows both sides alike; each figure is the median of ``repeats`` runs. Wall time and the peak RSS
+slows both sides alike; each figure is the median of ``repeats`` runs, and each edgediff row's ratio
+to diffusers' fastest precision is the median of the per-round ratios (runs of the same round were
+taken back to back, so a busy spell of the machine slows both). Wall time and the peak RSS
 come from the operating system's accounting of the finished child (``os.wait4``).
 
     python -m edgediff.benchmarks.oneshot --export DIR [--export DIR2] --diffusers DIR --out FILE.json
@@ -124,8 +126,19 @@ def run(exports: list[Path], diffusers: Path | None, size: int, steps: int, repe
         summary[label] = {"runs": runs, "ok": len(ok),
                           "median_wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
                           "median_peak_rss_gb": statistics.median(r["peak_rss_bytes"] for r in ok) / 1e9 if ok else None}
+    fastest = min((label for label in summary if label.startswith("diffusers") and summary[label]["median_wall_s"]),
+                  key=lambda label: summary[label]["median_wall_s"], default=None)
+    for label, row in summary.items():
+        if fastest and label.startswith("edgediff"):
+            row["paired_ratio"] = paired_ratio(row["runs"], summary[fastest]["runs"])
     return {"size": size, "steps": steps, "repeats": repeats, "provider": provider, "threads": threads,
             "rows": summary}
+
+
+def paired_ratio(runs: list[dict], baseline: list[dict]) -> float | None:
+    """Median over rounds of wall(run) / wall(baseline run of the same round); failed rounds left out."""
+    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs, baseline) if a["exit"] == 0 and b["exit"] == 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def markdown(document: dict) -> str:
@@ -138,7 +151,8 @@ def markdown(document: dict) -> str:
              "| process | wall s | peak RSS GB | vs diffusers' fastest | RSS vs diffusers fp32 |", "|---|---|---|---|---|"]
     for label, r in rows.items():
         wall, rss = r["median_wall_s"], r["median_peak_rss_gb"]
-        ratio = f"{wall / best:.2f}x" if wall and best else "–"
+        ratio = (f"{r['paired_ratio']:.2f}x (paired)" if r.get("paired_ratio") else
+                 f"{wall / best:.2f}x" if wall and best else "–")
         rss_ratio = f"{rss / base['median_peak_rss_gb']:.2f}x" if rss and base and base["median_peak_rss_gb"] else "–"
         lines.append(f"| {label} | {wall:.1f} | {rss:.2f} | {ratio} | {rss_ratio} |" if wall else
                      f"| {label} | failed: {r['runs'][-1]['last_line']} | | | |")

@@ -99,7 +99,7 @@ def plan(params: BenchParams, available: list[str], cuda_torch: bool, bf16: bool
     for provider in providers:
         missing = None if provider in available else (
             "unmeasured (no GPU lent to this session)" if provider in GPU_PROVIDERS and not hardware.gpus()
-            else "unmeasured (openvino needs its own environment: pip install 'edgediff[openvino]')"
+            else "unmeasured (openvino not installed: pip install 'edgediff[openvino]')"
             if provider == "openvino" else f"unmeasured ({provider} provider not installed in this onnxruntime)")
         if params.providers is None and missing and provider == "dml":
             continue  # DirectML is Windows-only: list it only when asked for

@@ -218,6 +218,19 @@ class Entry:
         self._prune()
         return True
 
+    def compiled_blobs(self) -> bool:
+        """For compiling runtimes (OpenVINO) that keep their own files in ``folder``: any there yet?"""
+        return self.folder.is_dir() and any(path.name != META_FILE for path in self.folder.iterdir())
+
+    def mark(self) -> None:
+        """Record a compiling runtime's folder as this key's entry, and prune the graph's older ones."""
+        try:
+            (self.folder / META_FILE).write_text(json.dumps({"key": self.key, "graph": self.graph,
+                                                             "provider": self.provider}))
+        except OSError:
+            return
+        self._prune()
+
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 

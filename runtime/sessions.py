@@ -1,10 +1,9 @@
 """ONNX Runtime sessions: provider choice and fallback, input checks, memory policy.
 
-This is the only module that imports onnxruntime.
+This is the only module that imports onnxruntime (openvino_session.py wraps OpenVINO's runtime).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import session_cache
+from . import openvino_session, session_cache
 from .errors import EdgediffError, GraphInputError, InputError, ModelFolderError, OutOfMemoryError, ProviderError
 from .manifest import GraphEntry, Manifest, TensorSpec
 from .onnx_weights import initializer_index
@@ -23,7 +22,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
     "dml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
+    "openvino": openvino_session.NAME,  # OpenVINO's own runtime, not an ONNX Runtime provider
     "cpu": "CPUExecutionProvider",
 }
 EXTRA_FOR = {"cuda": "edgediff[cuda]", "tensorrt": "edgediff[cuda] and TensorRT", "dml": "edgediff[directml]",
@@ -31,13 +30,14 @@ EXTRA_FOR = {"cuda": "edgediff[cuda]", "tensorrt": "edgediff[cuda] and TensorRT"
 # TensorRT builds engines for minutes on first use, so "auto" never picks it: ask for it by name.
 # OpenVINO comes before the CPU provider only on CPUs with native bf16 (AMX-BF16 / AVX512-BF16), where
 # its bf16 kernels were measured 3.9x faster per U-Net step than ONNX Runtime's fp32 (RESULTS.md);
-# in fp32 the two were even.
+# in fp32 the two were even. It runs on OpenVINO's own runtime (openvino_session.py says why).
 AUTO_ORDER = ("cuda", "dml", "openvino", "cpu")
 MEMORY_MODES = ("low", "high")
 # OpenVINO's ONNX reader does not know ONNX Runtime's fused contrib ops (SkipLayerNormalization, ...).
 OPENVINO_READS = ("none",)
 # Providers whose optimized graph ONNX Runtime can save and reload (session_cache.py). Compiling
-# providers (TensorRT, OpenVINO, DirectML's fused partitions) keep caches of their own instead.
+# providers (TensorRT, OpenVINO, DirectML's fused partitions) keep caches of their own instead
+# (OpenVINO's in a keyed folder of the session cache).
 CACHED_PROVIDERS = ("cpu", "cuda")
 # The cached graph is saved after this level of optimization and loaded at CACHED_LEVEL.
 SAVED_LEVEL = "ORT_ENABLE_ALL"
@@ -57,8 +57,15 @@ def _ort():
 
 
 def available_providers() -> list[str]:
-    """Short names of the providers this onnxruntime build offers, best first."""
-    offered = set(_ort().get_available_providers())
+    """Short names of the providers this onnxruntime build (and an installed openvino) offer, best first."""
+    try:
+        offered = set(_ort().get_available_providers())
+    except ProviderError:
+        if not openvino_session.available():
+            raise
+        offered = set()
+    if openvino_session.available():
+        offered.add(openvino_session.NAME)
     return [short for short, full in PROVIDERS.items() if full in offered]
 
 
@@ -89,10 +96,20 @@ class GraphSession:
     def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
                  optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None,
                  threads: int | None = None, cache: bool = True):
-        ort = _ort()
         self.name = name
         self.entry = entry
         path = model_dir / entry.path
+        if initializers and provider == "openvino":
+            # Patching OpenVINO's compiled constants is not built: such a graph runs on ONNX Runtime's CPU provider.
+            warn(f"patched weights (LoRA, embedding): {name} runs on CPUExecutionProvider, not OpenVINO")
+            provider = "cpu"
+        if provider == "openvino":
+            self._pinned = []
+            self.session, self.cache_state = self._open_openvino(name, model_dir, entry, path, threads, cache)
+            self.provider = openvino_session.NAME
+            check_graph_matches(name, entry, self.session)
+            return
+        ort = _ort()
         providers = _provider_list(provider, model_dir, entry)
         if initializers:  # patched weights (LoRAs, embeddings) make another graph than the cached one
             options = _session_options(ort, provider, threads)
@@ -126,6 +143,34 @@ class GraphSession:
                  f"{name} runs on {active} instead")
         self.provider = active
         check_graph_matches(name, entry, self.session)
+
+    @staticmethod
+    def _open_openvino(name: str, model_dir: Path, entry: GraphEntry, path: Path, threads: int | None,
+                       cache: bool) -> tuple:
+        """(session, "hit" | "built" | "off"): OpenVINO compiles the graph, or maps it from its cache."""
+        device, config = openvino_options()
+        config["INFERENCE_NUM_THREADS"] = threads or default_threads()
+        root = session_cache.cache_root(model_dir) if cache else None
+        marker = None
+        if root is not None:
+            key = session_cache.cache_key(entry.sha256, path, "openvino", [device, config],
+                                          {"openvino": openvino_session.version()}, "compiled")
+            marker = session_cache.Entry(root / "openvino", name, key, "openvino")
+        hit = marker is not None and marker.compiled_blobs()
+        try:
+            session = openvino_session.OpenVINOSession(path, device, config, marker and marker.folder,
+                                                       {spec.name for spec in entry.inputs + entry.outputs})
+        except Exception as error:
+            message = _first_line(error)
+            if _is_out_of_memory(message):
+                raise OutOfMemoryError(f"not enough memory to compile the {name} graph with OpenVINO "
+                                       f"({message[:120]}); close other programs or use --memory low") from None
+            raise ModelFolderError(f"{name} graph {path} cannot be loaded by OpenVINO (corrupt or incomplete?): "
+                                   f"{message[:200]}") from None
+        if marker is None:
+            return session, "off"
+        marker.mark()
+        return session, "hit" if hit else "built"
 
     def close(self) -> None:
         """Drop the ONNX Runtime session, freeing its weights and arena (also on the GPU)."""
@@ -274,7 +319,7 @@ def _session_options(ort, provider: str, threads: int | None = None):
         options.enable_mem_pattern = False  # second run on (VAE decoder: 2.6 vs 1.5 GB), at no measured cost
     if threads:  # several workers on one machine (batch actors) each get their share of the cores
         options.intra_op_num_threads = threads
-    elif provider in ("cpu", "openvino"):
+    elif provider == "cpu":
         options.intra_op_num_threads = default_threads()
     return options
 
@@ -338,32 +383,25 @@ def _provider_list(provider: str, model_dir: Path, entry: GraphEntry) -> list:
                     "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}),
                 ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
                 "CPUExecutionProvider"]
-    if provider == "openvino":
-        return [("OpenVINOExecutionProvider", openvino_options(model_dir, entry)), "CPUExecutionProvider"]
     return [PROVIDERS[provider], "CPUExecutionProvider"]
 
 
-OPENVINO_PRECISIONS = ("FP32", "BF16", "FP16", "ACCURACY")
+# EDGEDIFF_OPENVINO_PRECISION -> OpenVINO properties. bf16/f16 are inference-precision hints on the
+# fp32 graphs; ACCURACY keeps every op in the graph's own precision.
+OPENVINO_PRECISIONS = {"FP32": {"INFERENCE_PRECISION_HINT": "f32"}, "BF16": {"INFERENCE_PRECISION_HINT": "bf16"},
+                       "FP16": {"INFERENCE_PRECISION_HINT": "f16"}, "ACCURACY": {"EXECUTION_MODE_HINT": "ACCURACY"}}
 
 
-def openvino_options(model_dir: Path, entry: GraphEntry) -> dict:
-    """OpenVINO compiles the graph itself; its compiled-model cache lives beside our session cache."""
+def openvino_options() -> tuple[str, dict]:
+    """(device, properties) for OpenVINO's compile_model."""
     device = os.environ.get("EDGEDIFF_OPENVINO_DEVICE", "CPU").upper()
     precision = os.environ.get("EDGEDIFF_OPENVINO_PRECISION", "").upper()
     if not precision and device == "CPU" and session_cache.cpu_flags() & {"amx_bf16", "avx512_bf16"}:
         precision = "BF16"  # native bf16 (AMX or AVX512-BF16): where diffusers' bf16 autocast wins too
-    options = {"device_type": device}
-    if precision == "BF16":  # not an EP precision: OpenVINO's CPU plugin takes it as an inference hint
-        options["load_config"] = json.dumps({device: {"INFERENCE_PRECISION_HINT": "bf16"}})
-    elif precision:
-        if precision not in OPENVINO_PRECISIONS:
-            raise ProviderError(f"EDGEDIFF_OPENVINO_PRECISION must be one of {', '.join(OPENVINO_PRECISIONS)}, "
-                                f"not {precision!r}")
-        options["precision"] = precision
-    root = session_cache.cache_root(model_dir)
-    if root is not None:
-        options["cache_dir"] = str(root / "openvino")
-    return options
+    if precision and precision not in OPENVINO_PRECISIONS:
+        raise ProviderError(f"EDGEDIFF_OPENVINO_PRECISION must be one of {', '.join(OPENVINO_PRECISIONS)}, "
+                            f"not {precision!r}")
+    return device, dict(OPENVINO_PRECISIONS.get(precision, {}))
 
 
 def tensorrt_cache_dir(model_dir: Path) -> Path:

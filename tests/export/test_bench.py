@@ -86,7 +86,7 @@ def test_plan_marks_gpu_rows_unmeasured_without_a_gpu(monkeypatch):
     for label in ("edgediff cuda fp16 low", "edgediff tensorrt fp16 high", "diffusers cuda fp16"):
         assert labels[label] == "unmeasured (no GPU lent to this session)"
     assert not any(c.provider == "dml" for c in configs)
-    assert labels["edgediff openvino bf16 low"].startswith("unmeasured (openvino needs its own environment")
+    assert labels["edgediff openvino bf16 low"].startswith("unmeasured (openvino not installed")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,19 @@ def test_openvino_rows_count_as_cpu_rows_and_oneshot_targets():
     assert targets["oneshot_cached_vs_diffusers"]["ratio"] == pytest.approx(30 / 40)
     assert targets["oneshot_cached_vs_diffusers"]["met"]
     assert targets["oneshot_peak_rss_low_vs_diffusers"]["ratio"] == pytest.approx(0.4)
+    oneshot["rows"]["edgediff auto a cached"]["paired_ratio"] = 0.9  # rounds taken back to back decide
+    assert summarize({"rows": rows, "unet_flops": {}, "oneshot": oneshot})["targets"][
+        "oneshot_cached_vs_diffusers"]["ratio"] == pytest.approx(0.9)
+
+
+def test_oneshot_ratio_is_the_median_of_paired_rounds():
+    from edgediff.benchmarks.oneshot import paired_ratio
+
+    ours = [{"wall_s": w, "exit": 0} for w in (30.0, 60.0, 33.0)]
+    theirs = [{"wall_s": w, "exit": 0} for w in (40.0, 100.0, 30.0)]
+    assert paired_ratio(ours, theirs) == pytest.approx(0.75)  # 0.75, 0.6, 1.1: the busy round cancels out
+    theirs[2]["exit"] = 1
+    assert paired_ratio(ours, theirs) == pytest.approx((0.75 + 0.6) / 2)
 
 
 def test_oneshot_runs_fresh_cli_processes(tiny_run):

@@ -164,3 +164,34 @@ def test_key_covers_provider_options_runtime_and_cpu(monkeypatch, tmp_path):
         assert session_cache.cache_key(**{**base, **change}) != key, change
     monkeypatch.setattr(session_cache, "cpu_fingerprint", lambda: "another processor|avx2")
     assert session_cache.cache_key(**base) != key
+
+
+def open_openvino(model_dir, entry):
+    session = sessions.GraphSession("unet", model_dir, entry, "openvino", "none", print, threads=1)
+    return session.cache_state, session.run(x=X)[0]
+
+
+@pytest.mark.parametrize("damage", [None, "truncated", "overwritten", "changed graph"])
+def test_openvino_compiled_cache_hits_and_rebuilds(model, monkeypatch, damage):
+    """OpenVINO's runtime (the openvino package; CI installs it with the test extra) at fp32: a hit
+    gives the same outputs; a damaged blob is recompiled and a changed graph gets a new folder."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "FP32")
+    model_dir, entry = model
+    state, first = open_openvino(model_dir, entry)
+    assert state == "built"
+    np.testing.assert_allclose(first, reference(model_dir, entry), rtol=1e-4, atol=1e-4)
+    (folder,) = (model_dir / "session_cache" / "openvino").iterdir()
+    (blob,) = folder.glob("*.blob")
+    if damage == "truncated":
+        blob.chmod(0o644)
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    elif damage == "overwritten":
+        blob.chmod(0o644)
+        blob.write_bytes(bytes(255 - b for b in blob.read_bytes()))
+    elif damage == "changed graph":
+        entry = write_graph(model_dir, 3.0)
+    state, out = open_openvino(model_dir, entry)
+    assert state == ("built" if damage == "changed graph" else "hit")  # OpenVINO recompiles bad blobs itself
+    np.testing.assert_allclose(out, reference(model_dir, entry), rtol=1e-4, atol=1e-3)
+    assert len(list((model_dir / "session_cache" / "openvino").iterdir())) == 1

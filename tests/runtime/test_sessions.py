@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import onnxruntime
 import pytest
 
@@ -17,8 +18,10 @@ ENTRY = GraphEntry(path="unet/model.onnx", sha256="", precision="fp16",
 
 @pytest.fixture
 def offered(monkeypatch):
+    """ONNX Runtime offers ``names``; "OpenVINO" among them stands for an installed openvino package."""
     def offer(*names):
-        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(names))
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [n for n in names if n != "OpenVINO"])
+        monkeypatch.setattr(sessions.openvino_session, "available", lambda: "OpenVINO" in names)
     return offer
 
 
@@ -110,9 +113,9 @@ def test_directml_session_options(monkeypatch, tmp_path):
 
 
 def test_auto_takes_openvino_only_after_gpus(offered):
-    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    offered("OpenVINO", "CPUExecutionProvider")
     assert sessions.resolve_provider("openvino") == "openvino"
-    offered("CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider")
+    offered("CUDAExecutionProvider", "OpenVINO", "CPUExecutionProvider")
     assert sessions.resolve_provider("auto") == "cuda"
     offered("CPUExecutionProvider")
     with pytest.raises(ProviderError, match=r"install edgediff\[openvino\]"):
@@ -172,18 +175,75 @@ def test_cuda_falling_back_to_cpu_caches_nothing(saving, monkeypatch):
     assert not [p for p in (saving / "session_cache").iterdir()]
 
 
-def test_compiling_providers_use_their_own_caches(saving, monkeypatch):
-    monkeypatch.setattr(FakeSession, "active", "OpenVINOExecutionProvider")
+class FakeOpenVINO:
+    """Stands in for openvino_session.OpenVINOSession: records how it was compiled, writes a blob."""
+    created: list = []
+
+    def __init__(self, path, device, config, cache_dir, names):
+        FakeOpenVINO.created.append((path, device, config, cache_dir))
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            (cache_dir / "1234.blob").write_bytes(b"compiled")
+
+    get_inputs, get_outputs = FakeSession.get_inputs, FakeSession.get_outputs
+
+
+@pytest.fixture
+def openvino(saving, monkeypatch):
+    monkeypatch.setattr(sessions.openvino_session, "OpenVINOSession", FakeOpenVINO)
+    monkeypatch.setattr(sessions.openvino_session, "version", lambda: "2025.4.1")
+    FakeOpenVINO.created.clear()
+    return saving
+
+
+def test_openvino_compiles_once_into_a_keyed_cache_folder(openvino, monkeypatch):
     monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "bf16")
-    session = sessions.GraphSession("unet", saving, ENTRY, "openvino", "none", print)
-    assert session.cache_state == "off" and SavingSession.seen[0][2] == ""
-    (name, options), cpu = FakeSession.created[0]
-    assert name == "OpenVINOExecutionProvider" and options["device_type"] == "CPU"
-    assert Path(options["cache_dir"]) == saving / "session_cache" / "openvino"
-    assert "INFERENCE_PRECISION_HINT" in options["load_config"] and "precision" not in options
+    first = sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print, threads=3)
+    second = sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print, threads=3)
+    assert (first.cache_state, second.cache_state) == ("built", "hit") and first.provider == "OpenVINO"
+    assert not SavingSession.seen  # ONNX Runtime is not involved
+    path, device, config, folder = FakeOpenVINO.created[0]
+    assert path == openvino / "unet" / "model.onnx" and device == "CPU"
+    assert config == {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 3}
+    assert folder.parent == openvino / "session_cache" / "openvino" and folder.name.startswith("unet-")
+    assert FakeOpenVINO.created[1][3] == folder
+
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "fp32")  # other properties: another folder, the old one pruned
+    third = sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print, threads=3)
+    assert third.cache_state == "built" and FakeOpenVINO.created[2][2]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert [p.name for p in folder.parent.iterdir()] == [FakeOpenVINO.created[2][3].name]
+    monkeypatch.setattr(sessions.openvino_session, "version", lambda: "2026.0")  # an upgrade recompiles
+    assert sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print).cache_state == "built"
+    (openvino / "unet" / "model.onnx").write_bytes(b"re-exported graph")  # so does a changed graph
+    assert sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print).cache_state == "built"
+
     monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "fp64")
     with pytest.raises(ProviderError, match="EDGEDIFF_OPENVINO_PRECISION"):
-        sessions.GraphSession("unet", saving, ENTRY, "openvino", "none", print)
+        sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print)
+
+
+def test_openvino_failure_is_one_model_folder_error(openvino, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("Exception from src/frontends/onnx: unexpected end of file\nmore")
+
+    monkeypatch.setattr(sessions.openvino_session, "OpenVINOSession", fail)
+    with pytest.raises(ModelFolderError, match="cannot be loaded by OpenVINO .*unexpected end of file$"):
+        sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", print)
+
+
+def test_openvino_with_patched_weights_runs_on_the_cpu_provider(openvino):
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    save(helper.make_model(graph), openvino / "unet" / "model.onnx")
+    warnings = []
+    session = sessions.GraphSession("unet", openvino, ENTRY, "openvino", "none", warnings.append,
+                                    initializers={"w": np.zeros(2, np.float32)})
+    assert session.provider == "CPUExecutionProvider" and not FakeOpenVINO.created
+    assert len(warnings) == 1 and "runs on CPUExecutionProvider" in warnings[0]
 
 
 def test_threads_default_to_physical_cores(monkeypatch):
@@ -196,17 +256,18 @@ def test_threads_default_to_physical_cores(monkeypatch):
     assert sessions.default_threads() == 2
 
 
-def test_openvino_takes_bf16_where_the_cpu_has_it(saving, monkeypatch):
+def test_openvino_takes_bf16_where_the_cpu_has_it(monkeypatch):
     monkeypatch.delenv("EDGEDIFF_OPENVINO_PRECISION", raising=False)
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    assert "bf16" in sessions.openvino_options(saving, ENTRY)["load_config"]
+    assert sessions.openvino_options() == ("CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
-    assert sessions.openvino_options(saving, ENTRY) == {"device_type": "CPU",
-                                                        "cache_dir": str(saving / "session_cache" / "openvino")}
+    assert sessions.openvino_options() == ("CPU", {})
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "accuracy")
+    assert sessions.openvino_options() == ("CPU", {"EXECUTION_MODE_HINT": "ACCURACY"})
 
 
 def test_openvino_only_for_graphs_it_can_read(offered, monkeypatch):
-    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    offered("OpenVINO", "CPUExecutionProvider")
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"amx_bf16"})
     assert sessions.resolve_provider("auto", "cpu") == "cpu"  # fused CPU graphs: ONNX Runtime's own CPU provider
     assert sessions.resolve_provider("openvino", "none") == "openvino"
@@ -214,9 +275,21 @@ def test_openvino_only_for_graphs_it_can_read(offered, monkeypatch):
         sessions.resolve_provider("openvino", "cpu")
 
 def test_auto_takes_openvino_only_on_cpus_with_native_bf16(offered, monkeypatch):
-    offered("OpenVINOExecutionProvider", "CPUExecutionProvider")
+    offered("OpenVINO", "CPUExecutionProvider")
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert sessions.resolve_provider("auto") == "openvino"
     assert sessions.resolve_provider("auto", "none") == "openvino"
     monkeypatch.setattr(sessions.session_cache, "cpu_flags", lambda: {"avx2", "fma"})
     assert sessions.resolve_provider("auto") == "cpu"  # fp32 only: measured even with the CPU provider
+
+
+def test_openvino_alone_needs_no_onnxruntime(monkeypatch):
+    def missing():
+        raise ProviderError("onnxruntime is not installed")
+
+    monkeypatch.setattr(sessions, "_ort", missing)
+    monkeypatch.setattr(sessions.openvino_session, "available", lambda: True)
+    assert sessions.available_providers() == ["openvino"]
+    monkeypatch.setattr(sessions.openvino_session, "available", lambda: False)
+    with pytest.raises(ProviderError, match="onnxruntime is not installed"):
+        sessions.available_providers()
