@@ -219,7 +219,7 @@ class Pipeline:
                     pixels = np.repeat(pixels, len(prompts), axis=0)
                     if not tile:
                         return vae_encoder.run(sample=pixels)
-                    t = m.vae_tiling
+                    t = self._tile_plan(width, height)
                     return list(tiled_encode(lambda part: tuple(vae_encoder.run(sample=part)), pixels,
                                              t["tile_pixels"], t["tile_latent"], t["overlap"]))
                 image_moments = moments(pixels_in) if need_x0 else None
@@ -305,7 +305,7 @@ class Pipeline:
         m = self.manifest
         z = x / np.float32(m.scaling_factor) + np.float32(m.shift_factor)
         if tile:
-            t = m.vae_tiling
+            t = self._tile_plan(x.shape[-1] * m.vae_scale_factor, x.shape[-2] * m.vae_scale_factor)
             decoded = tiled_decode(lambda part: vae_decoder.run(latent_sample=part)[0], z, t["tile_latent"],
                                    t["tile_pixels"], t["overlap"])
         else:
@@ -375,7 +375,16 @@ class Pipeline:
         t = self.manifest.vae_tiling
         if vae_tiling is None:
             return needs_tiling(height, width, t["tile_pixels"], t["auto_above_pixels"])
-        return bool(vae_tiling) and needs_tiling(height, width, t["tile_pixels"], None)
+        return bool(vae_tiling)
+
+    def _tile_plan(self, width: int, height: int) -> dict:
+        """The manifest's tiles, halved while one would cover the whole image: a forced tiling then
+        still tiles (an SDXL VAE's 1024-pixel tile would decode 1024x1024 whole)."""
+        t = dict(self.manifest.vae_tiling)
+        while not needs_tiling(height, width, t["tile_pixels"], None) and t["tile_latent"] >= 32:
+            t["tile_pixels"] //= 2
+            t["tile_latent"] //= 2
+        return t
 
     def _check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         multiple = self.manifest.size_multiple
@@ -390,7 +399,7 @@ class Pipeline:
         if not self._profiles:
             self._profiles = {name: mem.load_profile(self.model_dir, name, entry) for name, entry in m.graphs.items()}
         f = m.vae_scale_factor
-        tile = m.vae_tiling["tile_pixels"]
+        tile = self._tile_plan(width, height)["tile_pixels"]
         vae_h, vae_w = (min(height, tile), min(width, tile)) if self._tiling(vae_tiling, width, height) else (height, width)
         stages = [("text_encoder", 2 * batch if guided else batch, 0, 0)]
         if img2img:

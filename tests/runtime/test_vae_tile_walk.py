@@ -84,3 +84,17 @@ def test_damaged_tiling_field_is_refused(tmp_path, tiling, field):
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ModelFolderError, match=f"'{field}'"):
         read_manifest(folder)
+
+
+def test_forced_tiling_halves_a_tile_that_covers_the_image():
+    from types import SimpleNamespace
+
+    from edgediff.runtime.pipeline import Pipeline
+
+    sdxl = SimpleNamespace(manifest=SimpleNamespace(vae_tiling={
+        "tile_latent": 128, "tile_pixels": 1024, "overlap": 0.25, "auto_above_pixels": 4 * 1024 * 1024}))
+    plan = Pipeline._tile_plan
+    assert (plan(sdxl, 1024, 1024)["tile_pixels"], plan(sdxl, 1024, 1024)["tile_latent"]) == (512, 64)
+    assert plan(sdxl, 2048, 1536)["tile_pixels"] == 1024  # already more than one tile: the manifest's
+    assert (plan(sdxl, 256, 256)["tile_pixels"], plan(sdxl, 256, 256)["tile_latent"]) == (128, 16)  # floor
+    assert sdxl.manifest.vae_tiling["tile_pixels"] == 1024  # the manifest is left as it was
