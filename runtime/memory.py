@@ -6,14 +6,15 @@ from the spatial input (its resolution) and the last weight that produced it (it
 is alive from the node that writes it to the last node that reads it, as in ONNX Runtime's sequential
 memory plan; fused attention adds its scratch (the QKV buffer and the batch*heads*tokens^2 score
 matrix, which dominates at large sizes). The peak of one stage is the weights resident (one graph in
-``memory="low"``, all graphs used so far in ``"high"``) plus that stage's live activations; the
-process's own resident memory is added on top.
+``memory="low"``, all graphs used so far in ``"high"``) plus the activations held then: that stage's
+in ``"low"``; in ``"high"`` also every earlier stage's, since each resident session's CPU arena
+keeps the chunks of its largest run. The process's own resident memory is added on top.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFolderError
@@ -148,29 +149,44 @@ class Estimate:
     peak_bytes: int  # the whole process at its peak
     stage: str  # the graph whose stage is the peak
     what: str  # what dominates that stage
+    activations: dict[str, int] = field(default_factory=dict)  # each graph's largest run, bytes
 
     def __str__(self) -> str:
         return f"{self.peak_bytes / GB:.1f} GB (peak in {self.stage}: {self.what})"
 
 
 def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]], memory: str,
-             resident: set[str], base_bytes: int, context_tokens: int) -> Estimate:
+             resident: set[str], base_bytes: int, context_tokens: int,
+             held: dict[str, int] | None = None) -> Estimate:
     """Peak memory of running ``stages`` [(graph, batch, height, width)] in order.
 
     ``height``/``width`` are the graph's spatial input size; ``resident`` graphs are already in
-    ``base_bytes`` (the process's resident memory now)."""
+    ``base_bytes`` (the process's resident memory now), with the activation bytes ``held`` gives
+    for them in their arenas (measured: 512x512 ``high`` ran 2.2 GB over a per-stage maximum)."""
     best = Estimate(base_bytes, "none", "nothing")
     loaded = set(resident)
+    largest: dict[str, tuple[int, str]] = {}  # graph: (its largest run's activations, what they are)
     for graph, batch, height, width in stages:
         profile = profiles[graph]
         loaded.add(graph)
         weights = sum(profiles[g].weight_bytes for g in loaded - resident) if memory == "high" else (
             0 if graph in resident else profile.weight_bytes)
         activations, what = profile.activation_bytes(batch, height, width, context_tokens)
-        total = base_bytes + weights + activations
+        if activations >= largest.get(graph, (-1, ""))[0]:
+            largest[graph] = activations, what
+        if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
+            growth = {g: max(0, size - (held or {}).get(g, 0)) if g in resident else size
+                      for g, (size, _) in largest.items()}
+            # the arena that dominates names the stage, so a refusal suggests what would help
+            graph = max(growth, key=growth.get)
+            held_now, what = sum(growth.values()), largest[graph][1]
+        else:
+            held_now = activations
+        total = base_bytes + weights + held_now
         if total > best.peak_bytes:
-            dominant = what if activations > weights else f"{weights / GB:.1f} GB of weights"
+            dominant = what if held_now > weights else f"{weights / GB:.1f} GB of weights"
             best = Estimate(total, graph, dominant)
+    best.activations = {g: size for g, (size, _) in largest.items()}
     return best
 
 

@@ -66,6 +66,7 @@ class Pipeline:
         self.tokenizer = tokenizers[0]
         self.alphas_cumprod = alphas_cumprod
         self._profiles: dict[str, mem.GraphProfile] = {}  # read on the first memory check
+        self._held: dict[str, int] = {}  # activation bytes resident sessions' arenas grew to (estimated)
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
 
     @classmethod
@@ -410,7 +411,13 @@ class Pipeline:
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
         return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
-                            mem.resident_bytes(), context)
+                            mem.resident_bytes(), context, self._held)
+
+    def _hold(self, need: mem.Estimate) -> None:
+        """In high memory the sessions this generation runs keep their arenas: book what they grow to."""
+        if self.sessions.memory == "high":
+            for graph, size in need.activations.items():
+                self._held[graph] = max(size, self._held.get(graph, 0) if graph in self.sessions.resident else 0)
 
     def check_memory(self, batch: int, width: int, height: int, *, guided: bool = True, img2img: bool = False,
                      vae_tiling: bool | None = None) -> bool:
@@ -424,10 +431,12 @@ class Pipeline:
             return tile
         need = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=tile)
         if need.peak_bytes - mem.resident_bytes() <= available:
+            self._hold(need)
             return tile
         if vae_tiling is None and not tile and need.stage.startswith("vae"):
             tiled = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=True)
             if tiled.peak_bytes - mem.resident_bytes() <= available:
+                self._hold(tiled)
                 return True
         scale = 1.0
         multiple = self.manifest.size_multiple

@@ -1,0 +1,59 @@
+"""The estimate's bookkeeping of weights and arenas per memory mode, on profiles of known sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgediff.runtime import Pipeline
+from edgediff.runtime import memory
+
+GB = memory.GB
+
+
+@dataclass
+class Profile:
+    weight_bytes: int
+    per_pixel: int
+
+    def activation_bytes(self, batch, height, width, context_tokens):
+        return batch * height * width * self.per_pixel, "activations"
+
+
+PROFILES = {"text_encoder": Profile(int(0.5 * GB), 0), "unet": Profile(int(3 * GB), int(GB) // 64 ** 2),
+            "vae_decoder": Profile(int(0.2 * GB), int(1.5 * GB) // 512 ** 2)}
+STAGES = [("text_encoder", 2, 0, 0), ("unet", 2, 64, 64), ("vae_decoder", 1, 512, 512)]
+
+
+def test_low_memory_holds_one_graph_and_its_activations():
+    found = memory.estimate(PROFILES, STAGES, "low", set(), 0, 77)
+    assert found.peak_bytes == int(3 * GB) + 2 * (int(GB) // 64 ** 2) * 64 ** 2
+    assert found.stage == "unet"
+
+
+def test_high_memory_keeps_every_arena_until_the_end():
+    found = memory.estimate(PROFILES, STAGES, "high", set(), 0, 77)
+    unet, vae = 2 * (int(GB) // 64 ** 2) * 64 ** 2, (int(1.5 * GB) // 512 ** 2) * 512 ** 2
+    assert found.peak_bytes == int(3.7 * GB) + unet + vae
+    assert found.stage == "unet" and found.activations == {"text_encoder": 0, "unet": unet, "vae_decoder": vae}
+
+
+def test_resident_sessions_grow_only_past_the_arena_they_hold():
+    found = memory.estimate(PROFILES, STAGES, "high", set(PROFILES), 0, 77)
+    again = memory.estimate(PROFILES, STAGES, "high", set(PROFILES), 0, 77, found.activations)
+    assert again.peak_bytes == 0  # everything is in base_bytes already
+    bigger = [(g, b, h * 2, w * 2) for g, b, h, w in STAGES]
+    grown = memory.estimate(PROFILES, bigger, "high", set(PROFILES), 0, 77, found.activations)
+    assert grown.peak_bytes == 3 * sum(found.activations.values())
+    # a graph held by an arena the pipeline never booked counts whole
+    fresh = memory.estimate(PROFILES, STAGES, "high", set(), 0, 77)
+    assert memory.estimate(PROFILES, STAGES, "high", {"unet"}, 0, 77, {}).peak_bytes == fresh.peak_bytes - int(3 * GB)
+
+
+def test_a_high_memory_pipeline_books_its_arenas_once():
+    pipe = Pipeline.load(provider="cpu", memory="high")
+    base = memory.resident_bytes()
+    first = pipe.estimate_memory(1, 256, 256).peak_bytes - base
+    pipe("a red circle", steps=1, width=256, height=256, seed=0)
+    base = memory.resident_bytes()
+    again = pipe.estimate_memory(1, 256, 256).peak_bytes - base
+    # now resident: neither the weights nor the arenas of this size come on top of the process again
+    assert first > 0 and again < 0.1 * first
