@@ -34,11 +34,18 @@ def spill(model: onnx.ModelProto, folder: Path, name: str) -> None:
         for tensor in model.graph.initializer:
             if _is_external(tensor):
                 tensor.ClearField("raw_data")  # a fusion read it; the copy on disk is unchanged
-            elif tensor.data_type != TensorProto.STRING and nbytes(tensor) >= INLINE_BYTES:
-                data = _inline_bytes(tensor)
-                offset = out.tell()
-                out.write(data)
-                _point_to(tensor, name, offset, len(data))
+            else:
+                spill_tensor(tensor, out, name)
+
+
+def spill_tensor(tensor: TensorProto, out, name: str) -> None:
+    """Append a big in-memory tensor's bytes to the open file ``out`` (``name`` in the graph's folder)
+    and leave a reference behind; small and string tensors stay as they are."""
+    if not _is_external(tensor) and tensor.data_type != TensorProto.STRING and nbytes(tensor) >= INLINE_BYTES:
+        data = _inline_bytes(tensor)
+        offset = out.tell()
+        out.write(data)
+        _point_to(tensor, name, offset, len(data))
 
 
 def fresh(model: onnx.ModelProto) -> onnx.ModelProto:
