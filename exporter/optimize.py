@@ -56,7 +56,9 @@ def _spilling_new_initializers(folder: Path, name: str):
     joins the graph. In the graph's protobuf arena its bytes would stay until the whole graph is
     freed, and every shape inference the fusions run copies them (measured: the SDXL U-Net's CUDA
     fusions peaked at 15.2 GiB with them in memory)."""
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts its folder on sys.path)
+    # The fusions import ``onnx_model`` as a top-level module: that class, not the package's, is theirs.
+    from onnx_model import OnnxModel
 
     from .weights import spill_tensor
 

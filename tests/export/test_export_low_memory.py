@@ -76,3 +76,31 @@ def test_low_memavailable_refuses_with_one_line(tiny_sources, tmp_path):
 def test_address_space_limit_refuses_with_one_line(big_source, tmp_path):
     out = tmp_path / "model"
     _assert_refused(_export_in_child(ADDRESS_SPACE_LIMIT, big_source, out), out)
+
+
+def test_weights_the_fusions_make_are_written_to_disk_not_kept(tmp_path):
+    """CUDA's NHWC fusion rewrites every convolution weight: in memory, those copies took the SDXL U-Net
+    export to 15.2 GiB. They must reach the work folder's fused.bin as they are made."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgediff.exporter import optimize as opt
+    from edgediff.exporter.weights import INLINE_BYTES, load_stripped, tensor_bytes
+
+    weight = np.random.default_rng(0).standard_normal((8, 8, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "raw.onnx")
+    model = opt.optimize(load_stripped(tmp_path / "raw.onnx", "weights.bin"), tmp_path, "unet", "cuda")
+
+    assert [n.op_type for n in model.graph.node if n.op_type.startswith("Nhwc")] == ["NhwcConv"]
+    made = [t for t in model.graph.initializer if t.name.endswith("_weight_NHWC")]
+    assert len(made) == 1 and weight.nbytes >= INLINE_BYTES
+    assert made[0].data_location == TensorProto.EXTERNAL and not made[0].raw_data
+    assert dict((e.key, e.value) for e in made[0].external_data)["location"] == "fused.bin"
+    stored = np.frombuffer(tensor_bytes(made[0], tmp_path), np.float32).reshape(8, 3, 3, 8)
+    np.testing.assert_array_equal(stored, weight.transpose(0, 2, 3, 1))
