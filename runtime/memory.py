@@ -23,6 +23,12 @@ from .manifest import GraphEntry
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2}
+# ONNX Runtime's CPU arena (best-fit with coalescing) splits a freed score matrix for the smaller
+# tensors that follow, so the next attention node's matrix takes a new region: the arena ends up
+# holding two (measured, full-size SD 1.5 U-Net: +0.54 GB over the walk at 512x512, +8.6 GB at
+# 1024x1024, one score matrix each time). A session whose plan has a scratch buffer this large runs
+# without the arena (``scratch_heavy``), where freed buffers go back to the system.
+ARENA_SCRATCH_LIMIT = 2**30
 # Passthrough ops whose output holds a handful of numbers (shapes, indices), not an activation.
 SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "NonZero"}
 
@@ -47,10 +53,11 @@ class GraphProfile:
     def weight_bytes(self) -> int:
         return self.info.weight_bytes
 
-    def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str]:
-        """Peak bytes of live activations at this input size, and what the peak is."""
+    def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str, int]:
+        """Peak bytes of live activations at this input size, what the peak is, and the largest
+        scratch buffer one fused attention node takes (its score matrix)."""
         if self.spatial is None:
-            return 0, "weights"
+            return 0, "weights", 0
         info, shapes = self.info, self.info.shapes
         scale = {self.spatial: 1.0}
         chans = {self.spatial: self.channels or 1}
@@ -65,7 +72,7 @@ class GraphProfile:
                 last_use[name] = index
         size = lambda name: batch * chans[name] * pixels(scale[name]) * self.element_bytes  # noqa: E731
         live = peak = size(self.spatial)
-        what = "input"
+        what, scratch = "input", 0
         for index, node in enumerate(info.nodes):
             tagged = [name for name in node.inputs if name in scale]
             if not tagged or node.op_type in SHAPE_OPS:
@@ -112,6 +119,7 @@ class GraphProfile:
                 c = max(chans[name] for name in tagged)
                 if any(name in scores for name in tagged):
                     kind = "score"
+            scratch = max(scratch, transient)
             written = 0
             for name in node.outputs:
                 if not name:
@@ -128,7 +136,7 @@ class GraphProfile:
                 if name in scale and last_use.get(name, -1) <= index and name not in self.outputs:
                     live -= size(name)
                     del scale[name]
-        return peak, what
+        return peak, what, scratch
 
 
 def load_profile(model_dir: Path, name: str, entry: GraphEntry) -> GraphProfile:
@@ -171,7 +179,9 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
         loaded.add(graph)
         weights = sum(profiles[g].weight_bytes for g in loaded - resident) if memory == "high" else (
             0 if graph in resident else profile.weight_bytes)
-        activations, what = profile.activation_bytes(batch, height, width, context_tokens)
+        activations, what, scratch = profile.activation_bytes(batch, height, width, context_tokens)
+        if scratch < ARENA_SCRATCH_LIMIT:
+            activations += scratch  # the arena's second copy (see ARENA_SCRATCH_LIMIT)
         if activations >= largest.get(graph, (-1, ""))[0]:
             largest[graph] = activations, what
         if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
@@ -188,6 +198,13 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
             best = Estimate(total, graph, dominant)
     best.activations = {g: size for g, (size, _) in largest.items()}
     return best
+
+
+def scratch_heavy(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]],
+                  context_tokens: int) -> set[str]:
+    """Graphs whose largest scratch buffer at these stages reaches ARENA_SCRATCH_LIMIT."""
+    return {graph for graph, batch, height, width in stages
+            if profiles[graph].activation_bytes(batch, height, width, context_tokens)[2] >= ARENA_SCRATCH_LIMIT}
 
 
 def available_bytes() -> tuple[int | None, str]:

@@ -205,6 +205,9 @@ class Pipeline:
         if check_memory:
             tile = self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None,
                                      vae_tiling=vae_tiling)
+        if self.sessions.provider == "cpu":
+            stages, context = self._stages(len(prompts), width, height, guided, image is not None, tile)
+            self.sessions.without_arena = mem.scratch_heavy(self._profiles, stages, context)
 
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise EdgediffError(f"latents must have shape {shape} for this prompt count and size, "
@@ -396,6 +399,13 @@ class Pipeline:
                         img2img: bool = False, vae_tiling: bool | None = None) -> mem.Estimate:
         """Estimated peak memory (bytes, whole process) of one generation at this size; a tiled VAE
         (``vae_tiling`` as for ``__call__``) runs at the size of one tile."""
+        stages, context = self._stages(batch, width, height, guided, img2img, vae_tiling)
+        return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
+                            mem.resident_bytes(), context, self._held)
+
+    def _stages(self, batch: int, width: int, height: int, guided: bool, img2img: bool,
+                vae_tiling: bool | None) -> tuple[list[tuple[str, int, int, int]], int]:
+        """The graphs one generation runs, in order, at their input sizes; and the context length."""
         m = self.manifest
         if not self._profiles:
             self._profiles = {name: mem.load_profile(self.model_dir, name, entry) for name, entry in m.graphs.items()}
@@ -410,8 +420,7 @@ class Pipeline:
                    ("vae_decoder", batch, vae_h // f, vae_w // f)]
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
-        return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
-                            mem.resident_bytes(), context, self._held)
+        return stages, context
 
     def _hold(self, need: mem.Estimate) -> None:
         """In high memory the sessions this generation runs keep their arenas: book what they grow to."""

@@ -95,9 +95,10 @@ class GraphSession:
 
     def __init__(self, name: str, model_dir: Path, entry: GraphEntry, provider: str,
                  optimized_for: str, warn: Callable[[str], None], initializers: dict | None = None,
-                 threads: int | None = None, cache: bool = True):
+                 threads: int | None = None, cache: bool = True, arena: bool = True):
         self.name = name
         self.entry = entry
+        self.arena = arena  # ONNX Runtime's CPU arena (memory.ARENA_SCRATCH_LIMIT says when not)
         path = model_dir / entry.path
         if initializers and provider == "openvino":
             # Patching OpenVINO's compiled constants is not built: such a graph runs on ONNX Runtime's CPU provider.
@@ -112,7 +113,7 @@ class GraphSession:
         ort = _ort()
         providers = _provider_list(provider, model_dir, entry)
         if initializers:  # patched weights (LoRAs, embeddings) make another graph than the cached one
-            options = _session_options(ort, provider, threads)
+            options = _session_options(ort, provider, threads, arena)
             model, self._pinned = _patch(ort, options, path, initializers)
 
             def opener():
@@ -122,7 +123,7 @@ class GraphSession:
             cached = _cache_entry(ort, name, model_dir, entry, provider, providers) if cache else None
 
             def opener():
-                return _open(ort, path, lambda: _session_options(ort, provider, threads), providers, cached,
+                return _open(ort, path, lambda: _session_options(ort, provider, threads, arena), providers, cached,
                              PROVIDERS[provider])
         try:
             self.session, self.cache_state = opener()
@@ -309,7 +310,7 @@ def default_threads() -> int:
     return max(1, len(cores))
 
 
-def _session_options(ort, provider: str, threads: int | None = None):
+def _session_options(ort, provider: str, threads: int | None = None, arena: bool = True):
     options = ort.SessionOptions()
     options.log_severity_level = 4  # provider load failures are reported by GraphSession, in one line
     if provider == "dml":  # DirectML requires both (ONNX Runtime's DirectML documentation)
@@ -317,6 +318,7 @@ def _session_options(ort, provider: str, threads: int | None = None):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if provider == "cpu":  # the memory pattern is a second copy of the activations in the arena from the
         options.enable_mem_pattern = False  # second run on (VAE decoder: 2.6 vs 1.5 GB), at no measured cost
+        options.enable_cpu_mem_arena = arena
     if threads:  # several workers on one machine (batch actors) each get their share of the cores
         options.intra_op_num_threads = threads
     elif provider == "cpu":
@@ -430,6 +432,8 @@ class Sessions:
         self.load_seconds: dict[str, float] = {}
         self.cache_states: dict[str, str] = {}  # per graph: "hit", "built" or "off" (session_cache.py)
         self._resident: dict[str, GraphSession] = {}
+        # graphs whose sessions run without ONNX Runtime's CPU arena (memory.scratch_heavy), set per generation
+        self.without_arena: set[str] = set()
         self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
         self._warned: set[str] = set()
         self._warn = warn or (lambda line: print(f"edgediff: {line}", file=sys.stderr))
@@ -443,12 +447,16 @@ class Sessions:
     def use(self, name: str) -> Iterator[GraphSession]:
         if name not in self.manifest.graphs:
             raise ModelFolderError(f"this model has no {name} graph")
+        arena = name not in self.without_arena
         session = self._resident.get(name)
+        if session is not None and self.provider == "cpu" and session.arena != arena:
+            self._resident.pop(name).close()  # its arena would hold a second score matrix
+            session = None
         if session is None:
             started = time.perf_counter()
             session = GraphSession(name, self.model_dir, self.manifest.graphs[name], self.provider,
                                    self.manifest.optimized_for, self._warn_once,
-                                   self._initializers.get(name, (None, {}))[1], threads=self.threads)
+                                   self._initializers.get(name, (None, {}))[1], threads=self.threads, arena=arena)
             self.load_seconds[name] = self.load_seconds.get(name, 0.0) + time.perf_counter() - started
             self.cache_states[name] = session.cache_state
             if self.memory == "high":

@@ -13,9 +13,10 @@ GB = memory.GB
 class Profile:
     weight_bytes: int
     per_pixel: int
+    scratch: int = 0  # the largest fused-attention scratch buffer, bytes
 
     def activation_bytes(self, batch, height, width, context_tokens):
-        return batch * height * width * self.per_pixel, "activations"
+        return batch * height * width * self.per_pixel, "activations", self.scratch
 
 
 PROFILES = {"text_encoder": Profile(int(0.5 * GB), 0), "unet": Profile(int(3 * GB), int(GB) // 64 ** 2),
@@ -57,3 +58,39 @@ def test_a_high_memory_pipeline_books_its_arenas_once():
     again = pipe.estimate_memory(1, 256, 256).peak_bytes - base
     # now resident: neither the weights nor the arenas of this size come on top of the process again
     assert first > 0 and again < 0.1 * first
+
+
+def test_the_arena_holds_a_second_score_matrix_unless_the_session_runs_without_it():
+    small, huge = int(0.5 * GB), 2 * memory.ARENA_SCRATCH_LIMIT
+    profiles = {**PROFILES, "unet": Profile(int(3 * GB), int(GB) // 64 ** 2, small)}
+    base = memory.estimate(PROFILES, STAGES, "low", set(), 0, 77)
+    assert memory.estimate(profiles, STAGES, "low", set(), 0, 77).peak_bytes == base.peak_bytes + small
+    assert memory.scratch_heavy(profiles, STAGES, 77) == set()
+    profiles["unet"] = Profile(int(3 * GB), int(GB) // 64 ** 2, huge)
+    assert memory.estimate(profiles, STAGES, "low", set(), 0, 77).peak_bytes == base.peak_bytes
+    assert memory.scratch_heavy(profiles, STAGES, 77) == {"unet"}
+
+
+def test_a_full_size_attention_plan_opens_the_unet_without_the_arena(monkeypatch):
+    pipe = Pipeline.load(provider="cpu", memory="high")
+    opened = []
+    real = memory.GraphProfile.activation_bytes
+
+    def heavier(self, batch, height, width, context_tokens):  # the shipped model's scores are small
+        peak, what, scratch = real(self, batch, height, width, context_tokens)
+        return peak, what, memory.ARENA_SCRATCH_LIMIT if self.name == "unet" and height >= 32 else scratch
+
+    monkeypatch.setattr(memory.GraphProfile, "activation_bytes", heavier)
+    from edgediff.runtime import sessions
+    real_init = sessions.GraphSession.__init__
+
+    def record(self, name, *args, arena=True, **kwargs):
+        opened.append((name, arena))
+        real_init(self, name, *args, arena=arena, **kwargs)
+
+    monkeypatch.setattr(sessions.GraphSession, "__init__", record)
+    pipe("a red circle", steps=1, width=128, height=128, seed=0)
+    pipe("a red circle", steps=1, width=256, height=256, seed=0)  # 32x32 latents: the "heavy" plan
+    pipe("a red circle", steps=1, width=256, height=256, seed=0)
+    assert [a for n, a in opened if n == "unet"] == [True, False]  # re-opened once, then kept
+    assert all(a for n, a in opened if n != "unet")
