@@ -174,6 +174,7 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
     best = Estimate(base_bytes, "none", "nothing")
     loaded = set(resident)
     largest: dict[str, tuple[int, str]] = {}  # graph: (its largest run's activations, what they are)
+    no_arena: set[str] = set()
     for graph, batch, height, width in stages:
         profile = profiles[graph]
         loaded.add(graph)
@@ -182,11 +183,13 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
         activations, what, scratch = profile.activation_bytes(batch, height, width, context_tokens)
         if scratch < ARENA_SCRATCH_LIMIT:
             activations += scratch  # the arena's second copy (see ARENA_SCRATCH_LIMIT)
+        else:
+            no_arena.add(graph)  # its buffers go back to the system after each run
         if activations >= largest.get(graph, (-1, ""))[0]:
             largest[graph] = activations, what
         if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
             growth = {g: max(0, size - (held or {}).get(g, 0)) if g in resident else size
-                      for g, (size, _) in largest.items()}
+                      for g, (size, _) in largest.items() if g == graph or g not in no_arena}
             # the arena that dominates names the stage, so a refusal suggests what would help
             graph = max(growth, key=growth.get)
             held_now, what = sum(growth.values()), largest[graph][1]
@@ -196,7 +199,7 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
         if total > best.peak_bytes:
             dominant = what if held_now > weights else f"{weights / GB:.1f} GB of weights"
             best = Estimate(total, graph, dominant)
-    best.activations = {g: size for g, (size, _) in largest.items()}
+    best.activations = {g: size for g, (size, _) in largest.items() if g not in no_arena}
     return best
 
 

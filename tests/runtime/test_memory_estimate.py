@@ -94,3 +94,12 @@ def test_a_full_size_attention_plan_opens_the_unet_without_the_arena(monkeypatch
     pipe("a red circle", steps=1, width=256, height=256, seed=0)
     assert [a for n, a in opened if n == "unet"] == [True, False]  # re-opened once, then kept
     assert all(a for n, a in opened if n != "unet")
+
+
+def test_a_session_without_the_arena_holds_nothing_after_its_stage():
+    heavy = {**PROFILES, "unet": Profile(int(3 * GB), int(GB) // 64 ** 2, memory.ARENA_SCRATCH_LIMIT)}
+    unet, vae = 2 * (int(GB) // 64 ** 2) * 64 ** 2, (int(1.5 * GB) // 512 ** 2) * 512 ** 2
+    found = memory.estimate(heavy, STAGES, "high", set(), 0, 77)
+    # the U-Net stage (text encoder and U-Net loaded) tops the VAE stage, whose arena alone is held
+    assert found.peak_bytes == int(3.5 * GB) + unet > int(3.7 * GB) + vae and found.stage == "unet"
+    assert "unet" not in found.activations  # nothing for the pipeline to book as held
