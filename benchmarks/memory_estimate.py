@@ -3,9 +3,10 @@
     python -m edgediff.benchmarks.memory_estimate --model DIR [--size 512 --size 1024]
         [--memory low] [--guidance 7.5] [--steps 1] [--refuse 8192]
 
-Each size runs in a fresh process: load the model, take the estimate (``Pipeline.estimate_memory``,
-what the pre-flight check compares with MemAvailable), generate ``--steps`` steps with the check
-off, then read the process's peak resident memory (VmHWM, Linux). ``--refuse SIZE`` asks for a
+Each size runs in a fresh process: load the model, generate ``--steps`` steps with the pre-flight
+check on (it compares the estimate with MemAvailable and decides whether a graph with a huge score
+matrix runs without ONNX Runtime's arena), then print the plan it accepted
+(``Pipeline.memory_plan``) next to the process's peak resident memory (VmHWM, Linux). ``--refuse SIZE`` asks for a
 SIZExSIZE image with the check on and prints the one-line refusal (nothing is run). Run big models
 under the shared memory lock; ``--limit-gb`` caps each child's address space so that a wrong
 estimate ends in an allocation error instead of the OOM killer.
@@ -24,11 +25,11 @@ from edgediff.runtime.memory import GB, _status_kb
 
 def child(model: str, size: int, memory: str, guidance: float, steps: int) -> dict:
     pipe = Pipeline.load(model, provider="cpu", memory=memory)
-    estimate = pipe.estimate_memory(1, size, size, guided=guidance > 1)
-    pipe("a corgi on a beach", steps=steps, guidance=guidance, seed=0, width=size, height=size,
-         check_memory=False)
+    pipe("a corgi on a beach", steps=steps, guidance=guidance, seed=0, width=size, height=size)
+    estimate = pipe.memory_plan
     return {"size": size, "memory": memory, "guidance": guidance, "estimate_gb": estimate.peak_bytes / GB,
-            "peak": str(estimate), "measured_gb": _status_kb("VmHWM") * 1024 / GB}
+            "peak": str(estimate), "without_arena": sorted(estimate.without_arena),
+            "measured_gb": _status_kb("VmHWM") * 1024 / GB}
 
 
 def run_child(args, size: int) -> dict:
@@ -80,7 +81,8 @@ def main(argv=None) -> None:
             continue
         ratio = row["estimate_gb"] / row["measured_gb"]
         print(f"{size}x{size} {args.memory}: estimate {row['estimate_gb']:.2f} GB, measured peak RSS "
-              f"{row['measured_gb']:.2f} GB, estimate/measured {ratio:.2f} ({row['peak']})", flush=True)
+              f"{row['measured_gb']:.2f} GB, estimate/measured {ratio:.2f} ({row['peak']}; without the CPU "
+              f"arena: {', '.join(row['without_arena']) or 'none'})", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,13 @@ DTYPE_BYTES = {"float32": 4, "float16": 2}
 # ONNX Runtime's CPU arena (best-fit with coalescing) splits a freed score matrix for the smaller
 # tensors that follow, so the next attention node's matrix takes a new region: the arena ends up
 # holding two (measured, full-size SD 1.5 U-Net: +0.54 GB over the walk at 512x512, +8.6 GB at
-# 1024x1024, one score matrix each time). A session whose plan has a scratch buffer this large runs
-# without the arena (``scratch_heavy``), where freed buffers go back to the system.
+# 1024x1024, one score matrix each time). Without the arena freed buffers go back to the system,
+# but every run faults its activations in again (512x512 batch 2: 12.6 s a step against 8.8 s), so
+# a graph whose score matrix reaches this size drops the arena only when the arena would not fit.
 ARENA_SCRATCH_LIMIT = 2**30
+# The arena is kept while the plan with it needs at most this share of the free memory; the rest is
+# headroom for the estimate's error (0.88-0.99 of the measured peak) and for the rest of the machine.
+ARENA_SHARE = 0.8
 # Passthrough ops whose output holds a handful of numbers (shapes, indices), not an activation.
 SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "NonZero"}
 
@@ -158,6 +162,7 @@ class Estimate:
     stage: str  # the graph whose stage is the peak
     what: str  # what dominates that stage
     activations: dict[str, int] = field(default_factory=dict)  # each graph's largest run, bytes
+    without_arena: frozenset[str] = frozenset()  # graphs planned to run without the CPU arena
 
     def __str__(self) -> str:
         return f"{self.peak_bytes / GB:.1f} GB (peak in {self.stage}: {self.what})"
@@ -165,12 +170,14 @@ class Estimate:
 
 def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]], memory: str,
              resident: set[str], base_bytes: int, context_tokens: int,
-             held: dict[str, int] | None = None) -> Estimate:
+             held: dict[str, int] | None = None, without_arena: frozenset[str] = frozenset()) -> Estimate:
     """Peak memory of running ``stages`` [(graph, batch, height, width)] in order.
 
     ``height``/``width`` are the graph's spatial input size; ``resident`` graphs are already in
     ``base_bytes`` (the process's resident memory now), with the activation bytes ``held`` gives
-    for them in their arenas (measured: 512x512 ``high`` ran 2.2 GB over a per-stage maximum)."""
+    for them in their arenas (measured: 512x512 ``high`` ran 2.2 GB over a per-stage maximum).
+    ``without_arena`` graphs run without ONNX Runtime's CPU arena: no second score matrix, and
+    nothing held after their stage."""
     best = Estimate(base_bytes, "none", "nothing")
     loaded = set(resident)
     largest: dict[str, tuple[int, str]] = {}  # graph: (its largest run's activations, what they are)
@@ -181,10 +188,10 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
         weights = sum(profiles[g].weight_bytes for g in loaded - resident) if memory == "high" else (
             0 if graph in resident else profile.weight_bytes)
         activations, what, scratch = profile.activation_bytes(batch, height, width, context_tokens)
-        if scratch < ARENA_SCRATCH_LIMIT:
-            activations += scratch  # the arena's second copy (see ARENA_SCRATCH_LIMIT)
-        else:
+        if graph in without_arena:
             no_arena.add(graph)  # its buffers go back to the system after each run
+        else:
+            activations += scratch  # the arena's second copy (see ARENA_SCRATCH_LIMIT)
         if activations >= largest.get(graph, (-1, ""))[0]:
             largest[graph] = activations, what
         if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
@@ -204,10 +211,10 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
 
 
 def scratch_heavy(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]],
-                  context_tokens: int) -> set[str]:
+                  context_tokens: int) -> frozenset[str]:
     """Graphs whose largest scratch buffer at these stages reaches ARENA_SCRATCH_LIMIT."""
-    return {graph for graph, batch, height, width in stages
-            if profiles[graph].activation_bytes(batch, height, width, context_tokens)[2] >= ARENA_SCRATCH_LIMIT}
+    return frozenset(graph for graph, batch, height, width in stages
+                     if profiles[graph].activation_bytes(batch, height, width, context_tokens)[2] >= ARENA_SCRATCH_LIMIT)
 
 
 def available_bytes() -> tuple[int | None, str]:

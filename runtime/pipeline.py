@@ -67,6 +67,7 @@ class Pipeline:
         self.alphas_cumprod = alphas_cumprod
         self._profiles: dict[str, mem.GraphProfile] = {}  # read on the first memory check
         self._held: dict[str, int] = {}  # activation bytes resident sessions' arenas grew to (estimated)
+        self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
 
     @classmethod
@@ -202,12 +203,10 @@ class Pipeline:
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
         # embeds the guidance scale (LCM) runs once per step with it.
         guided = guidance > 1.0 and not embeds_guidance(unet_inputs)
+        self.sessions.without_arena = frozenset()  # unless the memory check needs them off
         if check_memory:
             tile = self.check_memory(len(prompts), width, height, guided=guided, img2img=image is not None,
                                      vae_tiling=vae_tiling)
-        if self.sessions.provider == "cpu":
-            stages, context = self._stages(len(prompts), width, height, guided, image is not None, tile)
-            self.sessions.without_arena = mem.scratch_heavy(self._profiles, stages, context)
 
         if latents is not None and tuple(np.shape(latents)) != shape:
             raise EdgediffError(f"latents must have shape {shape} for this prompt count and size, "
@@ -396,12 +395,17 @@ class Pipeline:
                      for label, value in (("width", width), ("height", height)))
 
     def estimate_memory(self, batch: int, width: int, height: int, *, guided: bool = True,
-                        img2img: bool = False, vae_tiling: bool | None = None) -> mem.Estimate:
+                        img2img: bool = False, vae_tiling: bool | None = None, arena: bool = True) -> mem.Estimate:
         """Estimated peak memory (bytes, whole process) of one generation at this size; a tiled VAE
-        (``vae_tiling`` as for ``__call__``) runs at the size of one tile."""
+        (``vae_tiling`` as for ``__call__``) runs at the size of one tile. ``arena=False``: the
+        graphs with a score matrix of ``memory.ARENA_SCRATCH_LIMIT`` or more run without ONNX
+        Runtime's CPU arena, as ``check_memory`` decides when the arena would not fit."""
         stages, context = self._stages(batch, width, height, guided, img2img, vae_tiling)
-        return mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
-                            mem.resident_bytes(), context, self._held)
+        without = frozenset() if arena else mem.scratch_heavy(self._profiles, stages, context)
+        found = mem.estimate(self._profiles, stages, self.sessions.memory, self.sessions.resident,
+                             mem.resident_bytes(), context, self._held, without)
+        found.without_arena = without
+        return found
 
     def _stages(self, batch: int, width: int, height: int, guided: bool, img2img: bool,
                 vae_tiling: bool | None) -> tuple[list[tuple[str, int, int, int]], int]:
@@ -423,7 +427,10 @@ class Pipeline:
         return stages, context
 
     def _hold(self, need: mem.Estimate) -> None:
-        """In high memory the sessions this generation runs keep their arenas: book what they grow to."""
+        """Run as ``need`` plans: its graphs without the arena, and in high memory book what the
+        resident sessions' arenas grow to."""
+        self.sessions.without_arena = need.without_arena
+        self.memory_plan = need
         if self.sessions.memory == "high":
             for graph, size in need.activations.items():
                 self._held[graph] = max(size, self._held.get(graph, 0) if graph in self.sessions.resident else 0)
@@ -438,13 +445,23 @@ class Pipeline:
         available, source = mem.available_bytes()
         if available is None:
             return tile
+        def fits(plan: mem.Estimate, share: float = 1.0) -> bool:
+            return plan.peak_bytes - mem.resident_bytes() <= share * available
+
         need = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=tile)
-        if need.peak_bytes - mem.resident_bytes() <= available:
+        if fits(need, mem.ARENA_SHARE):
             self._hold(need)
             return tile
+        lean = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=tile,
+                                    arena=False)
+        if fits(lean if lean.without_arena else need):
+            self._hold(lean if lean.without_arena else need)
+            return tile
+        need = lean  # the smallest plan at this size, for the message
         if vae_tiling is None and not tile and need.stage.startswith("vae"):
-            tiled = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=True)
-            if tiled.peak_bytes - mem.resident_bytes() <= available:
+            tiled = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=True,
+                                         arena=False)
+            if fits(tiled):
                 self._hold(tiled)
                 return True
         scale = 1.0
@@ -452,8 +469,7 @@ class Pipeline:
         while scale > 0.05:
             scale *= 0.9
             w, h = (max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
-            if self.estimate_memory(batch, w, h, guided=guided, img2img=img2img,
-                                    vae_tiling=tile).peak_bytes - mem.resident_bytes() <= available:
+            if fits(self.estimate_memory(batch, w, h, guided=guided, img2img=img2img, vae_tiling=tile, arena=False)):
                 break
         tiles = need.stage.startswith("vae") and not tile
         raise OutOfMemoryError(

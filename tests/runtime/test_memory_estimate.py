@@ -67,20 +67,22 @@ def test_the_arena_holds_a_second_score_matrix_unless_the_session_runs_without_i
     assert memory.estimate(profiles, STAGES, "low", set(), 0, 77).peak_bytes == base.peak_bytes + small
     assert memory.scratch_heavy(profiles, STAGES, 77) == set()
     profiles["unet"] = Profile(int(3 * GB), int(GB) // 64 ** 2, huge)
-    assert memory.estimate(profiles, STAGES, "low", set(), 0, 77).peak_bytes == base.peak_bytes
     assert memory.scratch_heavy(profiles, STAGES, 77) == {"unet"}
+    lean = memory.estimate(profiles, STAGES, "low", set(), 0, 77, without_arena=frozenset({"unet"}))
+    assert lean.peak_bytes == base.peak_bytes
 
 
-def test_a_full_size_attention_plan_opens_the_unet_without_the_arena(monkeypatch):
-    pipe = Pipeline.load(provider="cpu", memory="high")
-    opened = []
+def test_the_arena_is_dropped_only_where_it_would_not_fit(monkeypatch):
+    pipe = Pipeline.load(provider="cpu", memory="low")  # a new session for every stage
     real = memory.GraphProfile.activation_bytes
 
     def heavier(self, batch, height, width, context_tokens):  # the shipped model's scores are small
         peak, what, scratch = real(self, batch, height, width, context_tokens)
-        return peak, what, memory.ARENA_SCRATCH_LIMIT if self.name == "unet" and height >= 32 else scratch
+        return peak, what, int(GB) if self.name == "unet" and height >= 32 else scratch
 
     monkeypatch.setattr(memory.GraphProfile, "activation_bytes", heavier)
+    monkeypatch.setattr(memory, "ARENA_SCRATCH_LIMIT", int(GB))
+    opened = []
     from edgediff.runtime import sessions
     real_init = sessions.GraphSession.__init__
 
@@ -90,16 +92,23 @@ def test_a_full_size_attention_plan_opens_the_unet_without_the_arena(monkeypatch
 
     monkeypatch.setattr(sessions.GraphSession, "__init__", record)
     pipe("a red circle", steps=1, width=128, height=128, seed=0)
-    pipe("a red circle", steps=1, width=256, height=256, seed=0)  # 32x32 latents: the "heavy" plan
+    with_arena = pipe.estimate_memory(1, 256, 256).peak_bytes - memory.resident_bytes()
+    lean = pipe.estimate_memory(1, 256, 256, arena=False)
+    assert lean.without_arena == {"unet"} and with_arena - (lean.peak_bytes - memory.resident_bytes()) > 0.9 * GB
+    pipe("a red circle", steps=1, width=256, height=256, seed=0)  # plenty free: the arena stays
+    # free memory between the two plans: only the plan without the arena fits
+    free = int(with_arena * 0.95)
+    monkeypatch.setattr(memory, "available_bytes", lambda: (free, "a test"))
     pipe("a red circle", steps=1, width=256, height=256, seed=0)
-    assert [a for n, a in opened if n == "unet"] == [True, False]  # re-opened once, then kept
+    assert pipe.memory_plan.without_arena == {"unet"}
+    assert [a for n, a in opened if n == "unet"] == [True, True, False]
     assert all(a for n, a in opened if n != "unet")
 
 
 def test_a_session_without_the_arena_holds_nothing_after_its_stage():
     heavy = {**PROFILES, "unet": Profile(int(3 * GB), int(GB) // 64 ** 2, memory.ARENA_SCRATCH_LIMIT)}
     unet, vae = 2 * (int(GB) // 64 ** 2) * 64 ** 2, (int(1.5 * GB) // 512 ** 2) * 512 ** 2
-    found = memory.estimate(heavy, STAGES, "high", set(), 0, 77)
+    found = memory.estimate(heavy, STAGES, "high", set(), 0, 77, without_arena=frozenset({"unet"}))
     # the U-Net stage (text encoder and U-Net loaded) tops the VAE stage, whose arena alone is held
     assert found.peak_bytes == int(3.5 * GB) + unet > int(3.7 * GB) + vae and found.stage == "unet"
     assert "unet" not in found.activations  # nothing for the pipeline to book as held
