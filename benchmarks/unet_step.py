@@ -52,12 +52,10 @@ def feed_for(manifest, entry, size: int, batch: int, rng: np.random.Generator) -
     return feed
 
 
-def _diffusers_unet(folder: Path, feed: dict[str, np.ndarray], autocast: bool):
-    """A call of the diffusers U-Net on ``feed`` (the export's input names), fp32 or bf16 autocast."""
+def _diffusers_unet(unet, feed: dict[str, np.ndarray], autocast: bool):
+    """A call of the diffusers ``unet`` on ``feed`` (the export's input names), fp32 or bf16 autocast."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     tensors = {name: torch.from_numpy(array) for name, array in feed.items()}
     extra = {k: tensors[k] for k in ("text_embeds", "time_ids") if k in tensors}
     kwargs = {"added_cond_kwargs": extra} if extra else {}
@@ -121,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffusers:
         import torch
 
+        from diffusers import UNet2DConditionModel
+
         torch.set_num_threads(threads)
+        unet = UNet2DConditionModel.from_pretrained(args.diffusers, subfolder="unet").eval()  # fp32 weights
         for autocast in (False, True) if args.bf16 else (False,):
-            call = _diffusers_unet(args.diffusers, feed_for(manifest, entry, args.size, args.batch,
-                                                            np.random.default_rng(0)), autocast)
+            call = _diffusers_unet(unet, feed_for(manifest, entry, args.size, args.batch,
+                                                  np.random.default_rng(0)), autocast)
             call()  # warm-up
             names.append(f"diffusers {'bf16 autocast' if autocast else 'fp32'}")
             calls.append(call)
