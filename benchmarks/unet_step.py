@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         unet = UNet2DConditionModel.from_pretrained(args.diffusers, subfolder="unet").eval()  # fp32 weights
         for autocast in (False, True) if args.bf16 else (False,):
-            call = _diffusers_unet(unet, feed_for(manifest, entry, args.size, args.batch,
-                                                  np.random.default_rng(0)), autocast)
+            call = _diffusers_unet(unet, feed, autocast)  # the inputs the exports got
             call()  # warm-up
             names.append(f"diffusers {'bf16 autocast' if autocast else 'fp32'}")
             calls.append(call)

@@ -194,18 +194,17 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
             activations += scratch  # the arena's second copy (see ARENA_SCRATCH_LIMIT)
         if activations >= largest.get(graph, (-1, ""))[0]:
             largest[graph] = activations, what
+        stage, held_now = graph, activations
         if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
             growth = {g: max(0, size - (held or {}).get(g, 0)) if g in resident else size
                       for g, (size, _) in largest.items() if g == graph or g not in no_arena}
             # the arena that dominates names the stage, so a refusal suggests what would help
-            graph = max(growth, key=growth.get)
-            held_now, what = sum(growth.values()), largest[graph][1]
-        else:
-            held_now = activations
+            stage = max(growth, key=growth.get)
+            held_now, what = sum(growth.values()), largest[stage][1]
         total = base_bytes + weights + held_now
         if total > best.peak_bytes:
             dominant = what if held_now > weights else f"{weights / GB:.1f} GB of weights"
-            best = Estimate(total, graph, dominant)
+            best = Estimate(total, stage, dominant)
     best.activations = {g: size for g, (size, _) in largest.items() if g not in no_arena}
     return best
 

@@ -454,8 +454,8 @@ class Pipeline:
             return tile
         lean = self.estimate_memory(batch, width, height, guided=guided, img2img=img2img, vae_tiling=tile,
                                     arena=False)
-        if fits(lean if lean.without_arena else need):
-            self._hold(lean if lean.without_arena else need)
+        if fits(lean):  # (the same plan as ``need`` where no graph has a score matrix that large)
+            self._hold(lean)
             return tile
         need = lean  # the smallest plan at this size, for the message
         if vae_tiling is None and not tile and need.stage.startswith("vae"):

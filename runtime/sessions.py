@@ -432,8 +432,8 @@ class Sessions:
         self.load_seconds: dict[str, float] = {}
         self.cache_states: dict[str, str] = {}  # per graph: "hit", "built" or "off" (session_cache.py)
         self._resident: dict[str, GraphSession] = {}
-        # graphs whose sessions run without ONNX Runtime's CPU arena (memory.scratch_heavy), set per generation
-        self.without_arena: set[str] = set()
+        # graphs whose sessions run without ONNX Runtime's CPU arena: the memory check's plan, per generation
+        self.without_arena: frozenset[str] = frozenset()
         self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
         self._warned: set[str] = set()
         self._warn = warn or (lambda line: print(f"edgediff: {line}", file=sys.stderr))
