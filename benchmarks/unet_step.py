@@ -1,7 +1,7 @@
 """U-Net step time of exported models, paired: one call each, in turn, round after round.
 
     python -m edgediff.benchmarks.unet_step EXPORT_A EXPORT_B --size 256 --batch 2 --rounds 5
-        [--diffusers DIR [--bf16]] [--threads N] [--gemm]
+        [--diffusers DIR [--bf16]] [--threads N] [--gemm] [--arena-off]
 
 Each folder's U-Net is loaded as the runtime loads it (one CPU session, the runtime's thread
 count), fed the same random inputs (shapes from its manifest; batch 2 is one classifier-free
@@ -13,7 +13,8 @@ resident memory the session added, and the median and best step per model.
 bf16 autocast) to the same rounds, fed the same inputs. ``--gemm`` measures this machine's fp32
 matrix-multiply rate (torch, a 4096-square fp32 GEMM, same threads) and prints each U-Net's
 arithmetic rate (FLOPs counted from the first export's graph) against it: how much headroom any fp32
-engine has left here.
+engine has left here. ``--arena-off`` adds each export once more, its session without ONNX
+Runtime's CPU memory arena (what the memory check falls back to when the arena would not fit).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="with --diffusers: also under bf16 autocast")
     parser.add_argument("--threads", type=int, default=None, help="threads for every engine [runtime default]")
     parser.add_argument("--gemm", action="store_true", help="print the fp32 GEMM ceiling and each rate")
+    parser.add_argument("--arena-off", action="store_true",
+                        help="also time each export without ONNX Runtime's CPU memory arena")
     args = parser.parse_args(argv)
 
     from edgediff.runtime.manifest import MANIFEST_NAME, Manifest
@@ -116,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
               f"+{(_rss() - before) / 1024**3:.2f} GiB resident", flush=True)
         names.append(f"{folder.name} ({entry.precision})")
         calls.append(lambda session=session, feed=feed: session.run(**feed))
+        if args.arena_off:
+            bare = GraphSession("unet", folder, entry, "cpu", manifest.optimized_for, warn=print, cache=False,
+                                threads=threads, arena=False)
+            bare.run(**feed)
+            names.append(f"{folder.name} ({entry.precision}, no CPU arena)")
+            calls.append(lambda session=bare, feed=feed: session.run(**feed))
     if args.diffusers:
         import torch
 
