@@ -327,10 +327,13 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
 @click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="Largest batch_size x n_iter.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
               help="Largest request body, MiB.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder where <lora:name:weight> tags are looked up; the web page lists its LoRAs.")
+@click.option("--open", "open_page", is_flag=True, help="Open the web page in the browser once the server listens.")
 @user_errors
 def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
-          max_body_mb):
-    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...); docs at /docs."""
+          max_body_mb, lora_dir=None, open_page=False):
+    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...) and a web page at /; docs at /docs."""
     try:
         from edgediff.server import Limits, serve as run_server
     except ImportError as error:
@@ -341,9 +344,11 @@ def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max
     credentials = [c for c in (api_auth or "").split(",") if c]
     if any(":" not in c for c in credentials):
         raise EdgediffError("--api-auth wants user:password pairs separated by commas")
-    click.echo(f"edgediff serving on http://{host}:{port} (API docs at /docs)", err=True)
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise EdgediffError(f"--lora-dir {lora_dir} is not a folder")
+    click.echo(f"edgediff serving on http://{host}:{port} (web page at /, API docs at /docs)", err=True)
     run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
-               api_auth=credentials, limits=limits)
+               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page)
 
 
 def _register_bench():
