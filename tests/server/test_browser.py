@@ -1,0 +1,378 @@
+"""The web page at `/`, used as a person uses it: in a real headless Chromium (Debian's `chromium`,
+driven by Playwright; `.ci/run` installs it), against the real server on the shipped default model.
+
+Every result is compared pixel for pixel with `edgediff generate` or the Pipeline given the same
+settings. Each test also fails on any console error or uncaught exception of the page, and checks
+that every visible control has an accessible name.
+
+Screenshots for the README: `EDGEDIFF_SCREENSHOTS=docs pytest tests/server/test_browser.py -k matches_generate`
+writes docs/page-idle.png, docs/page-generating.png and docs/page-gallery.png.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from live_server import running
+from edgediff.cli import main
+from edgediff.server import Limits, create_app
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the test extra)")
+CHROMIUM = os.environ.get("EDGEDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium; "
+                                                         ".ci/run installs it); set EDGEDIFF_CHROMIUM to another binary")
+expect = sync_api.expect
+KEY = "page-key-42"
+SLOW_STEPS = 40  # ~1.5 s on the default model: long enough for the page to poll progress a few times
+
+
+def png_pixels(data: bytes | str) -> np.ndarray:
+    if isinstance(data, str):
+        data = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data)
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
+    from edgediff.runtime import metadata
+
+    buffer = io.BytesIO()
+    metadata.save_image(image, buffer, text, format="PNG")
+    return buffer.getvalue()
+
+
+def cli_generate(tmp_path: Path, name: str, *args: str) -> Path:
+    out = tmp_path / name
+    run = CliRunner().invoke(main, ["generate", *args, "--provider", "cpu", "--memory", "high", "-o", str(out)])
+    assert run.exit_code == 0, run.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A kohya LoRA on the default model's text encoder, and a file the list leaves out."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("loras")
+    rng = np.random.default_rng(0)
+    layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{layer}.lora_down.weight": rng.standard_normal((4, 32), dtype=np.float32),
+               f"{layer}.lora_up.weight": rng.standard_normal((32, 4), dtype=np.float32),
+               f"{layer}.alpha": np.array(4.0, dtype=np.float32)}, str(folder / "shapes.safetensors"))
+    (folder / "notes.txt").write_text("not a LoRA")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(default_pipe, lora_dir):
+    with running(create_app(default_pipe, limits=Limits(max_side=512), lora_dir=lora_dir)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(default_pipe):
+    with running(create_app(default_pipe, api_key=KEY, api_auth=["alice:wonderland"])) as url:
+        yield url
+
+
+NETWORK_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
+
+
+class Watched:
+    """A browser context whose pages report console errors and uncaught exceptions. Chromium
+    itself logs an error line for every HTTP error answer; a test that provokes one on purpose
+    names its status in ``expected_statuses``, and only those lines are let through."""
+
+    def __init__(self, browser):
+        self.context = browser.new_context(viewport={"width": 1100, "height": 760}, accept_downloads=True)
+        self.problems: list[str] = []
+        self.expected_statuses: set[int] = set()
+
+    def _console(self, message):
+        if message.type != "error":
+            return
+        network = NETWORK_ERROR.match(message.text)
+        if network is None or int(network.group(1)) not in self.expected_statuses:
+            self.problems.append(f"console: {message.text}")
+
+    def page(self, url: str, ready: bool = True):
+        page = self.context.new_page()
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.problems.append(f"uncaught: {e}"))
+        page.goto(url)
+        if ready:
+            expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        return page
+
+
+@pytest.fixture
+def watched(browser):
+    watched = Watched(browser)
+    yield watched
+    watched.context.close()
+    assert watched.problems == []
+
+
+def assert_labelled(page):
+    """Every visible input, select, textarea and button has an accessible name, as Chromium's
+    accessibility computation (Playwright's) finds it."""
+    controls = page.locator("input, select, textarea, button")
+    checked = 0
+    for i in range(controls.count()):
+        control = controls.nth(i)
+        if control.is_visible():
+            expect(control).to_have_accessible_name(re.compile(r"\S"))
+            checked += 1
+    assert checked >= 10
+
+
+def gallery_images(page) -> list[str]:
+    return page.locator("#gallery img").evaluate_all("(images) => images.map((i) => i.src)")
+
+
+def record_progress(page):
+    """Collect every value the #progress bar and its text take, from now on (a MutationObserver)."""
+    page.evaluate("""() => {
+        window.seen = {values: [], texts: [], previews: 0};
+        const bar = document.getElementById("progress");
+        new MutationObserver(() => window.seen.values.push(bar.value)).observe(bar, {attributes: true});
+        new MutationObserver(() => window.seen.texts.push(document.getElementById("progress-text").textContent))
+            .observe(document.getElementById("progress-text"), {childList: true, characterData: true, subtree: true});
+        new MutationObserver(() => window.seen.previews++).observe(document.getElementById("preview"),
+                                                                  {attributes: true, attributeFilter: ["src"]});
+    }""")
+
+
+def drop_file(page, selector: str, data: bytes, name: str, kind: str = "image/png"):
+    """What dropping a file from the desktop does: dragover, then drop with a DataTransfer holding it."""
+    page.eval_on_selector(selector, """(target, [b64, name, kind]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: kind}));
+        for (const type of ["dragover", "drop"]) {
+            target.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }
+    }""", [base64.b64encode(data).decode(), name, kind])
+
+
+def screenshot(page, name: str):
+    """Into $EDGEDIFF_SCREENSHOTS (e.g. docs), palette-quantized to keep the PNGs small."""
+    folder = os.environ.get("EDGEDIFF_SCREENSHOTS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with Image.open(io.BytesIO(page.screenshot())) as image:
+        image.convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            Path(folder) / f"page-{name}.png", optimize=True)
+
+
+def test_generate_matches_generate(watched, server, tmp_path):
+    page = watched.page(server + "/")
+    assert_labelled(page)
+    prompt = page.locator("#prompt")
+    prompt.fill("a red circle on a white background")
+    page.fill("#negative", "blurry")
+    page.select_option("#sampler", "Euler a")
+    page.select_option("#scheduler", "automatic")
+    page.fill("#steps", str(SLOW_STEPS))
+    page.fill("#cfg", "6.5")
+    page.fill("#seed", "42")
+    screenshot(page, "idle")
+    record_progress(page)
+    page.click("#generate")
+    expect(page.locator("#preview")).to_be_visible()
+    expect(page.locator("#stop")).to_be_enabled()
+    screenshot(page, "generating")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    seen = page.evaluate("window.seen")
+    between = [v for v in seen["values"] if 0 < v < 1]
+    assert len(set(between)) >= 2 and between == sorted(between), seen  # it moved, forwards
+    assert any(re.fullmatch(rf"step \d+/{SLOW_STEPS} · about [\d.]+ s left", t) for t in seen["texts"]), seen
+    assert seen["previews"] >= 1
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 image")
+    screenshot(page, "gallery")
+
+    out = cli_generate(tmp_path, "cli.png", "a red circle on a white background", "--negative", "blurry",
+                       "--sampler", "Euler a", "--steps", str(SLOW_STEPS), "--guidance", "6.5", "--seed", "42")
+    np.testing.assert_array_equal(png_pixels(gallery_images(page)[0]), png_pixels(out.read_bytes()))
+    with Image.open(out) as cli_image:
+        expect(page.locator("#gallery .infotext")).to_have_text(cli_image.info["parameters"])
+    download = page.locator("#gallery a", has_text="Download")
+    expect(download).to_have_attribute("download", "edgediff-42.png")
+
+    # Keyboard alone: "reuse last seed", then Ctrl+Enter from the prompt box makes the same image again.
+    page.fill("#seed", "-1")
+    page.focus("#seed-reuse")
+    page.keyboard.press("Enter")
+    expect(page.locator("#seed")).to_have_value("42")
+    prompt.focus()
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)
+    assert gallery_images(page)[0] == gallery_images(page)[1]
+
+
+def test_paint_a_mask_and_inpaint(watched, server, default_pipe):
+    start = default_pipe("a yellow circle", steps=4, seed=1).images[0]
+    page = watched.page(server + "/")
+    drop_file(page, "#input-set", png_bytes(start), "start.png")
+    expect(page.locator("#paint")).to_be_visible()
+    expect(page.locator("#width")).to_have_value("128")
+    assert_labelled(page)
+    page.fill("#prompt", "a purple square")
+    page.fill("#steps", "6")
+    page.fill("#seed", "5")
+    page.fill("#blur", "2")
+    page.eval_on_selector("#brush", "(e) => { e.value = 20; e.dispatchEvent(new Event('input')); }")
+    page.focus("#strength")
+    page.keyboard.press("ArrowLeft")  # 0.75 -> 0.7, from the keyboard
+    expect(page.locator("#strength-value")).to_have_text("0.7")
+
+    canvas = page.locator("#mask").bounding_box()
+    scale = canvas["width"] / 128  # the canvas is shown larger than the picture's 128 pixels
+
+    def stroke(x0, x1, y):
+        page.mouse.move(canvas["x"] + x0 * scale, canvas["y"] + y * scale)
+        page.mouse.down()
+        for x in np.linspace(x0, x1, 8):
+            page.mouse.move(canvas["x"] + x * scale, canvas["y"] + y * scale)
+        page.mouse.up()
+
+    stroke(20, 108, 64)        # a band across the middle, 20 pixels high
+    page.check("#erase")
+    stroke(10, 50, 64)         # rubbed out again on the left
+    page.uncheck("#erase")
+    page.check("#invert")      # repaint all but the band
+    with page.expect_request("**/sdapi/v1/img2img") as sent:
+        page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    body = sent.value.post_data_json
+    assert body["inpainting_mask_invert"] == 1 and body["mask_blur"] == 2 and body["denoising_strength"] == 0.7
+    mask = Image.open(io.BytesIO(base64.b64decode(body["mask"].partition(",")[2]))).convert("L")
+    m = np.asarray(mask)
+    assert mask.size == (128, 128) and set(np.unique(m)) == {0, 255}
+    assert m[64, 80] == 255 and m[64, 30] == 0 and m[30, 80] == 0 and m[100, 80] == 0
+    band = np.flatnonzero(m[:, 80])
+    assert 17 <= len(band) <= 23 and band.min() <= 64 <= band.max()  # the brush's 20 pixels
+
+    reference = default_pipe("a purple square", steps=6, guidance=7.0, sampler="DPM++ 2M", schedule="karras",
+                             seed=5, width=128, height=128, image=Image.fromarray(png_pixels(png_bytes(start))), strength=0.7,
+                             mask=ImageOps.invert(mask), mask_blur=2).images[0]
+    np.testing.assert_array_equal(png_pixels(gallery_images(page)[0]), np.asarray(reference))
+
+
+def test_drop_a_png_and_regenerate_it(watched, server, tmp_path):
+    made = cli_generate(tmp_path, "made.png", "a blue square", "--negative", "green, dark", "--steps", "6",
+                        "--guidance", "5", "--seed", "1234", "--sampler", "DPM++ 2M Karras")
+    page = watched.page(server + "/")
+    page.fill("#prompt", "something else")
+    page.select_option("#sampler", "Euler")
+    page.select_option("#scheduler", "automatic")
+    drop_file(page, "#gallery", made.read_bytes(), "made.png")
+    expect(page.locator("#prompt")).to_have_value("a blue square")
+    expect(page.locator("#negative")).to_have_value("green, dark")
+    for field, value in (("#steps", "6"), ("#cfg", "5.0"), ("#seed", "1234"), ("#width", "128"),
+                         ("#sampler", "DPM++ 2M"), ("#scheduler", "karras")):
+        expect(page.locator(field)).to_have_value(value)
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    np.testing.assert_array_equal(png_pixels(gallery_images(page)[0]), png_pixels(made.read_bytes()))
+
+    # The gallery's own buttons: settings back into the form, the image as the next input.
+    page.fill("#prompt", "changed")
+    page.fill("#steps", "3")
+    page.click("#gallery button:has-text('Send parameters')")
+    expect(page.locator("#prompt")).to_have_value("a blue square")
+    expect(page.locator("#steps")).to_have_value("6")
+    page.click("#gallery button:has-text('Use as input')")
+    expect(page.locator("#paint")).to_be_visible()
+    assert page.eval_on_selector("#input-image", "(e) => e.src") == gallery_images(page)[0]
+
+    # A picture without settings: one readable message, the form untouched.
+    drop_file(page, "#gallery", png_bytes(Image.new("RGB", (64, 64), "white")), "plain.png")  # answered 200
+    expect(page.locator("#message")).to_contain_text("plain.png carries no generation settings")
+    expect(page.locator("#prompt")).to_have_value("a blue square")
+
+
+def test_server_errors_are_one_readable_message(watched, server):
+    watched.expected_statuses.add(422)
+    page = watched.page(server + "/")
+    page.fill("#prompt", "a red circle")
+    page.fill("#width", "100")
+    page.click("#generate")
+    message = page.locator("#message")
+    expect(message).to_be_visible()
+    expected = requests.post(f"{server}/sdapi/v1/txt2img", json=dict(prompt="a red circle", width=100)).json()["detail"]
+    assert "width" in expected and "multiple of 32" in expected
+    expect(message).to_have_text(expected)
+    expect(page.locator("#gallery img")).to_have_count(0)
+    expect(page.locator("#generate")).to_be_enabled()
+
+    # LoRAs from the server's folder: checking one writes its tag; the server's answer is shown as is
+    # (the shipped default model predates LoRA support: it has no weight map).
+    expect(page.locator("#loras li")).to_have_count(1)
+    page.fill("#width", "128")
+    page.check("#loras input[type=checkbox]")
+    page.fill("#loras input[type=number]", "0.6")
+    expect(page.locator("#prompt")).to_have_value("a red circle <lora:shapes:0.6>")
+    assert_labelled(page)
+    page.click("#generate")
+    expect(message).to_contain_text("without a weight map")
+    page.fill("#prompt", "a red circle")
+    page.dispatch_event("#prompt", "input")
+    expect(page.locator("#loras input[type=checkbox]")).not_to_be_checked()
+
+
+def test_api_key_prompt(watched, keyed_server):
+    assert requests.get(keyed_server + "/").status_code == 200  # the page itself holds nothing secret
+    watched.expected_statuses.add(401)  # the first requests, before the key is given
+    page = watched.page(keyed_server + "/", ready=False)
+    dialog = page.locator("#auth")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#auth-key")).to_be_focused()
+    assert_labelled(page)
+    page.fill("#auth-key", "wrong")
+    page.keyboard.press("Enter")
+    expect(page.locator("#auth-why")).to_contain_text("did not accept")
+    page.fill("#auth-key", KEY)
+    page.keyboard.press("Enter")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('edgediff-key')") == KEY
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    page.reload()  # same tab: the key is kept, no prompt
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(dialog).to_be_hidden()
+
+    # A1111's basic auth (--api-auth user:password) in the same box.
+    other = Watched(watched.context.browser)
+    other.expected_statuses.add(401)
+    try:
+        page = other.page(keyed_server + "/", ready=False)
+        page.fill("#auth-key", "alice:wonderland")
+        page.click("#auth-ok")
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#sampler option")).not_to_have_count(0)
+    finally:
+        other.context.close()
+    assert other.problems == []
