@@ -200,6 +200,8 @@ def test_generate_matches_generate(watched, server, tmp_path):
     page.click("#generate")
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#stop")).to_be_enabled()
+    if os.environ.get("EDGEDIFF_SCREENSHOTS"):  # a preview with some shape in it
+        page.wait_for_function("() => document.getElementById('progress').value >= 0.5")
     screenshot(page, "generating")
     expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
     seen = page.evaluate("window.seen")
