@@ -15,6 +15,8 @@ import io
 import os
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -378,3 +380,60 @@ def test_api_key_prompt(watched, keyed_server):
     finally:
         other.context.close()
     assert other.problems == []
+
+
+def test_input_picture_by_file_chooser_and_paste(watched, server):
+    picture = png_bytes(Image.new("RGB", (200, 150), "navy"))
+    page = watched.page(server + "/")
+    with page.expect_file_chooser() as chooser:
+        page.focus("#choose")
+        page.keyboard.press("Enter")
+    chooser.value.set_files(files=[{"name": "navy.png", "mimeType": "image/png", "buffer": picture}])
+    expect(page.locator("#paint")).to_be_visible()
+    expect(page.locator("#width")).to_have_value("192")  # the server's multiple of 32, nearest
+    expect(page.locator("#height")).to_have_value("160")
+    page.click("#input-clear")
+    expect(page.locator("#paint")).to_be_hidden()
+    page.eval_on_selector("#prompt", """(target, b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        target.dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(picture).decode())
+    expect(page.locator("#paint")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("")  # the picture did not land in the text
+
+
+def test_stop_and_queue_full(watched, default_pipe):
+    """Stop keeps the image reached; a full queue is the server's 503 message, with its Retry-After."""
+    watched.expected_statuses.add(503)
+    with running(create_app(default_pipe, limits=Limits(max_queue=1))) as url:
+        page = watched.page(url + "/")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "150")
+        page.click("#generate")
+        expect(page.locator("#progress-text")).to_contain_text("/150")
+        page.click("#stop")
+        expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+        expect(page.locator("#progress-text")).to_contain_text("Stopped: 1 image")
+
+        body = dict(prompt="busy", steps=150, width=128, height=128)
+        with ThreadPoolExecutor(2) as pool:
+            running_one = pool.submit(requests.post, f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+            wait_for(url, lambda p: p["state"]["sampling_steps"] == 150)
+            queued = pool.submit(requests.post, f"{url}/sdapi/v1/txt2img", json=dict(body, steps=1), timeout=120)
+            wait_for(url, lambda p: p["state"]["job_count"] == 2)
+            page.fill("#steps", "2")
+            page.click("#generate")
+            expect(page.locator("#message")).to_have_text(re.compile(
+                r"the generation queue is full; retry later \(try again in about \d+ s\)"))
+            requests.post(f"{url}/sdapi/v1/interrupt", timeout=30)
+            assert running_one.result().status_code == 200 and queued.result().status_code == 200
+        expect(page.locator("#gallery img")).to_have_count(1)
+
+
+def wait_for(url, condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition(requests.get(f"{url}/sdapi/v1/progress?skip_current_image=true", timeout=30).json()):
+        assert time.monotonic() < deadline, "the server never reached the expected state"
+        time.sleep(0.05)
