@@ -381,6 +381,7 @@ function startPolling(count) {
 async function generate() {
   if (state.busy) return;
   hideError();
+  if (document.body.dataset.ready !== "true" && !(await load())) return;
   const body = request();
   const path = state.input ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img";
   const started = performance.now();
@@ -533,9 +534,8 @@ function wire() {
   });
 }
 
-async function start() {
-  wire();
-  updateOutputs();
+// Fill the form from the server; again on Generate if the first try failed (e.g. no key given).
+async function load() {
   try {
     const [samplers, schedulers, settings, models] = await Promise.all([
       api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/edgediff/v1/page"), api("/sdapi/v1/sd-models"),
@@ -547,9 +547,13 @@ async function start() {
     $("model").textContent = models.length ? `model: ${models[0].title}` : "";
     fillLoras(await api("/sdapi/v1/loras"));
     document.body.dataset.ready = "true";  // for scripts and tests: the form is filled in
+    return true;
   } catch (error) {
     showError(error);
+    return false;
   }
 }
 
-start();
+wire();
+updateOutputs();
+load();

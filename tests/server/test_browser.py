@@ -362,11 +362,27 @@ def test_api_key_prompt(watched, keyed_server):
     assert page.evaluate("sessionStorage.getItem('edgediff-key')") == KEY
     page.fill("#prompt", "a red circle")
     page.fill("#steps", "2")
+    page.fill("#count", "2")
+    page.fill("#seed", "70")
     page.click("#generate")
-    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)
+    downloads = page.locator("#gallery a", has_text="Download")  # image i has seed + i
+    assert downloads.evaluate_all("(links) => links.map((a) => a.download)") == ["edgediff-70.png", "edgediff-71.png"]
     page.reload()  # same tab: the key is kept, no prompt
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
     expect(dialog).to_be_hidden()
+
+    # Escape closes the box: one message, and the next Generate asks again.
+    page = watched.page(keyed_server + "/", ready=False)  # a new tab: a new sessionStorage
+    dialog = page.locator("#auth")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#message")).to_contain_text("wants an API key")
+    page.click("#generate")
+    expect(dialog).to_be_visible()
+    page.fill("#auth-key", KEY)
+    page.keyboard.press("Enter")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
 
     # A1111's basic auth (--api-auth user:password) in the same box.
     other = Watched(watched.context.browser)
