@@ -63,7 +63,8 @@ def cli_generate(tmp_path: Path, name: str, *args: str) -> Path:
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
+        # small /dev/shm in containers crashes Chromium
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--disable-dev-shm-usage"])
         yield chromium
         chromium.close()
 
