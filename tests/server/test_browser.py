@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
                                                          ".ci/run installs it); set EDGEDIFF_CHROMIUM to another binary")
 expect = sync_api.expect
 KEY = "page-key-42"
-SLOW_STEPS = 40  # ~1.5 s on the default model: long enough for the page to poll progress a few times
+SLOW_STEPS = 40  # ~1.5 s on the default model (2 cores): the page polls progress a few times
 
 
 def png_pixels(data: bytes | str) -> np.ndarray:
@@ -201,15 +201,14 @@ def test_generate_matches_generate(watched, server, tmp_path):
     screenshot(page, "idle")
     record_progress(page)
     page.click("#generate")
-    expect(page.locator("#preview")).to_be_visible()
-    expect(page.locator("#stop")).to_be_enabled()
     if os.environ.get("EDGEDIFF_SCREENSHOTS"):  # a preview with some shape in it
+        expect(page.locator("#preview")).to_be_visible()
         page.wait_for_function("() => document.getElementById('progress').value >= 0.5")
-    screenshot(page, "generating")
+        screenshot(page, "generating")
     expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
-    seen = page.evaluate("window.seen")
+    seen = page.evaluate("window.seen")  # everything the page showed while it ran
     between = [v for v in seen["values"] if 0 < v < 1]
-    assert len(set(between)) >= 2 and between == sorted(between), seen  # it moved, forwards
+    assert between and between == sorted(between) and seen["values"][-1] == 1, seen  # forwards, to the end
     assert any(re.fullmatch(rf"step \d+/{SLOW_STEPS} · about [\d.]+ s left", t) for t in seen["texts"]), seen
     assert seen["previews"] >= 1
     expect(page.locator("#progress-text")).to_contain_text("Done: 1 image")
@@ -428,7 +427,12 @@ def test_stop_and_queue_full(watched, default_pipe):
         page = watched.page(url + "/")
         page.fill("#prompt", "a red circle")
         page.fill("#steps", "150")
+        record_progress(page)
         page.click("#generate")
+        # The bar moves forwards, step by step, whatever the machine's speed: three updates, then Stop.
+        page.wait_for_function("() => new Set(window.seen.values.filter((v) => v > 0 && v < 1)).size >= 3")
+        between = [v for v in page.evaluate("window.seen.values") if 0 < v < 1]
+        assert between == sorted(between)
         expect(page.locator("#progress-text")).to_contain_text("/150")
         page.click("#stop")
         expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
