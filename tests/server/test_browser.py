@@ -458,3 +458,18 @@ def wait_for(url, condition, timeout=30.0):
     while not condition(requests.get(f"{url}/sdapi/v1/progress?skip_current_image=true", timeout=30).json()):
         assert time.monotonic() < deadline, "the server never reached the expected state"
         time.sleep(0.05)
+
+
+def test_tab_reaches_every_control(watched, server):
+    """Keyboard alone: Tab visits every visible control (with a picture loaded, so its tools show)."""
+    page = watched.page(server + "/")
+    drop_file(page, "#input-set", png_bytes(Image.new("RGB", (128, 128), "gray")), "gray.png")
+    expect(page.locator("#input-tools")).to_be_visible()
+    controls = set(page.locator("input, select, textarea, button, a[href]").evaluate_all(
+        "(all) => all.filter((e) => e.checkVisibility() && !e.disabled).map((e) => e.id || e.textContent)"))
+    page.focus("body")
+    visited = set()
+    for _ in range(len(controls) + 5):
+        page.keyboard.press("Tab")
+        visited.add(page.evaluate("() => document.activeElement.id || document.activeElement.textContent"))
+    assert controls <= visited, controls - visited
