@@ -144,7 +144,7 @@ function applySettings(settings) {
   $("count").max = settings.max_images;
 }
 
-function integer(id) {
+function number(id) {
   const value = $(id).value.trim();
   return value === "" ? undefined : Number(value);
 }
@@ -153,15 +153,15 @@ function request() {
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value,
     sampler_name: $("sampler").value, scheduler: $("scheduler").value,
-    steps: integer("steps"), cfg_scale: integer("cfg"), width: integer("width"), height: integer("height"),
-    seed: integer("seed") ?? -1, batch_size: integer("count") ?? 1, n_iter: 1, send_images: true,
+    steps: number("steps"), cfg_scale: number("cfg"), width: number("width"), height: number("height"),
+    seed: number("seed") ?? -1, batch_size: number("count") ?? 1, n_iter: 1, send_images: true,
   };
   if (state.input) {
     body.init_images = [state.input];
     body.denoising_strength = Number($("strength").value);
     if (maskPainted()) {
       body.mask = maskImage();
-      body.mask_blur = integer("blur") ?? 0;
+      body.mask_blur = number("blur") ?? 0;
       body.inpainting_mask_invert = $("invert").checked ? 1 : 0;
     }
   }
