@@ -109,6 +109,26 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
     return f"{prompt}{chr(10) + 'Negative prompt: ' + negative if negative else ''}\n{line}".strip()
 
 
+def result_infotext(result: Any, index: int = 0, identity: Mapping[str, str] | None = None) -> str:
+    """The infotext of image ``index`` of a pipeline Result, from the checked request that made it."""
+    seed = result.seeds[index] if result.seeds else result.seed
+    return request_infotext(result.request, result.images[index], index, seed, result.lora_files, identity)
+
+
+def request_infotext(request: Any, image: Image.Image, index: int, seed: int | None,
+                     lora_files: Any = (), identity: Mapping[str, str] | None = None) -> str:
+    """The one place the CLI, the server and batch build an image's infotext: from the checked
+    GenerationRequest (runtime/request.py), the image, its seed and the LoRA files applied
+    [(name, weight, path)] (their A1111 short hashes go to ``Lora hashes``)."""
+    r = request
+    loras = [(name, weight, lora_hash(path) if Path(path).suffix.lower() == ".safetensors" else None)
+             for name, weight, path in lora_files]
+    return infotext(dict(prompt=r.prompt[index], negative_prompt=r.negatives[index], steps=r.steps,
+                         guidance=r.guidance, sampler=r.sampler, schedule=r.schedule, seed=seed,
+                         width=image.width, height=image.height,
+                         strength=r.strength if r.image is not None else None, loras=loras, **(identity or {})))
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """A1111's ``parse_generation_parameters``: {"Prompt", "Negative prompt", "Steps", "Size-1",
     "Size-2", ...}, values as strings, quoted ones unquoted. Never raises on odd text."""
@@ -147,9 +167,8 @@ def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
                 raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
     if "Sampler" in parsed:
         kwargs["sampler"] = parsed["Sampler"]
-        schedule = parsed.get("Schedule type")
-        if schedule and schedule != AUTOMATIC:
-            kwargs["schedule"] = schedule.strip().lower().replace(" ", "_")
+        if parsed.get("Schedule type"):  # read as every schedule name is (samplers.normalize_schedule)
+            kwargs["schedule"] = parsed["Schedule type"]
     return kwargs
 
 

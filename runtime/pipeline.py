@@ -1,7 +1,6 @@
 """Text to image without torch: tokenize, encode, sample, decode. The pipeline only orchestrates."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from contextlib import contextmanager
@@ -22,14 +21,12 @@ from .manifest import Manifest, read_manifest
 from .modes import Img2Img, Txt2Img, choose_mode
 from .noise import make_rng
 from .prompts import encode_prompts
-from .request import DEFAULT_SAMPLER, GenerationRequest, StepCallback, default_model_dir
+from .request import DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, default_model_dir
 from .samplers import SamplerPlan, make_plan
 from .sessions import GraphSession, Sessions
 from .tokenizer import ClipTokenizer
 from .vae_tiling import tiled_decode, tiled_encode
 
-REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.init and f.name not in
-                  ("negatives", "original_image")]
 
 
 @dataclass
@@ -41,7 +38,8 @@ class Result:
     seeds: list[int] | None = None  # one per image when ``seed`` was given as a list
     loras: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) applied
     embeddings: list[str] = field(default_factory=list)  # textual-inversion names available
-    request: GenerationRequest | None = None  # the checked request that made it (metadata.infotext)
+    request: GenerationRequest | None = None  # the checked request that made it (metadata.result_infotext)
+    lora_files: list[tuple[str, float, Path]] = field(default_factory=list)  # (name, weight, file) applied
 
 
 def _memory_errors(generate):
@@ -162,7 +160,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - started
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=run.seed, timings=timings, seeds=run.seeds,
-                      loras=adapters.loras, embeddings=adapters.embeddings, request=request)
+                      loras=adapters.loras, embeddings=adapters.embeddings, request=request,
+                      lora_files=adapters.lora_files)
 
     def _adapt(self, request: GenerationRequest):
         """Apply the request's LoRAs and embeddings; the prompts without their <lora:> tags."""

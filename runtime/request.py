@@ -117,7 +117,7 @@ class GenerationRequest:
         for seed in seeds:
             args.check_seed(seed)
         if self.mask is not None and self.image is None:
-            raise InputError("a mask needs the image it applies to (image=..., --image)")
+            raise InputError("a mask needs the image it applies to (--mask needs --image; mask= needs image=)")
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
                                    guidance=guidance, schedule=schedule)
 
@@ -129,7 +129,9 @@ class GenerationRequest:
         limit = int(manifest.scheduler.get("num_train_timesteps") or 1000)
         if request.steps > limit:
             raise InputError(f"steps must be at most {limit} (the model's training timesteps), not {request.steps}")
-        image = original = to_rgb(request.image) if request.image is not None else None
+        image = to_rgb(request.image) if request.image is not None else None
+        # A request checked before keeps the picture as first given (the mask's aspect is checked on it).
+        original = request.original_image if request.original_image is not None else image
         width = request.width if request.width is not None or image is None else image.width
         height = request.height if request.height is not None or image is None else image.height
         width, height = (args.check_side(label, manifest.default_size if value is None else value,
@@ -139,9 +141,9 @@ class GenerationRequest:
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
         return dataclasses.replace(request, image=image, original_image=original, width=width, height=height)
 
-    @property
-    def prompts(self) -> list[str]:
-        return list(self.prompt)
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``Pipeline.__call__`` that make this request."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in REQUEST_FIELDS}
 
 
 def _check_strength(strength) -> None:
@@ -152,3 +154,6 @@ def _check_strength(strength) -> None:
 def _check_mask_blur(blur) -> None:
     if not args.is_real(blur) or not math.isfinite(blur) or not 0.0 <= blur <= MAX_MASK_BLUR:
         raise InputError(f"mask_blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, not {args.short(blur)}")
+
+
+REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("negatives", "original_image")]
