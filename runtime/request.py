@@ -29,16 +29,20 @@ MAX_MASK_BLUR = 256.0
 StepCallback = Callable[[int, int, np.ndarray], None]  # (step, steps, latents)
 
 
-def default_model_dir(provider: str = "auto") -> Path:
-    """The shipped default model: GPUs get the fp16 export where it exists; the CPU runs fp32
-    faster (measured: fp16 graphs on the CPU run through casts, see benchmarks/RESULTS.md)."""
+def default_model(gpu: bool) -> tuple[Path, str]:
+    """The shipped default model and its precision: GPUs get the fp16 export where it exists;
+    the CPU runs fp32 faster (fp16 graphs on the CPU run through casts, benchmarks/RESULTS.md)."""
     from edgediff.models import default_model_dir as shipped
 
+    fp16 = shipped("fp16")
+    return (fp16, "fp16") if gpu and fp16.is_dir() else (shipped(), "fp32")
+
+
+def default_model_dir(provider: str = "auto") -> Path:
+    """The default model for ``provider`` (Pipeline.load without a folder)."""
     from .sessions import resolve_provider
 
-    gpu = resolve_provider(provider) in ("cuda", "tensorrt", "dml")
-    fp16 = shipped("fp16")
-    return fp16 if gpu and fp16.is_dir() else shipped()
+    return default_model(resolve_provider(provider) in ("cuda", "tensorrt", "dml"))[0]
 
 
 @dataclass
