@@ -157,6 +157,8 @@ def parse_infotext(text: str) -> dict[str, str]:
 def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline keyword arguments from :func:`parse_infotext`'s result (only those present):
     prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height."""
+    from .samplers import normalize_schedule
+
     kwargs: dict[str, Any] = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
                             ("Size-1", "width", int), ("Size-2", "height", int)):
@@ -167,8 +169,9 @@ def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
                 raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
     if "Sampler" in parsed:
         kwargs["sampler"] = parsed["Sampler"]
-        if parsed.get("Schedule type"):  # read as every schedule name is (samplers.normalize_schedule)
-            kwargs["schedule"] = parsed["Schedule type"]
+        schedule = normalize_schedule(parsed.get("Schedule type"))  # "Automatic": the sampler's own
+        if schedule:
+            kwargs["schedule"] = schedule
     return kwargs
 
 
