@@ -128,7 +128,7 @@ def _list_samplers(ctx, param, value):
               help="Load every embedding in this folder.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled (torch zip) LoRA/embedding files; only tensors are unpickled.")
-@click.option("--prompt-syntax", type=click.Choice(["a1111", "plain"]), default="a1111", show_default=True,
+@click.option("--prompt-syntax", default="a1111", show_default=True, metavar="a1111|plain",
               help="a1111: (emphasis:1.2), [less], BREAK and prompts past 75 tokens; plain: the prompt read "
                    "literally and cut at 75 tokens, as diffusers reads it.")
 @click.option("--vae-tiling/--no-vae-tiling", default=None,

@@ -45,6 +45,7 @@ AUTOMATIC = "Automatic"  # A1111's "the sampler's own schedule"; ours: the model
 # A1111's parameter regex and quoting (modules/infotext_utils.py).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NAME_SYMBOLS = str.maketrans("", "", ":,")
 
 
 def sampler_label(sampler: str, schedule: str | None = None) -> tuple[str, str]:
@@ -88,7 +89,8 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
     p = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
     sampler, schedule = sampler_label(p.get("sampler") or "dpmpp_2m_karras", p.get("schedule"))
     loras = [tuple(lora) + (None,) * (3 - len(lora)) for lora in p.get("loras") or ()]
-    lora_hashes = ", ".join(f"{name}: {h}" for name, _, h in loras if h)
+    # As A1111's Lora extension writes it: names without ':' and ',', only LoRAs that have a hash.
+    lora_hashes = ", ".join(f"{str(name).translate(_NAME_SYMBOLS)}: {h}" for name, _, h in loras if h)
     fields = {
         "Steps": p.get("steps"),
         "Sampler": sampler,

@@ -157,7 +157,8 @@ def _check_strength(strength) -> None:
 
 def _check_mask_blur(blur) -> None:
     if not args.is_real(blur) or not math.isfinite(blur) or not 0.0 <= blur <= MAX_MASK_BLUR:
-        raise InputError(f"mask_blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, not {args.short(blur)}")
+        shown = f"{blur:g}" if args.is_real(blur) else args.short(blur)  # 1e9 and 10**9 alike
+        raise InputError(f"mask_blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, not {shown}")
 
 
 REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("negatives", "original_image")]
