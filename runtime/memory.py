@@ -61,7 +61,10 @@ class GraphProfile:
 
     def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str, int]:
         """Peak bytes of live activations at this input size, what the peak is, and the largest
-        scratch buffer one fused attention node takes (its score matrix)."""
+        scratch buffer one fused attention node takes (its score matrix).
+
+        Longer than our ~60 lines on purpose: it is one walk over the nodes whose state (scales,
+        channels, live set, last uses) every branch updates; split, each part would take it all."""
         if self.spatial is None:
             return 0, "weights", 0
         info, shapes = self.info, self.info.shapes
