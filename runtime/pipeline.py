@@ -14,14 +14,15 @@ from PIL import Image
 from . import arguments as args
 from . import memory as mem
 from .adapters import Adapters
-from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
+from .conditioning import embeds_guidance, guidance_embedding, size_ids
 from .denoiser import make_denoiser
 from .errors import InputError, ModelFolderError, OutOfMemoryError
 from .manifest import Manifest, read_manifest
 from .modes import Img2Img, Txt2Img, choose_mode
 from .noise import make_rng
 from .prompts import encode_prompts
-from .request import DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, default_model_dir
+from .request import (DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, check_vae_tiling,
+                      default_model_dir)
 from .samplers import SamplerPlan, make_plan
 from .sessions import GraphSession, Sessions
 from .tokenizer import ClipTokenizer
@@ -230,10 +231,8 @@ class Pipeline:
         if "time_ids" in run.unet_inputs:
             own = (request.height, request.width)
             context["time_ids"] = size_ids(
-                m.conditioning.get("time_ids", ()),
-                original_size=check_size_pair("original_size", request.original_size or own),
-                target_size=check_size_pair("target_size", request.target_size or own),
-                crops_coords_top_left=check_size_pair("crops_coords_top_left", request.crops_coords_top_left),
+                m.conditioning.get("time_ids", ()), original_size=request.original_size or own,
+                target_size=request.target_size or own, crops_coords_top_left=request.crops_coords_top_left,
                 batch=len(context["encoder_hidden_states"]))
         if "timestep_cond" in run.unet_inputs:
             context["timestep_cond"] = guidance_embedding(request.guidance, run.unet_inputs["timestep_cond"].shape[1], n)
@@ -348,8 +347,7 @@ class Pipeline:
         return context // self.tokenizer.max_length if isinstance(context, int) else None
 
     def _tiling(self, vae_tiling: bool | None, width: int, height: int) -> bool:
-        if vae_tiling is not None and not isinstance(vae_tiling, (bool, np.bool_)):
-            raise InputError(f"vae_tiling must be True, False or None, not {vae_tiling!r}")
+        check_vae_tiling(vae_tiling)
         return mem.tiling(self.manifest, vae_tiling, width, height)
 
     def _tile_plan(self, width: int, height: int) -> dict:

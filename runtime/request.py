@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import arguments as args
+from .conditioning import check_size_pair
 from .errors import InputError
 from .noise import NOISE_SOURCES
 
@@ -115,15 +116,16 @@ class GenerationRequest:
         if self.image is not None:  # txt2img ignores it
             _check_strength(self.strength)
         _check_mask_blur(self.mask_blur)
-        if self.vae_tiling is not None and not isinstance(self.vae_tiling, (bool, np.bool_)):
-            raise InputError(f"vae_tiling must be True, False or None, not {self.vae_tiling!r}")
+        check_vae_tiling(self.vae_tiling)
+        sizes = {name: None if getattr(self, name) is None else check_size_pair(name, getattr(self, name))
+                 for name in ("original_size", "target_size", "crops_coords_top_left")}
         seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]
         for seed in seeds:
             args.check_seed(seed)
         if self.mask is not None and self.image is None:
             raise InputError("a mask needs the image it applies to (--mask needs --image; mask= needs image=)")
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
-                                   guidance=guidance, schedule=schedule)
+                                   guidance=guidance, schedule=schedule, **sizes)
 
     def check(self, manifest) -> "GenerationRequest":
         """All rules, with the model's: sizes default to the picture's, else the model's own."""
@@ -148,6 +150,11 @@ class GenerationRequest:
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Pipeline.__call__`` that make this request."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in REQUEST_FIELDS}
+
+
+def check_vae_tiling(vae_tiling) -> None:
+    if vae_tiling is not None and not isinstance(vae_tiling, (bool, np.bool_)):
+        raise InputError(f"vae_tiling must be True, False or None, not {vae_tiling!r}")
 
 
 def _check_strength(strength) -> None:
