@@ -107,7 +107,7 @@ def _list_samplers(ctx, param, value):
               help="Start even when the estimated peak memory exceeds the memory free.")
 @click.option("--no-metadata", is_flag=True, help="Write no A1111 `parameters` text into the image.")
 @click.option("--from-png", type=click.Path(path_type=Path), default=None,
-              help="Take prompt, negative, seed, steps, sampler, schedule, CFG and size from an image's "
+              help="Take prompt, negative, seed, steps, sampler, schedule, CFG, size and prompt syntax from an image's "
                    "A1111 parameters; flags given explicitly override them.")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps; resized to the image.")
@@ -155,9 +155,9 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         found = _read_parameters(from_png)
         found["negative"] = found.pop("negative_prompt", negative)
         values = dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, sampler=sampler,
-                      schedule=schedule, seed=seed, width=width, height=height)
+                      schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax)
         values.update((name, value) for name, value in found.items() if name in values and name not in given)
-        prompt, negative, steps, guidance, sampler, schedule, seed, width, height = values.values()
+        prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax = values.values()
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:

@@ -103,6 +103,8 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Denoising strength": p.get("strength"),
         "Lora hashes": lora_hashes or None,
         "Loras": ", ".join(f"{name}: {w:g}" for name, w, _ in loras) or None,
+        # edgediff's own field, only when not A1111's reading, so --from-png reads the prompt alike
+        "Prompt syntax": p.get("prompt_syntax") if p.get("prompt_syntax", "a1111") != "a1111" else None,
         "Version": p.get("version", _version()),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -128,7 +130,8 @@ def request_infotext(request: Any, image: Image.Image, index: int, seed: int | N
     return infotext(dict(prompt=r.prompt[index], negative_prompt=r.negatives[index], steps=r.steps,
                          guidance=r.guidance, sampler=r.sampler, schedule=r.schedule, seed=seed,
                          width=image.width, height=image.height,
-                         strength=r.strength if r.image is not None else None, loras=loras, **(identity or {})))
+                         strength=r.strength if r.image is not None else None, loras=loras,
+                         prompt_syntax=r.prompt_syntax, **(identity or {})))
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -158,7 +161,7 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline keyword arguments from :func:`parse_infotext`'s result (only those present):
-    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height."""
+    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax."""
     from .samplers import normalize_schedule
 
     kwargs: dict[str, Any] = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
@@ -169,6 +172,8 @@ def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
                 kwargs[name] = kind(parsed[key])
             except ValueError:
                 raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
+    if "Prompt syntax" in parsed:
+        kwargs["prompt_syntax"] = parsed["Prompt syntax"]
     if "Sampler" in parsed:
         kwargs["sampler"] = parsed["Sampler"]
         schedule = normalize_schedule(parsed.get("Schedule type"))  # "Automatic": the sampler's own
