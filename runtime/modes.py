@@ -37,7 +37,7 @@ class UNetInputProvider(Protocol):
     sample (already scaled by c_in, both guidance halves stacked when they run as one batch), the
     timestep and the text context, and returns the feed the U-Net runs on."""
 
-    graphs: list[tuple[str, str]]
+    graphs: tuple[tuple[str, str], ...]
 
     def __call__(self, feed: Feed) -> Feed: ...
 
@@ -46,7 +46,7 @@ class MaskedPictureInput:
     """An inpainting U-Net's extra input channels: the latent-size mask and the masked picture's
     latent, concatenated after the latent (diffusers' ``num_channels_unet == 9`` branch)."""
 
-    graphs: list[tuple[str, str]] = []
+    graphs: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, mask_latent: np.ndarray, masked_latent: np.ndarray):
         self.mask_latent, self.masked_latent = mask_latent, masked_latent
@@ -68,7 +68,7 @@ class Txt2Img:
     """Start from noise at the plan's initial sigma."""
 
     encodes = False
-    providers: list[UNetInputProvider] = []
+    providers: tuple[UNetInputProvider, ...] = ()  # a mode that adds one sets its own tuple
 
     def graphs(self, text_encoders: list[str]) -> list[tuple[str, str]]:
         encoder = [("vae_encoder", "pixels")] if self.encodes else []
@@ -152,7 +152,7 @@ class InpaintUNet(Txt2Img):
     def start(self, draw, sample_latent, plan) -> np.ndarray:
         x0 = sample_latent(self.moments) if self.need_x0 else None
         self.noise = draw()
-        self.providers = [MaskedPictureInput(self.mask.latent, sample_latent(self.masked_moments))]
+        self.providers = (*self.providers, MaskedPictureInput(self.mask.latent, sample_latent(self.masked_moments)))
         return x0 + self.noise * np.float32(plan.sigmas[0]) if self.need_x0 else \
             self.noise * np.float32(plan.init_noise_sigma)
 
