@@ -148,7 +148,7 @@ class Pipeline:
         prompts, adapters, timings = self._adapt(request)                     # 2. LoRAs, embeddings
         mode = choose_mode(request, self.manifest, self._unet_channels())     # 3. the mode
         if mode is None:  # an all-black mask repaints nothing
-            return self._unchanged(request.image, len(prompts), request.seed, started)
+            return self._unchanged(request, len(prompts), started)
         run = self._prepare(request, prompts, timings)                        # 4. plan, noise, guidance
         tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
@@ -289,11 +289,14 @@ class Pipeline:
         posterior = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
         return (posterior - np.float32(self.manifest.shift_factor)) * np.float32(self.manifest.scaling_factor)
 
-    def _unchanged(self, image: Image.Image, count: int, seed, started: float) -> Result:
+    def _unchanged(self, request: GenerationRequest, count: int, started: float) -> Result:
         """An empty mask repaints nothing: the picture itself, once per prompt."""
+        image = request.image
+        seeds = [int(s) for s in request.seed] if isinstance(request.seed, (list, tuple)) else None
         pixels = np.repeat((np.asarray(image, np.float32) / 255.0)[None], count, axis=0)
-        return Result(images=[image.copy() for _ in range(count)], pixels=pixels, seed=seed,
-                      timings={"total": time.perf_counter() - started})
+        return Result(images=[image.copy() for _ in range(count)], pixels=pixels,
+                      seed=seeds[0] if seeds else request.seed, seeds=seeds,
+                      timings={"total": time.perf_counter() - started}, request=request)
 
     def _unet_channels(self) -> int:
         # A manifest without a "sample" input is caught where the U-Net session starts.

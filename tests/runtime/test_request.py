@@ -46,3 +46,10 @@ def test_plain_syntax_is_recorded_and_read_back_by_from_png(tmp_path):
                                      "-o", str(other)]).exit_code == 0
     pixels = [np.asarray(Image.open(path)) for path in (first, again, other)]
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+
+
+def test_an_empty_mask_result_still_has_its_request_and_seeds(pipe):
+    picture, black = Image.new("RGB", (64, 64), "red"), Image.new("L", (64, 64))
+    result = pipe(["a cat", "a dog"], image=picture, mask=black, seed=[4, 5], steps=2)
+    assert result.seeds == [4, 5] and result.seed == 4 and result.timings.keys() == {"total"}
+    assert "Seed: 5" in metadata.result_infotext(result, 1) and "a dog" in metadata.result_infotext(result, 1)
