@@ -46,8 +46,8 @@ def test_cli_announces_the_choice_first(tiny_sources, tmp_path, monkeypatch):
     import edgediff.exporter.load as load
     from edgediff.runtime.errors import EdgediffError
 
-    monkeypatch.setattr(target, "machine_target",
-                        lambda: target.machine_target(providers=["openvino", "cpu"], cpu_flags=ZEN4))
+    real = target.machine_target
+    monkeypatch.setattr(target, "machine_target", lambda: real(providers=["openvino", "cpu"], cpu_flags=ZEN4))
 
     def stop(source, **kwargs):
         raise EdgediffError("stopped after the choice")
