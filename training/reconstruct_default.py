@@ -15,6 +15,7 @@ paths in node names):
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from onnx import numpy_helper
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-SHIPPED = REPO / "models" / "default"
+# The graphs to rebuild from: the shipped fp32 folder (EDGEDIFF_RECONSTRUCT_FROM: another copy of it).
+SHIPPED = Path(os.environ.get("EDGEDIFF_RECONSTRUCT_FROM", REPO / "models" / "default"))
 GRAPHS = {"text_encoder": ("text_encoder", "text_encoder"), "unet": ("unet", "unet"),
           "vae_decoder": ("vae", "vae"), "vae_encoder": ("vae", "vae")}  # graph: (wrapper prefix, module)
 
@@ -123,14 +125,10 @@ def check(pipe) -> dict[str, float]:
     dims, report = model_dims(pipe), {}
     for name, spec in FAMILIES["sd"].items():
         inputs = spec.example_inputs(dims, example_sizes(pipe, batch=1, latent_units=2))
-        feed = {}
         session = ort.InferenceSession(str(SHIPPED / name / "model.onnx"), providers=["CPUExecutionProvider"])
-        for arg, tensor in zip(session.get_inputs(), inputs):
-            array = tensor.numpy()
-            if arg.name == "input_ids" or arg.name == "encoder_hidden_states":
-                pass
-            feed[arg.name] = array.astype(np.int32 if "int32" in arg.type else np.float32)
-        if name == "unet":  # the shipped U-Net's context is fixed at 77 tokens
+        feed = {arg.name: tensor.numpy().astype(np.int32 if "int32" in arg.type else np.float32)
+                for arg, tensor in zip(session.get_inputs(), inputs)}
+        if name == "unet":  # the graphs this was first run on fixed the U-Net's context at 77 tokens
             feed["encoder_hidden_states"] = feed["encoder_hidden_states"][:, :77]
             inputs = tuple(torch.from_numpy(feed[a.name]) for a in session.get_inputs())
         actual = session.run(None, feed)
