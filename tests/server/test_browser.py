@@ -71,15 +71,17 @@ def browser():
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    """A kohya LoRA on the default model's text encoder, and a file the list leaves out."""
+    """A diffusers/PEFT LoRA on the default model's text encoder, and a file the list leaves out."""
     from safetensors.numpy import save_file
 
     folder = tmp_path_factory.mktemp("loras")
     rng = np.random.default_rng(0)
-    layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    save_file({f"{layer}.lora_down.weight": rng.standard_normal((4, 32), dtype=np.float32),
-               f"{layer}.lora_up.weight": rng.standard_normal((32, 4), dtype=np.float32),
-               f"{layer}.alpha": np.array(4.0, dtype=np.float32)}, str(folder / "shapes.safetensors"))
+    tensors = {}
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        layer = f"text_encoder.encoder.layers.0.self_attn.{projection}"
+        tensors[f"{layer}.lora_A.weight"] = rng.standard_normal((4, 32), dtype=np.float32)
+        tensors[f"{layer}.lora_B.weight"] = rng.standard_normal((32, 4), dtype=np.float32)
+    save_file(tensors, str(folder / "shapes.safetensors"))
     (folder / "notes.txt").write_text("not a LoRA")
     return folder
 
@@ -329,19 +331,37 @@ def test_server_errors_are_one_readable_message(watched, server):
     expect(page.locator("#gallery img")).to_have_count(0)
     expect(page.locator("#generate")).to_be_enabled()
 
-    # LoRAs from the server's folder: checking one writes its tag; the server's answer is shown as is
-    # (the shipped default model predates LoRA support: it has no weight map).
-    expect(page.locator("#loras li")).to_have_count(1)
-    page.fill("#width", "128")
+
+
+def test_lora_from_the_server_folder(watched, server, default_pipe, lora_dir):
+    page = watched.page(server + "/")
+    expect(page.locator("#loras li")).to_have_count(1)  # shapes.safetensors; notes.txt is left out
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
     page.check("#loras input[type=checkbox]")
     page.fill("#loras input[type=number]", "0.6")
     expect(page.locator("#prompt")).to_have_value("a red circle <lora:shapes:0.6>")
     assert_labelled(page)
     page.click("#generate")
-    expect(message).to_contain_text("without a weight map")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=60_000)
+    settings = dict(steps=4, guidance=7.0, sampler="DPM++ 2M", schedule="karras", seed=3, width=128, height=128)
+    with_lora = default_pipe("a red circle <lora:shapes:0.6>", lora_dir=lora_dir, **settings).images[0]
+    without = default_pipe("a red circle", **settings).images[0]
+    shown = png_pixels(gallery_images(page)[0])
+    np.testing.assert_array_equal(shown, np.asarray(with_lora))
+    assert not np.array_equal(shown, np.asarray(without))  # the LoRA did something
+    expect(page.locator("#gallery .infotext")).to_contain_text("Lora hashes")
+
+    # The prompt is the truth: removing the tag unticks the box; parameters sent back tick it again.
     page.fill("#prompt", "a red circle")
-    page.dispatch_event("#prompt", "input")
     expect(page.locator("#loras input[type=checkbox]")).not_to_be_checked()
+    page.fill("#loras input[type=number]", "1")
+    expect(page.locator("#prompt")).to_have_value("a red circle")  # unticked: the weight writes nothing
+    page.click("#gallery button:has-text('Send parameters')")
+    expect(page.locator("#prompt")).to_have_value("a red circle <lora:shapes:0.6>")
+    expect(page.locator("#loras input[type=checkbox]")).to_be_checked()
+    expect(page.locator("#loras input[type=number]")).to_have_value("0.6")
 
 
 def test_api_key_prompt(watched, keyed_server):
