@@ -28,6 +28,7 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 
 from . import optimize as opt
 from .components import Components, used_by
+from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
 from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims, size_rule
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
@@ -69,6 +70,8 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
                             "(its MatMulNBits graphs are untested there); use fp16 for that target")
     from .load import check_source, load_components
 
+    if is_controlnet(source):
+        return export_controlnet(source, out, precision=precision, target=target, overwrite=overwrite, log=log)
     started = time.perf_counter()
     check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
@@ -150,16 +153,20 @@ def _reset_if_stale(staging: Path, settings: dict) -> None:
 
 
 def _export_graph(components: Components, spec: GraphSpec, staging: Path, precision: str, target: str,
-                  prefix: str, log, keep: frozenset[str] = frozenset()) -> GraphEntry:
+                  prefix: str, log, keep: frozenset[str] = frozenset(), dims: dict | None = None,
+                  sizes: Callable[..., dict] | None = None) -> GraphEntry:
+    """``dims``/``sizes``: a graph outside the pipeline families (a ControlNet) brings its own."""
     started = time.perf_counter()
     meta = components.meta
-    dims = model_dims(meta)
+    dims = dims or model_dims(meta)
+    sizes = sizes or (lambda **kw: example_sizes(meta, **kw))
     folder = staging / spec.name
     work = folder / "raw"  # the stripped graph's weights, until the final file is written
     shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True)
-    trace_inputs = spec.example_inputs(dims, example_sizes(meta, batch=2, latent_units=2))
-    check_inputs = spec.example_inputs(dims, example_sizes(meta, batch=1, latent_units=3))
+    trace_inputs = spec.example_inputs(dims, sizes(batch=2, latent_units=2))
+    check_inputs = spec.example_inputs(dims, sizes(batch=1, latent_units=3))
+    defaults = spec.zero_default(dims)
     raw = work / "model.onnx"
 
     with components.open(keep) as pipe:
@@ -243,7 +250,7 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
             else:
                 converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
                 kept_fp32 = [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else []
-            write_graph(converted, path, work)
+            write_graph(add_zero_defaults(converted, defaults), path, work)
             del converted
             release_freed()
             if providers is None:
@@ -258,14 +265,14 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
         spill(model, work, "quantized.bin")  # the int8 weights and their scales
         model = fresh(model)
         release_freed()
-        write_graph(model, path, work)
+        write_graph(add_zero_defaults(model, defaults), path, work)
         kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     else:
         if precision == "int8":
             kept_fp32 = ["whole graph (int8 applies to the U-Net)"]
         elif precision == "int4" and not quantize:
             kept_fp32 = ["whole graph (int4 applies to the U-Net)"]
-        write_graph(model, path, work)
+        write_graph(add_zero_defaults(model, defaults), path, work)
     model = None
     shutil.rmtree(work)
     release_freed()
@@ -278,7 +285,8 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
             weights = module_weight_map(spec.name, spec.module(pipe, dims), path, graph_precision)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
-        inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation, weights=weights,
+        inputs=[s for s in inputs if s.name not in defaults], outputs=outputs,
+        optional_inputs=[s for s in inputs if s.name in defaults], kept_fp32=kept_fp32, validation=validation, weights=weights,
         quantization=quantization,
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")

@@ -2,8 +2,9 @@
 
 Needs only numpy, onnxruntime, tokenizers, pillow (and click for the CLI).
 """
+from .controlnet import ControlUnit
 from .errors import EdgediffError, ModelFolderError, ProviderError
 from .pipeline import Pipeline, Result
 from .sessions import available_providers
 
-__all__ = ["Pipeline", "Result", "EdgediffError", "ModelFolderError", "ProviderError", "available_providers"]
+__all__ = ["Pipeline", "Result", "ControlUnit", "EdgediffError", "ModelFolderError", "ProviderError", "available_providers"]

@@ -57,6 +57,9 @@ class GraphEntry:
     weights: dict[str, dict] = field(default_factory=dict)
     # Weight-only quantization of a graph with precision "int4": bits, block size, what stays float.
     quantization: dict[str, Any] = field(default_factory=dict)
+    # Inputs the graph defaults to zeros when not fed (a U-Net's ControlNet residuals); empty for
+    # exports made before ControlNet, whose U-Nets take none.
+    optional_inputs: list[TensorSpec] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GraphEntry":
@@ -70,12 +73,14 @@ class GraphEntry:
             validation=dict(data.get("validation", {})),
             weights=dict(data.get("weights", {})),
             quantization=dict(data.get("quantization", {})),
+            optional_inputs=[TensorSpec.from_dict(t) for t in data.get("optional_inputs", [])],
         )
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["inputs"] = [t.to_dict() for t in self.inputs]
         data["outputs"] = [t.to_dict() for t in self.outputs]
+        data["optional_inputs"] = [t.to_dict() for t in self.optional_inputs]
         return data
 
 
@@ -190,7 +195,8 @@ SCHEDULER_FIELDS = {
 }
 GRAPH_FIELDS = {"path": _text, "sha256": _text, "precision": _text, "inputs": _of(list, "a list"),
                 "outputs": _of(list, "a list")}
-OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table}
+OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table,
+                         "optional_inputs": _of(list, "a list")}
 
 
 def _axis(v):
@@ -228,6 +234,9 @@ def check_manifest_data(data: Any) -> None:
     """Check a parsed manifest field by field, before anything uses it."""
     if not isinstance(data, dict):
         raise _fail("(top level)", "an object", data)
+    if data.get("kind") == "controlnet":
+        raise ModelFolderError("this folder holds a ControlNet, not a model: pass it as a control unit "
+                               "(--control FOLDER:IMAGE, control=[{'model': FOLDER, ...}])")
     version = data.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         newer = type(version) is int and version > SCHEMA_VERSION
@@ -239,10 +248,10 @@ def check_manifest_data(data: Any) -> None:
     _check_fields(data["scheduler"], "scheduler", {}, SCHEDULER_FIELDS)
     for name, graph in data["graphs"].items():
         _check_fields(graph, f"graphs.{name}", GRAPH_FIELDS, OPTIONAL_GRAPH_FIELDS)
-        for kind in ("inputs", "outputs"):
-            if not graph[kind]:
+        for kind in ("inputs", "outputs", "optional_inputs"):
+            if kind != "optional_inputs" and not graph[kind]:
                 raise _fail(f"graphs.{name}.{kind}", "a non-empty list", graph[kind])
-            for index, tensor in enumerate(graph[kind]):
+            for index, tensor in enumerate(graph.get(kind, [])):
                 _check_fields(tensor, f"graphs.{name}.{kind}[{index}]", TENSOR_FIELDS)
     if "vae_tiling" in data:
         tiling = data["vae_tiling"]

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from . import arguments as args
+from . import controlnet
 from . import memory as mem
 from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
 from .adapters import Adapters
@@ -69,6 +70,10 @@ class Pipeline:
         self._held: dict[str, int] = {}  # activation bytes resident sessions' arenas grew to (estimated)
         self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
+        self.controlnets = controlnet.ControlNets(
+            lambda folder, entry, optimized_for: GraphSession(
+                controlnet.GRAPH, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
+                threads=sessions.threads), sessions.memory)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -115,7 +120,8 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
-                 allow_pickle: bool = False, vae_tiling: bool | None = None) -> Result:
+                 allow_pickle: bool = False, vae_tiling: bool | None = None,
+                 control: Sequence[controlnet.ControlUnit | dict] | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -142,6 +148,8 @@ class Pipeline:
         ``lora_dir``; ``embeddings``: textual-inversion files, used by name in the prompts (lora.py).
         ``vae_tiling``: decode (and encode) the VAE in overlapping tiles (runtime/vae_tiling.py) so its
         activations stay those of one tile; None tiles above the size the manifest states.
+        ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
+        guess_mode, preprocess), runtime/controlnet.py.
         """
         started = time.perf_counter()
         prompts = args.prompt_list(prompt, "prompt")
@@ -164,6 +172,7 @@ class Pipeline:
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
+        control = controlnet.prepare(controlnet.control_units(control), self.controlnets, self.manifest, width, height)
         tile = self._tiling(vae_tiling, width, height)
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
@@ -261,12 +270,17 @@ class Pipeline:
         uncond = {name: value[n:] for name, value in context.items()} if guided else None
 
         with self._stage("unet", timings) as unet:
+            units = controlnet.Control([u for u, _, _ in control], [self.controlnets.session(u.model, n) for u, n, _ in control],
+                                       [h for _, _, h in control], plan.timesteps) if control else None
+
             def run_unet(x_in, t, ctx):
+                extra = units.residuals(x_in, t, ctx, "cond" if ctx is cond else "uncond" if ctx is uncond
+                                        else "both") if units else {}
                 if conditioned:
                     repeat = x_in.shape[0] // n
                     x_in = np.concatenate([x_in, np.broadcast_to(mask.latent, (x_in.shape[0], 1, *x_in.shape[2:])),
                                            np.concatenate([masked_latent] * repeat)], axis=1)
-                return unet.run(sample=x_in, timestep=t, **ctx)[0]
+                return unet.run(sample=x_in, timestep=t, **ctx, **extra)[0]
 
             # Low memory runs the guidance halves one after the other: the U-Net's activations are
             # the peak of a generation once only one graph is resident.
@@ -281,6 +295,9 @@ class Pipeline:
             x = plan.run(denoise, x, rng=rng, on_step=callback if on_step is not None else None)
             if blend:  # the known region ends as the picture's own latent, as diffusers' last step
                 x = mask.latent * x + (np.float32(1.0) - mask.latent) * x0
+            self.controlnets.done()
+        if units:
+            timings["controlnet"] = units.seconds  # inside the unet stage's time
         timings["unet_per_step"] = timings["unet"] / plan.steps
 
         with self._stage("vae_decoder", timings) as vae_decoder:
