@@ -82,7 +82,8 @@ def export_controlnet(source, out, *, precision: str, target: str, overwrite: bo
     else:
         dims = controlnet_dims(config)
         entry = ex._export_graph(components, CONTROLNET, staging, precision, target, "[1/1] controlnet", log,
-                                 dims=dims, sizes=lambda **kw: controlnet_sizes(config, **kw))
+                                 dims_of=lambda meta: dims,
+                                 sizes_of=lambda meta, **kw: controlnet_sizes(config, **kw))
         done.write_text(json.dumps(entry.to_dict(), indent=2))
     manifest = _manifest(config, entry, precision, target, origin)
     if out.exists():
