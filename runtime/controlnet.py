@@ -250,3 +250,34 @@ def prepare(units: list[ControlUnit], nets: ControlNets, model: Manifest, width:
         picture = preprocess(unit.image, unit.preprocess, f"control image {index}")
         prepared.append((unit, manifest, hint_tensor(picture, width, height)))
     return prepared
+
+
+def control_flag(text: str, *, preprocess: str = "none", start: float = 0.0, end: float = 1.0,
+                 guess_mode: bool = False) -> ControlUnit:
+    """The CLI's ``--control FOLDER:IMAGE[:SCALE]``; a path may hold ':' itself (``C:\\...``): the
+    folder is the longest prefix that is a folder."""
+    parts, scale = text.split(":"), 1.0
+    if len(parts) >= 3:
+        try:
+            scale, parts = float(parts[-1]), parts[:-1]
+        except ValueError:
+            pass
+    if len(parts) < 2 or not all(parts):
+        raise InputError(f"--control takes FOLDER:IMAGE[:SCALE], not {text!r}")
+    cut = next((cut for cut in range(len(parts) - 1, 0, -1) if Path(":".join(parts[:cut])).is_dir()), 1)
+    return ControlUnit(model=":".join(parts[:cut]), image=":".join(parts[cut:]), scale=scale, start=start, end=end,
+                       guess_mode=guess_mode, preprocess=preprocess)
+
+
+def infotext_fields(units: list[ControlUnit], manifests: list[ControlNetManifest]) -> dict[str, str]:
+    """``ControlNet N`` entries as sd-webui-controlnet writes them into A1111's parameters text. Its
+    "Just Resize" is diffusers' hint resize; guess mode is its "ControlNet is more important"
+    (formerly Guess Mode); the model hash is the graph's sha256, shortened as it shortens its files'."""
+    fields_ = {}
+    for index, (unit, manifest) in enumerate(zip(units, manifests)):
+        name = f"{Path(unit.model).name} [{manifest.graphs[GRAPH].sha256[:8]}]"
+        mode = "ControlNet is more important" if unit.guess_mode else "Balanced"
+        fields_[f"ControlNet {index}"] = (
+            f'"Module: {unit.preprocess}, Model: {name}, Weight: {unit.scale:g}, Resize Mode: Just Resize, '
+            f'Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, Control Mode: {mode}"')
+    return fields_
