@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,8 @@ from .unet_step import feed_for
 
 def residual_free_twin(folder: Path, into: Path) -> Path:
     """A copy of ``folder``'s U-Net without ControlNet residual inputs: each residual's Add is
-    removed and its other operand used in its place; weights stay in the original file (linked)."""
+    removed and its other operand used in its place; the weights file is hard-linked (ONNX Runtime
+    refuses external data behind a symlink that leaves the model's folder), else copied."""
     import onnx
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -59,7 +61,10 @@ def residual_free_twin(folder: Path, into: Path) -> Path:
     unet.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(into / entry["path"]))
     for data in (folder / entry["path"]).parent.glob("*.data"):
-        (unet / data.name).symlink_to(data.resolve())
+        try:
+            os.link(data, unet / data.name)
+        except OSError:
+            shutil.copyfile(data, unet / data.name)
     (into / "manifest.json").write_text(json.dumps(manifest))
     return into
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu {platform.processor() or platform.machine()}; threads {threads}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     names, calls = [], []
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory(dir=args.model.parent) as scratch:  # beside it: a hard link works
         folders = [("plain, residual inputs at their zero defaults", args.model),
                    ("plain, no residual inputs (twin)", residual_free_twin(args.model, Path(scratch) / "twin"))]
         for name, folder in folders:
