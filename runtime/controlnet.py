@@ -240,9 +240,12 @@ class ControlNets:
             self._cache.clear()
 
 
-def prepare(units: list[ControlUnit], nets: ControlNets, model: Manifest, width: int, height: int
-            ) -> list[tuple[ControlUnit, ControlNetManifest, np.ndarray]]:
+def prepare(units: list[ControlUnit], nets: ControlNets, model: Manifest, width: int, height: int,
+            provider: str = "cpu") -> list[tuple[ControlUnit, ControlNetManifest, np.ndarray]]:
     """Check each unit against the model and make its hint, before any model runs."""
+    if units and provider == "openvino":  # measured: OpenVINO's ONNX reader makes defaulted inputs constants
+        raise InputError("ControlNet does not run on --provider openvino yet (OpenVINO reads the U-Net's residual "
+                         "inputs as constants); use --provider cpu")
     prepared = []
     for index, unit in enumerate(units):
         manifest = nets.manifest(unit.model)

@@ -172,7 +172,8 @@ class Pipeline:
             width = image.width if width is None else width
             height = image.height if height is None else height
         width, height = self._check_size(width, height)
-        control = controlnet.prepare(controlnet.control_units(control), self.controlnets, self.manifest, width, height)
+        control = controlnet.prepare(controlnet.control_units(control), self.controlnets, self.manifest, width, height,
+                                     self.sessions.provider)
         tile = self._tiling(vae_tiling, width, height)
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
