@@ -74,7 +74,7 @@ class UNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         named = dict(zip(self.extra, extra))
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
-        down = [named[k] for k in self.extra if k.startswith(DOWN_RESIDUAL)]
+        down = [named[k] for k in self.extra if k.startswith(DOWN_RESIDUAL) and k in named]  # fed: optional
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
                          added_cond_kwargs=added or None, down_block_additional_residuals=down or None,
                          mid_block_additional_residual=named.get(MID_RESIDUAL), return_dict=False)[0]
