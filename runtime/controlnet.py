@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -161,17 +163,33 @@ def guess_scales(count: int, scale: float) -> np.ndarray:
 
 
 class Control:
-    """The units of one generation, ready to run: per U-Net call, the summed scaled residuals.
+    """The units of one generation as a U-Net input provider (runtime/modes.py): per U-Net call,
+    the units' summed scaled residuals join the feed.
 
-    ``sessions``: one open ControlNet session per unit; ``timesteps``: the plan's model timesteps,
-    which give each call its step. ``rows`` tells which guidance half a call's batch holds, so guess
-    mode runs a ControlNet on the conditional half only (its residuals for the other half are zero).
+    ``timesteps``: the plan's model timesteps, which give each call its step. Which guidance half
+    a call holds is told by its text context (``bind``): guess mode runs a ControlNet on the
+    conditional half only, and its residuals for the other half are zero.
     """
 
-    def __init__(self, units: list[ControlUnit], sessions: list, hints: list[np.ndarray], timesteps):
-        self.units, self.sessions, self.hints = units, sessions, hints
+    graphs: tuple[tuple[str, str], ...] = ()  # its sessions live beside the U-Net's (ControlNets)
+
+    def __init__(self, units: list[ControlUnit], manifests: list[ControlNetManifest], hints: list[np.ndarray],
+                 timesteps, nets: "ControlNets"):
+        self.units, self.manifests, self.hints, self.nets = units, manifests, hints, nets
         self.timesteps = np.asarray(timesteps, dtype=np.float64)
         self.seconds = 0.0
+        self._halves: tuple = (None, None)
+
+    def bind(self, cond: dict, uncond: dict | None) -> "Control":
+        """The guidance halves' contexts, as the denoiser passes them (runtime/denoiser.py)."""
+        self._halves = (cond.get("encoder_hidden_states"), (uncond or {}).get("encoder_hidden_states"))
+        return self
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        text = feed.get("encoder_hidden_states")
+        rows = "cond" if text is self._halves[0] else "uncond" if text is self._halves[1] else "both"
+        context = {k: v for k, v in feed.items() if k not in ("sample", "timestep")}
+        return {**feed, **self.residuals(feed["sample"], feed["timestep"], context, rows)}
 
     def step_of(self, t: float) -> int:
         """The sampling step a model timestep belongs to (a second-order sampler's intermediate
@@ -181,18 +199,17 @@ class Control:
 
     def residuals(self, x_in: np.ndarray, t: np.ndarray, context: dict, rows: str) -> dict[str, np.ndarray]:
         """``rows``: "both" (unconditional half then conditional), "cond" or "uncond"."""
-        import time
-
         started = time.perf_counter()
         step, total = self.step_of(float(t[0])), {}
-        for unit, session, hint in zip(self.units, self.sessions, self.hints):
+        for unit, manifest, hint in zip(self.units, self.manifests, self.hints):
             if not keeps(step, len(self.timesteps), unit.start, unit.end) or (unit.guess_mode and rows == "uncond"):
                 continue
+            session = self.nets.session(unit.model, manifest)
             half = unit.guess_mode and rows == "both"
             pick = slice(x_in.shape[0] // 2, None) if half else slice(None)
-            feed = {name: value[pick] for name, value in context.items() if name in self._takes(session)}
-            outputs = session.run(sample=x_in[pick], timestep=t[pick], controlnet_cond=self._rows(hint, x_in[pick]),
-                                  **feed)
+            takes = {s.name for s in session.entry.inputs}
+            feed = {name: value[pick] for name, value in context.items() if name in takes}
+            outputs = session.run(sample=x_in[pick], timestep=t[pick], controlnet_cond=_rows(hint, x_in[pick]), **feed)
             scales = guess_scales(len(outputs), unit.scale) if unit.guess_mode else [np.float32(unit.scale)] * len(outputs)
             for spec, value, scale in zip(session.entry.outputs, outputs, scales):
                 value = value * scale
@@ -202,13 +219,10 @@ class Control:
         self.seconds += time.perf_counter() - started
         return total
 
-    @staticmethod
-    def _takes(session) -> set[str]:
-        return {s.name for s in session.entry.inputs} - {"sample", "timestep", "controlnet_cond"}
 
-    @staticmethod
-    def _rows(hint: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.broadcast_to(hint, (x.shape[0], *hint.shape[1:])))
+def _rows(hint: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The hint once per row of the batch (every prompt, both guidance halves)."""
+    return np.ascontiguousarray(np.broadcast_to(hint, (x.shape[0], *hint.shape[1:])))
 
 
 class ControlNets:
@@ -233,11 +247,16 @@ class ControlNets:
             self._cache[key] = (manifest, self._open(key, manifest.graphs[GRAPH], manifest.optimized_for))
         return self._cache[key][1]
 
-    def done(self) -> None:
-        if self.memory == "low":
-            for _, session in self._cache.values():
-                session.close()
-            self._cache.clear()
+    @contextmanager
+    def resident(self):
+        """Sessions opened inside stay open for the sampling loop; memory="low" closes them after it."""
+        try:
+            yield self
+        finally:
+            if self.memory == "low":
+                for _, session in self._cache.values():
+                    session.close()
+                self._cache.clear()
 
 
 def prepare(units: list[ControlUnit], nets: ControlNets, model: Manifest, width: int, height: int,
