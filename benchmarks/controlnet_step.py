@@ -69,6 +69,39 @@ def residual_free_twin(folder: Path, into: Path) -> Path:
     return into
 
 
+def residual_adds_seconds(entry, latent: int, batch: int, threads: int, repeats: int = 50) -> float:
+    """The work the residual inputs add to a plain U-Net call, alone: one Add per residual of its
+    activation with the zero default [1, C, 1, 1], in one ONNX Runtime graph at the step's shapes
+    (median seconds per call). Load from other jobs hardly touches a measurement this short."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inputs, outputs, inits, feed = [], [], [], [], {}
+    for index, spec in enumerate(entry.optional_inputs):
+        factor = int(str(spec.shape[2]).partition("/")[2] or 1)
+        shape = [batch, spec.shape[1], latent // factor, latent // factor]
+        inputs += [helper.make_tensor_value_info(f"x{index}", TensorProto.FLOAT, shape),
+                   helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, ["b", spec.shape[1], "h", "w"])]
+        inits.append(numpy_helper.from_array(np.zeros((1, spec.shape[1], 1, 1), np.float32), spec.name))
+        nodes.append(helper.make_node("Add", [f"x{index}", spec.name], [f"y{index}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, shape))
+        feed[f"x{index}"] = np.random.default_rng(index).standard_normal(shape, dtype=np.float32)
+    model = helper.make_model(helper.make_graph(nodes, "adds", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # the note that a defaulted input is not folded is the point here
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def _controlnet_call(cn_folder: Path, unet_session, feed: dict, size: int, threads: int):
     from edgediff.runtime.controlnet import GRAPH, read_controlnet_manifest
     from edgediff.runtime.sessions import GraphSession
@@ -160,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {args.size}x{args.size} batch {args.batch} step median {statistics.median(record):.3f} s, "
               f"best {min(record):.3f} s ({args.rounds} rounds); per round, median {statistics.median(ratios):.3f}x "
               f"the twin, {statistics.median(plain):.3f}x the plain U-Net", flush=True)
+    entry = Manifest.from_dict(json.loads((args.model / "manifest.json").read_text())).graphs["unet"]
+    latent = args.size // Manifest.from_dict(json.loads((args.model / "manifest.json").read_text())).vae_scale_factor
+    adds = residual_adds_seconds(entry, latent, args.batch, threads)
+    print(f"the residual Adds alone: {1000 * adds:.2f} ms per call, {100 * adds / min(times[1]):.3f}% of the "
+          f"twin's best step", flush=True)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     return 0
 

@@ -291,15 +291,16 @@ def control_flag(text: str, *, preprocess: str = "none", start: float = 0.0, end
                        guess_mode=guess_mode, preprocess=preprocess)
 
 
-def infotext_fields(units: list[ControlUnit], manifests: list[ControlNetManifest]) -> dict[str, str]:
+def infotext_fields(units: list[ControlUnit] | None) -> dict[str, str]:
     """``ControlNet N`` entries as sd-webui-controlnet writes them into A1111's parameters text. Its
     "Just Resize" is diffusers' hint resize; guess mode is its "ControlNet is more important"
     (formerly Guess Mode); the model hash is the graph's sha256, shortened as it shortens its files'."""
     fields_ = {}
-    for index, (unit, manifest) in enumerate(zip(units, manifests)):
-        name = f"{Path(unit.model).name} [{manifest.graphs[GRAPH].sha256[:8]}]"
+    for index, unit in enumerate(units or ()):
+        sha256 = read_controlnet_manifest(unit.model).graphs[GRAPH].sha256
         mode = "ControlNet is more important" if unit.guess_mode else "Balanced"
-        fields_[f"ControlNet {index}"] = (
-            f'"Module: {unit.preprocess}, Model: {name}, Weight: {unit.scale:g}, Resize Mode: Just Resize, '
-            f'Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, Control Mode: {mode}"')
+        fields_[f"ControlNet {index}"] = (  # quoted by the infotext writer, as it contains commas
+            f"Module: {unit.preprocess}, Model: {Path(unit.model).name} [{sha256[:8]}], Weight: {unit.scale:g}, "
+            f"Resize Mode: Just Resize, Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, "
+            f"Control Mode: {mode}")
     return fields_

@@ -282,3 +282,42 @@ def test_controlnet_of_another_family_is_one_line(sd1, sdxl):
                                                 "does not fit this .* model") as error:
             Pipeline.load(base, provider="cpu")(PROMPT, steps=2, control=[{"model": net, "image": hint(2)}])
         assert "\n" not in str(error.value)
+
+
+def test_cli_control_gives_the_python_image_and_records_the_unit(sd1, tmp_path):
+    """``--control FOLDER:IMAGE:SCALE`` is a unit; the PNG's infotext names it as sd-webui-controlnet does."""
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+    from edgediff.runtime.metadata import parse_infotext, read_infotext
+
+    _, base, nets = sd1
+    hint(2).save(tmp_path / "hint.png")
+    args = ["generate", PROMPT, "--model", base, "-o", tmp_path / "out.png", "--steps", 4, "--seed", 3,
+            "--sampler", "euler", "--control", f"{nets['a'][1]}:{tmp_path / 'hint.png'}:0.5",
+            "--control-start", 0.25, "--control-guess-mode"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    expected = Pipeline.load(base, provider="cpu")(PROMPT, steps=4, seed=3, sampler="euler", control=[
+        ControlUnit(nets["a"][1], tmp_path / "hint.png", scale=0.5, start=0.25, guess_mode=True)]).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(expected))
+    sha256 = json.loads((nets["a"][1] / "manifest.json").read_text())["graphs"]["controlnet"]["sha256"]
+    assert parse_infotext(read_infotext(tmp_path / "out.png"))["ControlNet 0"] == (
+        f"Module: none, Model: cn-a-fp32 [{sha256[:8]}], Weight: 0.5, Resize Mode: Just Resize, "
+        "Guidance Start: 0.25, Guidance End: 1, Control Mode: ControlNet is more important")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("nonsense", "--control takes FOLDER:IMAGE[:SCALE], not 'nonsense'"),
+    ("{cn}:missing.png", "image not found: missing.png"),
+])
+def test_cli_bad_control_is_one_line(sd1, flag, message):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+    from helpers import assert_one_line_error
+
+    _, base, nets = sd1
+    result = CliRunner().invoke(main, ["generate", "x", "--model", str(base), "--steps", "2",
+                                       "--control", flag.format(cn=nets["a"][1])])
+    assert_one_line_error(result.exit_code, result.stderr.strip(), message)
