@@ -137,16 +137,28 @@ def _list_samplers(ctx, param, value):
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
                    "tile [default: automatic above the size the model states].")
+@click.option("--control", "controls", multiple=True, metavar="FOLDER:IMAGE[:SCALE]",
+              help="A ControlNet unit: an exported ControlNet folder, its control image and weight [1.0]; repeatable.")
+@click.option("--control-preprocess", type=click.Choice(["none", "canny", "depth"]), default="none",
+              show_default=True, help="Turn each control image into its hint first (canny: OpenCV edges).")
+@click.option("--control-start", type=float, default=0.0, show_default=True,
+              help="Fraction of the steps after which the ControlNets start acting.")
+@click.option("--control-end", type=float, default=1.0, show_default=True,
+              help="Fraction of the steps after which they stop.")
+@click.option("--control-guess-mode", is_flag=True,
+              help="ControlNets see the conditional half only, weighted 0.1 to 1.0 (diffusers' guess mode).")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, prompt_syntax, vae_tiling):
+             allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
+             control_guess_mode):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
     from edgediff.runtime.arguments import resolve_seed
+    from edgediff.runtime.controlnet import control_flag
     from edgediff.runtime.images import open_image
     from edgediff.runtime.request import GenerationRequest
 
@@ -173,7 +185,9 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
-        embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
+        embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
+        control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,
+                              guess_mode=control_guess_mode) for text in controls] or None)
     request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()

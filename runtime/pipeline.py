@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from . import arguments as args
+from . import controlnet
 from . import memory as mem
 from .adapters import Adapters
 from .conditioning import embeds_guidance, guidance_embedding, size_ids
@@ -69,6 +70,10 @@ class Pipeline:
         self.planner = mem.MemoryPlanner(model_dir, manifest, sessions.memory)
         self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
+        self.controlnets = controlnet.ControlNets(
+            lambda folder, entry, optimized_for: GraphSession(
+                controlnet.GRAPH, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
+                threads=sessions.threads), sessions.memory)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -107,7 +112,8 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
-                 allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111") -> Result:
+                 allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
+                 control: Sequence[controlnet.ControlUnit | dict] | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -136,6 +142,8 @@ class Pipeline:
         activations stay those of one tile; None tiles above the size the manifest states.
         ``prompt_syntax``: ``"a1111"`` (emphasis weights, ``BREAK``, chunks of 75 tokens) or
         ``"plain"`` (the prompt read literally and cut at the encoder's length, as diffusers does).
+        ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
+        guess_mode, preprocess), runtime/controlnet.py.
         """
         values = locals()
         return self.generate(GenerationRequest(**{name: values[name] for name in REQUEST_FIELDS}))
@@ -150,12 +158,13 @@ class Pipeline:
         if mode is None:  # an all-black mask repaints nothing
             return self._unchanged(request, len(prompts), started)
         run = self._prepare(request, prompts, timings)                        # 4. plan, noise, guidance
+        control = self._control(request, run)                                 #    ControlNet units, checked
         tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
             mode.encode(self._vae_encoder(vae_encoder, run.batch, request, tile))  # 6. encode the picture
         x = mode.start(run.draw, run.sample_latent, run.plan)                 # 7. the starting latent
         context = self._context(request, prompts, run, timings, arena)        # 8. encode the text
-        x = self._sample(mode, run, x, context, timings, arena, request.on_step)   # 9. sample
+        x = self._sample(mode, run, x, context, timings, arena, request.on_step, control)   # 9. sample
         with self._stage("vae_decoder", timings, arena) as vae_decoder:       # 10. decode
             pixels = mode.finish_pixels(self._to_pixels(vae_decoder, x, tile))
         timings["total"] = time.perf_counter() - started
@@ -240,13 +249,24 @@ class Pipeline:
         cond = {name: value[:n] for name, value in context.items()}
         return cond, ({name: value[n:] for name, value in context.items()} if run.guided else None)
 
-    def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step) -> np.ndarray:
-        """The sampler's loop over the U-Net, with the mode's extra inputs and steering."""
+    def _control(self, request: GenerationRequest, run: "Run"):
+        """The request's ControlNet units as a U-Net input provider (None without any)."""
+        if not request.control:
+            return None
+        prepared = controlnet.prepare(request.control, self.controlnets, self.manifest, request.width,
+                                      request.height, self.sessions.provider)
+        return controlnet.Control([unit for unit, _, _ in prepared], [manifest for _, manifest, _ in prepared],
+                                  [hint for _, _, hint in prepared], run.plan.timesteps, self.controlnets)
+
+    def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step, control=None) -> np.ndarray:
+        """The sampler's loop over the U-Net, with the mode's extra inputs and steering; ControlNet
+        units first, on the latent before a mode adds its channels."""
         cond, uncond = context
-        with self._stage("unet", timings, arena) as unet:
+        providers = (control.bind(cond, uncond), *mode.providers) if control else mode.providers
+        with self._stage("unet", timings, arena) as unet, self.controlnets.resident():
             def run_unet(x_in, t, ctx):
                 feed = {"sample": x_in, "timestep": t, **ctx}
-                for provider in mode.providers:
+                for provider in providers:
                     feed = provider(feed)
                 return unet.run(**feed)[0]
 
@@ -258,6 +278,8 @@ class Pipeline:
                 (lambda i, sigma, x_i, denoised: on_step(i + 1, run.plan.steps, x_i))
             x = run.plan.run(mode.steer(denoise, run.plan), x, rng=run.rng, on_step=callback)
         timings["unet_per_step"] = timings["unet"] / run.plan.steps
+        if control:
+            timings["controlnet"] = control.seconds  # inside the unet stage's time
         return mode.finish_latent(x)
 
     def decode(self, latents: np.ndarray, *, vae_tiling: bool | None = None) -> tuple[list[Image.Image], np.ndarray]:

@@ -78,6 +78,7 @@ class GenerationRequest:
     allow_pickle: bool = False
     vae_tiling: bool | None = None
     prompt_syntax: str = "a1111"
+    control: Any = None  # ControlNet units: dicts or ControlUnits (runtime/controlnet.py)
     # Filled by check(): the prompts as lists, the picture as given (before resizing).
     negatives: list[str] = field(default_factory=list, repr=False)
     original_image: Image.Image | None = field(default=None, repr=False)
@@ -124,8 +125,11 @@ class GenerationRequest:
             args.check_seed(seed)
         if self.mask is not None and self.image is None:
             raise InputError("a mask needs the image it applies to (--mask needs --image; mask= needs image=)")
+        from .controlnet import control_units
+
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
-                                   guidance=guidance, schedule=schedule, **sizes)
+                                   guidance=guidance, schedule=schedule, control=control_units(self.control) or None,
+                                   **sizes)
 
     def check(self, manifest) -> "GenerationRequest":
         """All rules, with the model's: sizes default to the picture's, else the model's own."""
