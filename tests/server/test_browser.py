@@ -34,6 +34,7 @@ CHROMIUM = os.environ.get("EDGEDIFF_CHROMIUM") or shutil.which("chromium") or sh
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium; "
                                                          ".ci/run installs it); set EDGEDIFF_CHROMIUM to another binary")
 expect = sync_api.expect
+expect.set_options(timeout=20_000)  # 2 loaded cores: the 5 s default is tight for a page waiting on a generation
 KEY = "page-key-42"
 SLOW_STEPS = 40  # ~1.5 s on the default model (2 cores): the page polls progress a few times
 
