@@ -15,15 +15,17 @@ from . import arguments as args
 from . import memory as mem
 from .conditioning import check_size_pair, embeds_guidance, guidance_embedding, size_ids
 from .adapters import Adapters
-from .denoiser import make_denoiser
+from .denoiser import make_denoiser, noised
+from .flow import make_model_plan, skip_guidance, skip_inputs
+from .flow import skip_layer_guidance as skip_layer_settings
 from .errors import EdgediffError, InputError, ModelFolderError, OutOfMemoryError
 from .images import to_rgb
 from .manifest import Manifest, read_manifest
 from .noise import NOISE_SOURCES, make_rng
 from .inpaint import keep_known, masked_pixels, prepare_mask
 from .prompts import encode_prompts
-from .samplers import make_plan
 from .sessions import GraphSession, Sessions, resolve_provider
+from .text_conditioning import encode_text, load_tokenizer, switched_on
 from .tokenizer import ClipTokenizer
 from .vae_tiling import needs_tiling, tiled_decode, tiled_encode
 
@@ -89,9 +91,10 @@ class Pipeline:
                 model_dir = default_model_dir()
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
-        tokenizers = [ClipTokenizer.from_manifest(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
-        try:
-            alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+        tokenizers = [load_tokenizer(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
+        try:  # flow-matching models have none ("")
+            alphas_cumprod = (np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+                              if manifest.alphas_cumprod else None)
         except (OSError, ValueError, TypeError) as error:
             raise ModelFolderError(f"cannot read {model_dir / manifest.alphas_cumprod} ({str(error)[:100]}); "
                                    "re-export the model") from None
@@ -115,7 +118,8 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
-                 allow_pickle: bool = False, vae_tiling: bool | None = None) -> Result:
+                 allow_pickle: bool = False, vae_tiling: bool | None = None, t5: str | None = None,
+                 skip_layer_guidance: bool | dict | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -142,6 +146,11 @@ class Pipeline:
         ``lora_dir``; ``embeddings``: textual-inversion files, used by name in the prompts (lora.py).
         ``vae_tiling``: decode (and encode) the VAE in overlapping tiles (runtime/vae_tiling.py) so its
         activations stay those of one tile; None tiles above the size the manifest states.
+        ``t5``: "on" or "off" for models with an optional T5 encoder (SD 3/3.5; None: on where the
+        export has it); off feeds zeros in its place, as diffusers does without ``text_encoder_3``.
+        ``skip_layer_guidance``: True runs the manifest's recommended skip-layer guidance (SD 3.5
+        Medium's layers 7-9), a dict overrides its ``layers``, ``scale``, ``start``, ``stop``;
+        None/False: off, as diffusers' default (runtime/flow.py).
         """
         started = time.perf_counter()
         prompts = args.prompt_list(prompt, "prompt")
@@ -155,6 +164,11 @@ class Pipeline:
         steps = args.check_steps(steps, int(self.manifest.scheduler.get("num_train_timesteps") or 1000))
         guidance = args.check_guidance(guidance)
         args.check_name(sampler, "sampler"), args.check_name(schedule, "schedule")
+        text_rule = self.manifest.conditioning.get("text", {})
+        running = switched_on(text_rule, self.manifest.text_encoders, t5=t5)
+        unet_inputs = {spec.name: spec for spec in self.manifest.graphs["unet"].inputs}
+        slg = skip_layer_settings(skip_layer_guidance, self.manifest.conditioning.get("skip_layer_guidance", {}),
+                                  unet_inputs["skip_layers"].shape[1] if "skip_layers" in unet_inputs else 0)
         adapt_started = time.perf_counter()
         adapted = self.adapters.apply(self.sessions, self.tokenizers, prompts, loras, embeddings, lora_dir,
                                       allow_pickle)
@@ -169,14 +183,17 @@ class Pipeline:
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
         if noise not in NOISE_SOURCES:
             raise InputError(f"unknown noise source {noise!r}; expected one of {', '.join(NOISE_SOURCES)}")
-        plan = make_plan(sampler, self.alphas_cumprod, self.manifest.scheduler, steps, schedule=schedule,
-                         strength=strength if image is not None else 1.0)
         m = self.manifest
+        plan = make_model_plan(m, self.alphas_cumprod, sampler, steps, schedule=schedule,
+                               strength=strength if image is not None else 1.0,
+                               latent_size=(height // m.vae_scale_factor, width // m.vae_scale_factor))
         shape = (len(prompts), m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         # An inpainting U-Net takes the latent, the mask and the masked picture's latent.
         conditioned = self._unet_channels() == 2 * m.latent_channels + 1
         if mask is not None and image is None:
             raise EdgediffError("a mask needs the image it applies to (image=..., --image)")
+        if mask is not None and m.prediction_type == "flow":
+            raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
         if (image is not None or conditioned) and "vae_encoder" not in m.graphs:
             raise EdgediffError(f"this model has no vae_encoder graph, which {'inpainting' if conditioned or mask is not None else 'img2img'} "
                                 "needs: re-export it with this version of edgediff")
@@ -199,7 +216,6 @@ class Pipeline:
             seed = args.resolve_seed(seed) if seed is not None or latents is None else None
             rng = make_rng(noise, seed)
         timings: dict[str, float] = {"adapters": adapt_seconds} if loras or embeddings or adapted.loras else {}
-        unet_inputs = {spec.name: spec for spec in m.graphs["unet"].inputs}
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
         # embeds the guidance scale (LCM) runs once per step with it.
         guided = guidance > 1.0 and not embeds_guidance(unet_inputs)
@@ -236,11 +252,12 @@ class Pipeline:
             masked_latent = self._sample_latent(masked_moments, rng)
         # Sampling happens in sigma space: x = clean latent + sigma * noise.
         if image is not None and not inpaint_start:
-            x = x0 + noise * np.float32(plan.sigmas[0])
+            x = noised(x0, noise, plan.sigmas[0], m.prediction_type)
         else:
             x = noise * np.float32(plan.init_noise_sigma)
 
-        context = self._encode_text(prompts + negatives if guided else prompts, timings)
+        context = self._encode_text(prompts + negatives if guided else prompts, timings, running)
+        context.update(skip_inputs(unet_inputs, len(context["encoder_hidden_states"])))
         if guided and m.conditioning.get("force_zeros_for_empty_prompt"):
             for row, negative in enumerate(negatives, len(prompts)):  # as diffusers without a negative prompt
                 if not negative:
@@ -271,7 +288,8 @@ class Pipeline:
             # Low memory runs the guidance halves one after the other: the U-Net's activations are
             # the peak of a generation once only one graph is resident.
             denoise = make_denoiser(run_unet, plan.timestep, m.prediction_type, cond, uncond, guidance,
-                                    split=self.sessions.memory == "low")
+                                    split=self.sessions.memory == "low",
+                                    skip=skip_guidance(slg, plan, cond) if slg and guided else None)
             blend = mask is not None and not conditioned
             if blend:
                 denoise = keep_known(denoise, mask.latent, x0, noise, float(plan.sigmas[0]))
@@ -332,10 +350,16 @@ class Pipeline:
         return next((s.shape[1] for s in self.manifest.graphs["unet"].inputs if s.name == "sample"),
                     self.manifest.latent_channels)
 
-    def _encode_text(self, texts: list[str], timings: dict[str, float]) -> dict[str, np.ndarray]:
+    def _encode_text(self, texts: list[str], timings: dict[str, float],
+                     running: list[str] | None = None) -> dict[str, np.ndarray]:
         """Each text encoder's per-token states (A1111 prompt syntax, chunks of 75 tokens), concatenated
         along the features as the U-Net takes them, and the pooled embedding where an encoder gives
-        one (SDXL's second; taken from each prompt's first chunk, as A1111 does)."""
+        one (SDXL's second; taken from each prompt's first chunk, as A1111 does). A manifest with a
+        ``conditioning.text`` layout (SD 3/3.5) combines the ``running`` encoders as it says."""
+        rule = self.manifest.conditioning.get("text")
+        if rule:
+            return encode_text(rule, self.manifest.text_encoders, self.tokenizers, texts,
+                               lambda graph: self._stage(graph, timings), running)
         hidden, context = [], {}
         for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
             extra: dict[str, np.ndarray] = {}
