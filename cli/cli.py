@@ -130,12 +130,16 @@ def _list_samplers(ctx, param, value):
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
                    "tile [default: automatic above the size the model states].")
+@click.option("--t5", type=click.Choice(["on", "off"]), default=None,
+              help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
+@click.option("--slg/--no-slg", default=None,
+              help="SD 3.5: skip-layer guidance with the model's recommended layers [default: off, as diffusers].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, vae_tiling):
+             allow_pickle, vae_tiling, t5, slg):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -179,7 +183,8 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
                       sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
                       width=width, height=height, on_step=on_step, image=picture, strength=strength,
                       mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert, noise=noise,
-                      check_memory=not no_memory_check, vae_tiling=vae_tiling, **adapters)
+                      check_memory=not no_memory_check, vae_tiling=vae_tiling, t5=t5, skip_layer_guidance=slg,
+                      **adapters)
         for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
             path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
                     else output or Path(f"edgediff-{image_seed}.png"))
