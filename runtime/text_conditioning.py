@@ -73,10 +73,34 @@ def plain_text(prompt: str) -> str:
     return "".join(text for text, weight in parse_prompt_attention(prompt) if weight is not None)
 
 
+def check_layout(rule: dict) -> None:
+    """A damaged ``conditioning.text`` is one ModelFolderError naming the field, not a KeyError later."""
+    def fail(field):
+        return ModelFolderError(f"manifest field 'conditioning.text.{field}' is missing or damaged; "
+                                "re-export the model")
+    if type(rule.get("width")) is not int or rule["width"] < 1:
+        raise fail("width")
+    parts = rule.get("context")
+    if not isinstance(parts, list) or not parts:
+        raise fail("context")
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("encoders"), list) or not part["encoders"]:
+            raise fail(f"context[{index}].encoders")
+        if "absent_tokens" in part and (type(part["absent_tokens"]) is not int or part["absent_tokens"] < 1):
+            raise fail(f"context[{index}].absent_tokens")
+    pooled = rule.get("pooled", {"input": "", "encoders": []})
+    if not isinstance(pooled, dict) or not isinstance(pooled.get("input"), str) or not isinstance(pooled.get("encoders"), list):
+        raise fail("pooled")
+    if not isinstance(rule.get("switches", {}), dict):
+        raise fail("switches")
+
+
 def switched_on(rule: dict, encoders: list[dict], **switches) -> list[str]:
     """The encoder graphs this call runs. ``rule["switches"]`` names the encoders a call may turn
     off ({"t5": "text_encoder_3"}); None leaves one on where the export has it. Asking for an
     encoder the export lacks is an InputError."""
+    if rule:
+        check_layout(rule)
     exported = [encoder["graph"] for encoder in encoders]
     running = list(exported)
     for switch, wanted in switches.items():

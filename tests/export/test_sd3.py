@@ -275,3 +275,33 @@ def test_fp16_export_is_close(sd3, tmp_path_factory, t5):
     actual = Pipeline.load(folder, provider="cpu")(PROMPT, NEGATIVE, steps=4, guidance=GUIDANCE, sampler="euler",
                                                    latents=latents, t5=t5).pixels
     assert np.abs(actual - expected).max() < FP16_TOLERANCE
+
+
+def test_t5_tokenizer_matches_transformers(sd3):
+    """The exported tokenizer.json, read with the tokenizers library alone, gives transformers' ids:
+    EOS after the text, padding to 256, long prompts cut (diffusers' max_sequence_length)."""
+    from transformers import AutoTokenizer
+
+    from edgediff.runtime.text_conditioning import T5Tokenizer
+
+    source, folder = sd3["sd35m"]
+    spec = json.loads((folder / "manifest.json").read_text())["text_encoders"][2]["tokenizer"]
+    ours = T5Tokenizer(folder / spec["path"], max_length=spec["max_length"], pad_token_id=spec["pad_token_id"],
+                       eos_token_id=spec["eos_token_id"])
+    theirs = AutoTokenizer.from_pretrained(source / "tokenizer_3")
+    texts = [PROMPT, "", "a photo of a cat, blurry!", " ".join(WORDS * 12)]
+    expected = theirs(texts, padding="max_length", max_length=256, truncation=True).input_ids
+    np.testing.assert_array_equal(ours(texts), np.array(expected, dtype=np.int32))
+
+
+def test_damaged_text_layout_is_one_line(sd3, tmp_path):
+    import shutil
+
+    from edgediff.runtime.errors import ModelFolderError
+
+    folder = shutil.copytree(sd3["sd3"][1], tmp_path / "damaged")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["conditioning"]["text"]["width"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match="conditioning.text.width"):
+        Pipeline.load(folder, provider="cpu")(PROMPT, steps=1)
