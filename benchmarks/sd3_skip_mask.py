@@ -65,8 +65,9 @@ def main() -> None:
             export(transformer, path, with_mask, inputs)
             sessions[with_mask] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outputs = {}
-        for _ in range(a.repeats + 1):  # the first round warms up
-            for with_mask, session in sessions.items():
+        for round_ in range(a.repeats + 1):  # the first round warms up; the order alternates
+            for with_mask in ((False, True) if round_ % 2 else (True, False)):
+                session = sessions[with_mask]
                 feed = {i.name: inputs[i.name] for i in session.get_inputs()}
                 started = time.perf_counter()
                 outputs[with_mask] = session.run(None, feed)[0]
