@@ -6,22 +6,23 @@ defaults. Every problem is reported as ``FILE:LINE: what is wrong``.
 
 A job without a seed gets one derived from the job itself (a hash of its fields after defaults,
 its id, and how many identical seedless jobs came before it), so a re-run, a run on Ray and a run
-without Ray draw the same image, and two identical seedless lines still draw two images.
+without Ray draw the same image, and two identical seedless lines still draw two images; a
+negative seed (A1111's "random") is seedless. Every value is checked by the runtime's request
+(runtime/request.py), so a job line and a ``pipe(...)`` call get the same message.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgediff.runtime.arguments import MAX_SEED
+from edgediff.runtime.arguments import is_whole
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import Manifest
-from edgediff.runtime.pipeline import DEFAULT_SAMPLER
+from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
 from edgediff.runtime.samplers import make_plan, resolve_sampler
 
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
@@ -81,12 +82,8 @@ def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_finger
     for raw in jobs:
         params = {name: raw[name] for name in FIELDS if name != "id"}
         try:
-            for side in ("width", "height"):
-                value = manifest.default_size if params[side] is None else params[side]
-                if value % manifest.size_multiple:
-                    raise JobsFileError(f"{side} must be a multiple of {manifest.size_multiple} for this "
-                                        f"model, not {value}")
-                params[side] = value
+            checked = to_request(params).check(manifest)  # the model's rules: size multiple, step limit
+            params["width"], params["height"] = checked.width, checked.height
             plan_key = (params["sampler"], params["schedule"], params["steps"])
             if plan_key not in checked_plans:
                 make_plan(params["sampler"], alphas_cumprod, manifest.scheduler, params["steps"],
@@ -116,10 +113,20 @@ def check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
         if value is None and name not in ("schedule", "width", "height"):
             continue
         try:
-            merged[name] = _CHECKS[name](value)
-        except JobsFileError as error:
+            if name == "negative":
+                _text("negative", value)
+            to_request({"prompt": "", name: value}).check_fields()
+        except EdgediffError as error:
             raise JobsFileError(f"default {name}: {error}") from None
+        merged[name] = value
     return merged
+
+
+def to_request(job: dict[str, Any]) -> GenerationRequest:
+    """A job's fields as the runtime's request (runtime/request.py holds every value rule)."""
+    names = {"negative": "negative_prompt"}
+    return GenerationRequest(**{names.get(name, name): value for name, value in job.items()
+                                if name not in ("id", "line")})
 
 
 def _lines(path: Path) -> Iterable[tuple[int, Any]]:
@@ -139,6 +146,8 @@ def _lines(path: Path) -> Iterable[tuple[int, Any]]:
 
 
 def _check_job(raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The jobs-file format (an object of known fields, one prompt as a string, an id that names a
+    file) here; every value rule is the request's."""
     if not isinstance(raw, dict):
         raise JobsFileError(f"a job must be a JSON object, not {type(raw).__name__}")
     unknown = [name for name in raw if name not in FIELDS]
@@ -146,51 +155,25 @@ def _check_job(raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
         raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join(FIELDS)}")
     if "prompt" not in raw:
         raise JobsFileError("the job has no 'prompt'")
-    job = {}
-    for name in FIELDS:
-        value = raw.get(name, defaults.get(name))
-        job[name] = value if value is None and name in ("id", "seed", "schedule", "width", "height") \
-            else _CHECKS[name](value)
-    # Canonical names, so that aliases of one sampler ("DPM++ 2M Karras") are one job and one seed.
-    job["sampler"], implied = resolve_sampler(job["sampler"])
-    job["schedule"] = job["schedule"] or implied
+    job = {name: raw.get(name, defaults.get(name)) for name in FIELDS}
+    job["id"] = None if job["id"] is None else _id(job["id"])
+    for name in ("prompt", "negative"):
+        _text(name, job[name])
+    if is_whole(job["seed"]) and job["seed"] < 0:
+        job["seed"] = None  # "random" in a batch: the job's derived seed, so a re-run draws the same
+    try:
+        request = to_request(job).check_fields()
+        # Canonical names, so that aliases of one sampler ("DPM++ 2M Karras") are one job and one seed.
+        job["sampler"], implied = resolve_sampler(job["sampler"])
+    except EdgediffError as error:
+        raise JobsFileError(str(error)) from None
+    job.update(steps=request.steps, guidance=request.guidance, schedule=request.schedule or implied)
     return job
 
 
-def _whole(low: int, high: int | None = None):
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-            bound = f"from {low} to {high}" if high else f">= {low}"
-            raise JobsFileError(f"must be a whole number {bound}, not {json.dumps(value)}")
-        return value
-    return check
-
-
-def _text(value):
+def _text(name: str, value) -> None:
     if not isinstance(value, str):
-        raise JobsFileError(f"must be a string, not {json.dumps(value)}")
-    return value
-
-
-def _sampler(value):
-    try:
-        resolve_sampler(_text(value))
-    except JobsFileError:
-        raise
-    except EdgediffError as error:
-        raise JobsFileError(str(error)) from None
-    return value
-
-
-def _schedule(value):
-    name = _text(value).strip().lower().replace("-", "_").replace(" ", "_")
-    return None if name in ("", "default", "none", "model") else name
-
-
-def _guidance(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise JobsFileError(f"guidance must be a finite number >= 0, not {json.dumps(value)}")
-    return float(value)
+        raise JobsFileError(f"{name} must be a string, not {json.dumps(value)}")
 
 
 def _id(value):
@@ -199,22 +182,6 @@ def _id(value):
         raise JobsFileError(f"id must be 1-64 letters, digits, '.', '_' or '-' (it names the file), "
                             f"not {json.dumps(value)}")
     return value
-
-
-def _named(name, check):
-    def wrapped(value):
-        try:
-            return check(value)
-        except JobsFileError as error:
-            message = str(error)
-            raise JobsFileError(message if message.startswith(name) else f"{name} {message}") from None
-    return wrapped
-
-
-_CHECKS = {name: _named(name, check) for name, check in {
-    "id": _id, "prompt": _text, "negative": _text, "seed": _whole(0, MAX_SEED), "steps": _whole(1),
-    "sampler": _sampler, "schedule": _schedule, "width": _whole(1), "height": _whole(1),
-    "guidance": _guidance}.items()}
 
 
 def _canonical(job: dict) -> str:

@@ -17,7 +17,6 @@ from PIL import Image, PngImagePlugin
 
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import MANIFEST_NAME
-from edgediff.runtime.metadata import infotext
 
 from .jobs import Job
 
@@ -31,13 +30,13 @@ RESULTS = "results.jsonl"
 _TMP = ".tmp"
 
 
-def encode_png(image: Image.Image, job: Job, model: dict[str, str]) -> bytes:
-    """The PNG bytes of one job's image (made on the worker). ``model``: the model_name and
-    model_hash for the infotext, from the driver, so the bytes do not depend on where a worker
-    found its copy of the model."""
+def encode_png(image: Image.Image, job: Job, text: str) -> bytes:
+    """The PNG bytes of one job's image (made on the worker). ``text``: its infotext
+    (metadata.result_infotext, with the driver's model name and hash, so the bytes do not depend
+    on where a worker found its copy of the model)."""
     info = PngImagePlugin.PngInfo()
     # The same ``parameters`` chunk as metadata.save_image writes, next to the job's own.
-    info.add_text("parameters", infotext({**job.params, "negative_prompt": job.params["negative"], **model}))
+    info.add_text("parameters", text)
     info.add_text(JOB_CHUNK, json.dumps({"key": job.key, "id": job.id, "params": job.params}, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)

@@ -25,7 +25,7 @@ from edgediff.runtime.manifest import MANIFEST_NAME
 
 from .jobs import Job
 from .output import model_fingerprint
-from .runner import GPU_PROVIDERS, Finish, ModelRef, describe_error, render
+from .work import GPU_PROVIDERS, Finish, ModelRef, describe_error, render
 
 NAMESPACE = "edgediff-batch"  # actors are named <run>-<n> in it, for `ray list actors` and tests
 DEPTH = 2  # jobs queued per actor: one running, one waiting

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
@@ -20,23 +19,9 @@ from edgediff.runtime.manifest import read_manifest
 from edgediff.runtime.metadata import model_identity
 
 from .jobs import Job, plan_jobs, read_jobs
-from .output import OutputFolder, encode_png, model_fingerprint
+from .output import OutputFolder, model_fingerprint
 from .progress import Progress
-
-GPU_PROVIDERS = ("cuda", "tensorrt", "dml")
-Finish = Callable[[Job, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where workers find the model: ``path`` on a shared filesystem, or the shipped default
-    model of ``default_precision`` inside each worker's own install."""
-
-    path: Path
-    fingerprint: str
-    default_precision: str | None = None
-    identity: dict[str, str] = field(default_factory=dict)  # model_name, model_hash for the infotext
-
+from .work import GPU_PROVIDERS, Finish, ModelRef, describe_error, render, resolve_model
 
 @dataclass
 class Summary:
@@ -118,38 +103,6 @@ def run_batch(jobs: str | Path | Iterable[dict], out: str | Path, *, model: str 
                 runner.run(todo, model_ref, finish)
             return Summary(Path(out), len(planned), len(planned) - len(todo), counts["ok"], counts["failed"],
                            time.perf_counter() - started)
-
-
-def resolve_model(model: str | Path | None, gpu: bool) -> tuple[Path, str | None]:
-    """The model folder as the driver sees it, and the precision when it is the shipped default
-    (fp16 on GPUs, as Pipeline.load picks it)."""
-    if model is not None:
-        return Path(model).resolve(), None
-    from edgediff.models import default_model_dir
-
-    precision = "fp16" if gpu and default_model_dir("fp16").is_dir() else "fp32"
-    return default_model_dir(precision), precision
-
-
-def render(pipe, job: Job, model: dict[str, str]) -> dict[str, Any]:
-    """One job on a loaded pipeline: its PNG bytes (metadata included) and the stage timings."""
-    params = dict(job.params)
-    started = time.perf_counter()
-    result = pipe(params.pop("prompt"), params.pop("negative"), **params)
-    png = encode_png(result.images[0], job, model)
-    timings = {stage: round(seconds, 4) for stage, seconds in result.timings.items()}
-    timings["job"] = round(time.perf_counter() - started, 4)
-    return {"png": png, "timings": timings}
-
-
-def describe_error(error: BaseException) -> str:
-    """One line for results.jsonl: the error's type and first line, plus where a bug raised it."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, EdgediffError):
-        return message
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(error).__name__}: {message}{where}"
 
 
 class LocalRunner:

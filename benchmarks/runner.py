@@ -23,7 +23,8 @@ GPU_PROVIDERS = ("cuda", "tensorrt", "dml")
 ALL_PROVIDERS = ("cpu", "openvino", *GPU_PROVIDERS)
 PRECISIONS = ("fp32", "int8", "fp16", "bf16", "int4")
 MEMORY_MODES = ("low", "high")
-# Which export each provider runs: CPU runs want fp32 or int8 graphs, GPUs fp16 (DESIGN.md).
+# Which export each provider runs: CPU runs want fp32 or int8 graphs (fp16 on the CPU runs through
+# casts, slower: benchmarks/RESULTS.md), GPUs fp16.
 # OpenVINO's bf16 is an inference-precision hint on the fp32 graphs (AMX / AVX512-BF16 CPUs).
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int8", "int4"), "openvino": ("fp32", "bf16"), "cuda": ("fp16", "int4"),
                        "tensorrt": ("fp16",), "dml": ("fp16",)}

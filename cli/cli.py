@@ -4,6 +4,7 @@ User errors print one line on stderr and exit 1; click's usage errors exit 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -106,11 +107,11 @@ def _list_samplers(ctx, param, value):
               help="Start even when the estimated peak memory exceeds the memory free.")
 @click.option("--no-metadata", is_flag=True, help="Write no A1111 `parameters` text into the image.")
 @click.option("--from-png", type=click.Path(path_type=Path), default=None,
-              help="Take prompt, negative, seed, steps, sampler, schedule, CFG and size from an image's "
+              help="Take prompt, negative, seed, steps, sampler, schedule, CFG, size and prompt syntax from an image's "
                    "A1111 parameters; flags given explicitly override them.")
 @click.option("--mask", type=click.Path(path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps; resized to the image.")
-@click.option("--mask-blur", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--mask-blur", type=float, default=0.0, show_default=True,
               help="Gaussian blur of the mask in pixels (A1111's); the result is blended over the picture through it.")
 @click.option("--mask-invert", is_flag=True, help="Repaint the black part of the mask instead.")
 @click.option("-n", "--n-images", type=click.IntRange(min=1), default=1, show_default=True,
@@ -127,6 +128,9 @@ def _list_samplers(ctx, param, value):
               help="Load every embedding in this folder.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled (torch zip) LoRA/embedding files; only tensors are unpickled.")
+@click.option("--prompt-syntax", default="a1111", show_default=True, metavar="a1111|plain",
+              help="a1111: (emphasis:1.2), [less], BREAK and prompts past 75 tokens; plain: the prompt read "
+                   "literally and cut at 75 tokens, as diffusers reads it.")
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
                    "tile [default: automatic above the size the model states].")
@@ -139,12 +143,13 @@ def _list_samplers(ctx, param, value):
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, vae_tiling, t5, slg):
+             allow_pickle, prompt_syntax, vae_tiling, t5, slg):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
     from edgediff.runtime.arguments import resolve_seed
     from edgediff.runtime.images import open_image
+    from edgediff.runtime.request import GenerationRequest
 
     if from_png is not None:
         given = {name for name in ctx.params if ctx.get_parameter_source(name) not in
@@ -154,19 +159,24 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         found = _read_parameters(from_png)
         found["negative"] = found.pop("negative_prompt", negative)
         values = dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, sampler=sampler,
-                      schedule=schedule, seed=seed, width=width, height=height)
+                      schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax)
         values.update((name, value) for name, value in found.items() if name in values and name not in given)
-        prompt, negative, steps, guidance, sampler, schedule, seed, width, height = values.values()
+        prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax = values.values()
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
         _check_writable(output)
-    picture = open_image(image) if image is not None else None
-    if mask is not None and picture is None:
-        raise EdgediffError("--mask needs --image, the picture to inpaint")
-    mask_picture = _open_mask(mask) if mask is not None else None
     random = seed is None or seed < 0
     seed = resolve_seed(seed)
+    request = GenerationRequest(
+        prompt, negative, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule, seed=seed,
+        width=width, height=height, image=open_image(image) if image is not None else None, strength=strength,
+        mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
+        noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
+        t5=t5, skip_layer_guidance=slg,
+        loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
+        embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
+    request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()
 
@@ -175,26 +185,19 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
             click.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
 
     identity = metadata.model_identity(pipe.model_dir, pipe.manifest)
-    adapters = dict(loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
-                    embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
     for first in range(0, n_images, batch_size):
         seeds = [seed + i for i in range(first, min(first + batch_size, n_images))]
-        result = pipe([prompt] * len(seeds), [negative] * len(seeds), steps=steps, guidance=guidance,
-                      sampler=sampler, schedule=schedule, seed=seeds[0] if len(seeds) == 1 else seeds,
-                      width=width, height=height, on_step=on_step, image=picture, strength=strength,
-                      mask=mask_picture, mask_blur=mask_blur, mask_invert=mask_invert, noise=noise,
-                      check_memory=not no_memory_check, vae_tiling=vae_tiling, t5=t5, skip_layer_guidance=slg,
-                      **adapters)
-        for index, (picture_out, image_seed) in enumerate(zip(result.images, seeds), start=first + 1):
-            path = (output.with_name(f"{output.stem}-{index:04d}{output.suffix}") if output and n_images > 1
+        result = pipe.generate(dataclasses.replace(
+            request, prompt=[prompt] * len(seeds), negative_prompt=[negative] * len(seeds),
+            seed=seeds[0] if len(seeds) == 1 else seeds, on_step=on_step))
+        for index, image_seed in enumerate(seeds):
+            number = first + index + 1
+            path = (output.with_name(f"{output.stem}-{number:04d}{output.suffix}") if output and n_images > 1
                     else output or Path(f"edgediff-{image_seed}.png"))
             _check_writable(path)
-            text = None if no_metadata else metadata.infotext(dict(
-                prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, sampler=sampler,
-                schedule=schedule, seed=image_seed, width=picture_out.width, height=picture_out.height,
-                strength=strength if picture is not None else None, **identity))
+            text = None if no_metadata else metadata.result_infotext(result, index, identity)
             try:
-                metadata.save_image(picture_out, path, text)
+                metadata.save_image(result.images[index], path, text)
             except (OSError, ValueError, KeyError) as error:  # Pillow: ValueError/KeyError for formats it lacks
                 raise EdgediffError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
             t = result.timings

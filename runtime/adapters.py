@@ -7,7 +7,7 @@ LoRA weights change).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +25,7 @@ class Applied:
     prompts: list[str]  # without their <lora:...> tags
     loras: list[tuple[str, float]]  # (name, weight) as used
     embeddings: list[str]  # names usable in prompts
+    lora_files: list[tuple[str, float, Path]] = field(default_factory=list)  # (name, weight, file)
 
 
 class Adapters:
@@ -75,7 +76,8 @@ class Adapters:
             sessions.set_initializers(graph, key, self._patches[graph][1]["arrays"])
         for graph, tokenizer in zip(self._encoders, tokenizers):
             tokenizer.added_tokens = self._patches.get(graph, ((), {"tokens": {}}))[1]["tokens"]
-        return Applied(list(stripped), [(lora.name, w) for lora, w in files], [e.name for e in vectors])
+        return Applied(list(stripped), [(lora.name, w) for lora, w in files], [e.name for e in vectors],
+                       [(lora.name, w, path) for (lora, w), (path, _) in zip(files, specs)])
 
     def _patch(self, graph: str, loras: list[tuple[LoraFile, float]], embeddings: list[Embedding]) -> dict:
         if not loras and not embeddings:

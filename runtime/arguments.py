@@ -25,23 +25,27 @@ def random_seed() -> int:
     return int(np.random.SeedSequence().entropy % 2**32)
 
 
+def check_seed(seed) -> None:
+    """A seed is None, a whole number up to 2**64 - 1, or negative (both: a fresh one)."""
+    if seed is None:
+        return
+    if not is_whole(seed):
+        raise InputError(f"seed must be a whole number (negative: random), not {short(seed)}")
+    if int(seed) > MAX_SEED:
+        raise InputError(f"seed must be at most 2**64 - 1 = {MAX_SEED}, not {seed}")
+
+
 def resolve_seed(seed) -> int:
     """The seed to use: ``seed`` itself in [0, 2**64 - 1]; None or any negative number: a fresh one."""
-    if seed is None:
-        return random_seed()
-    if not is_whole(seed):
-        raise InputError(f"seed must be a whole number (negative: random), not {seed!r}")
-    seed = int(seed)
-    if seed > MAX_SEED:
-        raise InputError(f"seed must be at most 2**64 - 1 = {MAX_SEED}, not {seed}")
-    return random_seed() if seed < 0 else seed
+    check_seed(seed)
+    return random_seed() if seed is None or int(seed) < 0 else int(seed)
 
 
 def prompt_list(value, label: str) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence) or \
             not all(isinstance(text, str) for text in texts):
-        raise InputError(f"{label} must be text or a list of texts, not {_short(value)}")
+        raise InputError(f"{label} must be text or a list of texts, not {short(value)}")
     for text in texts:
         try:
             text.encode("utf-8")
@@ -50,32 +54,26 @@ def prompt_list(value, label: str) -> list[str]:
     return list(texts)
 
 
-def check_steps(steps, limit: int) -> int:
-    if not is_whole(steps) or not 1 <= steps <= limit:
-        raise InputError(f"steps must be a whole number from 1 to {limit}, not {_short(steps)}")
-    return int(steps)
-
-
 def check_guidance(guidance) -> float:
     if not is_real(guidance) or not math.isfinite(guidance) or guidance < 0:
-        raise InputError(f"guidance must be a finite number >= 0, not {_short(guidance)}")
+        raise InputError(f"guidance must be a finite number >= 0, not {short(guidance)}")
     return float(guidance)
 
 
 def check_name(value, label: str):
     if value is not None and not isinstance(value, str):
-        raise InputError(f"{label} must be a name, not {_short(value)}")
+        raise InputError(f"{label} must be a name, not {short(value)}")
     return value
 
 
 def check_side(label: str, value, multiple: int) -> int:
     if not is_whole(value) or value <= 0 or value % multiple:
-        raise InputError(f"{label} must be a positive multiple of {multiple} for this model, not {_short(value)}")
+        raise InputError(f"{label} must be a positive multiple of {multiple} for this model, not {short(value)}")
     if value > MAX_SIDE:
         raise InputError(f"{label} must be at most {MAX_SIDE}, not {value}")
     return int(value)
 
 
-def _short(value) -> str:
+def short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

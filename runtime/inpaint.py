@@ -33,7 +33,8 @@ class Mask:
 def prepare_mask(mask: Image.Image | np.ndarray, image_size: tuple[int, int], size: tuple[int, int],
                  factor: int, *, blur: float = 0.0, invert: bool = False) -> Mask:
     """``image_size``: the picture as given (the mask must have its aspect ratio); ``size``: the
-    (width, height) generated; ``factor``: the VAE's downscaling."""
+    (width, height) generated; ``factor``: the VAE's downscaling; ``blur``: pixels, bounded by the
+    request (runtime/request.py)."""
     if isinstance(mask, np.ndarray):
         if mask.dtype != np.uint8 and mask.ndim == 2:  # float masks in [0, 1]
             mask = (np.clip(mask, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -49,8 +50,6 @@ def prepare_mask(mask: Image.Image | np.ndarray, image_size: tuple[int, int], si
     mask = mask.convert("L")
     if invert:
         mask = ImageOps.invert(mask)
-    if blur < 0:
-        raise EdgediffError(f"mask blur must be >= 0 pixels, not {blur}")
     if blur > 0:
         mask = Image.fromarray(gaussian_blur(np.asarray(mask), blur))
     if mask.size != size:

@@ -12,14 +12,16 @@ keeps the chunks of its largest run. The process's own resident memory is added 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelFolderError
+from .errors import ModelFolderError, OutOfMemoryError
 from .graph_info import GraphInfo, read_graph
 from .manifest import GraphEntry
+from .vae_tiling import needs_tiling
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2}
@@ -59,7 +61,10 @@ class GraphProfile:
 
     def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str, int]:
         """Peak bytes of live activations at this input size, what the peak is, and the largest
-        scratch buffer one fused attention node takes (its score matrix)."""
+        scratch buffer one fused attention node takes (its score matrix).
+
+        Longer than our ~60 lines on purpose: it is one walk over the nodes whose state (scales,
+        channels, live set, last uses) every branch updates; split, each part would take it all."""
         if self.spatial is None:
             return 0, "weights", 0
         info, shapes = self.info, self.info.shapes
@@ -257,3 +262,116 @@ def _status_kb(field: str) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+# ---- The plan: which graphs one generation runs, and whether it fits ------------------------------
+
+Stage = tuple[str, int, int, int]  # (graph, batch, height, width) at the graph's input
+
+
+def tiling(manifest, vae_tiling: bool | None, width: int, height: int) -> bool:
+    """Whether the VAE runs in tiles: forced on or off, or automatic (None) per the manifest."""
+    t = manifest.vae_tiling
+    if vae_tiling is None:
+        return needs_tiling(height, width, t["tile_pixels"], t["auto_above_pixels"])
+    return bool(vae_tiling)
+
+
+def tile_plan(manifest, width: int, height: int) -> dict:
+    """The manifest's tiles, halved while one would cover the whole image: a forced tiling then
+    still tiles (an SDXL VAE's 1024-pixel tile would decode 1024x1024 whole)."""
+    t = dict(manifest.vae_tiling)
+    while not needs_tiling(height, width, t["tile_pixels"], None) and t["tile_latent"] >= 32:
+        t["tile_pixels"] //= 2
+        t["tile_latent"] //= 2
+    return t
+
+
+@dataclass
+class Shape:
+    """What the plan needs to know of one generation; ``graphs``: the graphs it runs, in order
+    (from the mode's stage list, runtime/modes.py), each with the input it sees:
+    "text" (the prompts), "pixels" (the picture) or "latent"."""
+
+    batch: int
+    width: int
+    height: int
+    guided: bool
+    graphs: list[tuple[str, str]]
+    vae_tiling: bool | None = None
+
+
+class MemoryPlanner:
+    """Refuses up front a generation that would not fit, and decides which graphs run without
+    ONNX Runtime's CPU arena. ``held``: activation bytes the resident sessions' arenas grew to."""
+
+    def __init__(self, model_dir: Path, manifest, memory: str):
+        self.model_dir, self.manifest, self.memory = model_dir, manifest, memory
+        self.profiles: dict[str, GraphProfile] = {}  # read on the first check
+        self.held: dict[str, int] = {}
+
+    def stages(self, shape: Shape) -> tuple[list[Stage], int]:
+        """The graphs one generation runs at their input sizes; and the context length."""
+        m = self.manifest
+        if not self.profiles:
+            self.profiles = {name: load_profile(self.model_dir, name, entry) for name, entry in m.graphs.items()}
+        f, (w, h) = m.vae_scale_factor, (shape.width, shape.height)
+        tile = tile_plan(m, w, h)["tile_pixels"]
+        vae_h, vae_w = (min(h, tile), min(w, tile)) if tiling(m, shape.vae_tiling, w, h) else (h, w)
+        split = self.memory == "low"  # the guidance halves run one at a time (make_denoiser)
+        doubled = 2 * shape.batch if shape.guided else shape.batch
+        sizes = {"text": (doubled, 0, 0), "pixels": (shape.batch, vae_h, vae_w),
+                 "latent": (shape.batch if split else doubled, h // f, w // f),
+                 "decode": (shape.batch, vae_h // f, vae_w // f)}
+        stages = [(graph, *sizes[kind]) for graph, kind in shape.graphs]
+        context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
+                       m.tokenizer["max_length"])
+        return stages, context
+
+    def estimate(self, shape: Shape, resident: set[str], arena: bool = True) -> Estimate:
+        stages, context = self.stages(shape)
+        without = frozenset() if arena else scratch_heavy(self.profiles, stages, context)
+        found = estimate(self.profiles, stages, self.memory, resident, resident_bytes(), context, self.held, without)
+        found.without_arena = without
+        return found
+
+    def hold(self, need: Estimate, resident: set[str]) -> Estimate:
+        """Book what the resident sessions' arenas grow to when ``need`` runs (high memory)."""
+        if self.memory == "high":
+            for graph, size in need.activations.items():
+                self.held[graph] = max(size, self.held.get(graph, 0) if graph in resident else 0)
+        return need
+
+    def check(self, shape: Shape, resident: set[str]) -> tuple[bool, Estimate | None]:
+        """(whether the VAE runs in tiles, the plan accepted); OutOfMemoryError when nothing fits.
+        With ``vae_tiling=None`` the VAE is also tiled when only a tiled VAE fits."""
+        tile = tiling(self.manifest, shape.vae_tiling, shape.width, shape.height)
+        available, source = available_bytes()
+        if available is None:
+            return tile, None
+        fixed = dataclasses.replace(shape, vae_tiling=tile)
+        need = self.estimate(fixed, resident)
+        fits = lambda plan, share=1.0: plan.peak_bytes - resident_bytes() <= share * available  # noqa: E731
+        if fits(need, ARENA_SHARE):
+            return tile, self.hold(need, resident)
+        lean = self.estimate(fixed, resident, arena=False)
+        if fits(lean):  # (the same plan as ``need`` where no graph has a score matrix that large)
+            return tile, self.hold(lean, resident)
+        if shape.vae_tiling is None and not tile and lean.stage.startswith("vae"):
+            tiled = self.estimate(dataclasses.replace(shape, vae_tiling=True), resident, arena=False)
+            if fits(tiled):
+                return True, self.hold(tiled, resident)
+        raise OutOfMemoryError(self._refusal(fixed, lean, resident, fits, available, source))
+
+    def _refusal(self, shape: Shape, need: Estimate, resident, fits, available: int, source: str) -> str:
+        """The message: what it needs, what is free, and a size that would fit."""
+        scale, multiple = 1.0, self.manifest.size_multiple
+        while scale > 0.05:
+            scale *= 0.9
+            w, h = (max(multiple, int(side * scale) // multiple * multiple) for side in (shape.width, shape.height))
+            if fits(self.estimate(dataclasses.replace(shape, width=w, height=h), resident, arena=False)):
+                break
+        tiles = need.stage.startswith("vae") and not shape.vae_tiling
+        return (f"a {shape.width}x{shape.height} generation needs about {need} but {available / GB:.1f} GB is free "
+                f"({source}); try {'--vae-tiling (vae_tiling=True), or ' if tiles else ''}a smaller size such as "
+                f"{w}x{h}, or turn the check off (--no-memory-check, check_memory=False) if you know better")

@@ -45,6 +45,7 @@ AUTOMATIC = "Automatic"  # A1111's "the sampler's own schedule"; ours: the model
 # A1111's parameter regex and quoting (modules/infotext_utils.py).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NAME_SYMBOLS = str.maketrans("", "", ":,")
 
 
 def sampler_label(sampler: str, schedule: str | None = None) -> tuple[str, str]:
@@ -88,7 +89,8 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
     p = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
     sampler, schedule = sampler_label(p.get("sampler") or "dpmpp_2m_karras", p.get("schedule"))
     loras = [tuple(lora) + (None,) * (3 - len(lora)) for lora in p.get("loras") or ()]
-    lora_hashes = ", ".join(f"{name}: {h}" for name, _, h in loras if h)
+    # As A1111's Lora extension writes it: names without ':' and ',', only LoRAs that have a hash.
+    lora_hashes = ", ".join(f"{str(name).translate(_NAME_SYMBOLS)}: {h}" for name, _, h in loras if h)
     fields = {
         "Steps": p.get("steps"),
         "Sampler": sampler,
@@ -101,12 +103,35 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Denoising strength": p.get("strength"),
         "Lora hashes": lora_hashes or None,
         "Loras": ", ".join(f"{name}: {w:g}" for name, w, _ in loras) or None,
+        # edgediff's own field, only when not A1111's reading, so --from-png reads the prompt alike
+        "Prompt syntax": p.get("prompt_syntax") if p.get("prompt_syntax", "a1111") != "a1111" else None,
         "Version": p.get("version", _version()),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
     prompt = str(p.get("prompt") or "")
     negative = str(p.get("negative_prompt") or "")
     return f"{prompt}{chr(10) + 'Negative prompt: ' + negative if negative else ''}\n{line}".strip()
+
+
+def result_infotext(result: Any, index: int = 0, identity: Mapping[str, str] | None = None) -> str:
+    """The infotext of image ``index`` of a pipeline Result, from the checked request that made it."""
+    seed = result.seeds[index] if result.seeds else result.seed
+    return request_infotext(result.request, result.images[index], index, seed, result.lora_files, identity)
+
+
+def request_infotext(request: Any, image: Image.Image, index: int, seed: int | None,
+                     lora_files: Any = (), identity: Mapping[str, str] | None = None) -> str:
+    """The one place the CLI, the server and batch build an image's infotext: from the checked
+    GenerationRequest (runtime/request.py), the image, its seed and the LoRA files applied
+    [(name, weight, path)] (their A1111 short hashes go to ``Lora hashes``)."""
+    r = request
+    loras = [(name, weight, lora_hash(path) if Path(path).suffix.lower() == ".safetensors" else None)
+             for name, weight, path in lora_files]
+    return infotext(dict(prompt=r.prompt[index], negative_prompt=r.negatives[index], steps=r.steps,
+                         guidance=r.guidance, sampler=r.sampler, schedule=r.schedule, seed=seed,
+                         width=image.width, height=image.height,
+                         strength=r.strength if r.image is not None else None, loras=loras,
+                         prompt_syntax=r.prompt_syntax, **(identity or {})))
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -136,7 +161,9 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline keyword arguments from :func:`parse_infotext`'s result (only those present):
-    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height."""
+    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax."""
+    from .samplers import normalize_schedule
+
     kwargs: dict[str, Any] = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
                             ("Size-1", "width", int), ("Size-2", "height", int)):
@@ -145,11 +172,13 @@ def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
                 kwargs[name] = kind(parsed[key])
             except ValueError:
                 raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
+    if "Prompt syntax" in parsed:
+        kwargs["prompt_syntax"] = parsed["Prompt syntax"]
     if "Sampler" in parsed:
         kwargs["sampler"] = parsed["Sampler"]
-        schedule = parsed.get("Schedule type")
-        if schedule and schedule != AUTOMATIC:
-            kwargs["schedule"] = schedule.strip().lower().replace(" ", "_")
+        schedule = normalize_schedule(parsed.get("Schedule type"))  # "Automatic": the sampler's own
+        if schedule:
+            kwargs["schedule"] = schedule
     return kwargs
 
 

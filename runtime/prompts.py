@@ -181,22 +181,31 @@ def emphasize(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weighted * (z.mean(dtype=np.float64) / new_mean)).astype(z.dtype)
 
 
+def tokenize_plain(prompt: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, weights) of one chunk for ``prompt`` read literally: no weights, no ``BREAK``, cut at
+    the encoder's length, as diffusers' pipelines tokenize (``truncation=True``)."""
+    ids = tokenizer([prompt])
+    return ids, np.ones(ids.shape, dtype=np.float32)
+
+
 def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder: Callable[[np.ndarray], np.ndarray], *,
-                   max_chunks: int | None = None) -> np.ndarray:
+                   max_chunks: int | None = None, syntax: str = "a1111") -> np.ndarray:
     """Conditioning (len(prompts), chunks * 77, hidden) for prompts in A1111's syntax.
 
     Every prompt gets as many chunks as the longest (empty chunks pad the others, as A1111 pads
     the negative prompt), so the batch, and cond with uncond, share one sequence length.
     ``text_encoder(ids (n, 77)) -> (n, 77, hidden)`` runs the graph once for all chunks.
     ``max_chunks``: the U-Net's limit (1 for exports whose context axis is fixed at 77 tokens).
+    ``syntax="plain"``: each prompt read literally, one chunk (:func:`tokenize_plain`).
     """
-    tokenized = [tokenize_prompt(prompt, tokenizer) for prompt in prompts]
+    tokenize = tokenize_plain if syntax == "plain" else tokenize_prompt
+    tokenized = [tokenize(prompt, tokenizer) for prompt in prompts]
     chunks = max(len(ids) for ids, _ in tokenized)
     if max_chunks is not None and chunks > max_chunks:
         raise EdgediffError(
             f"the prompt needs {chunks} chunks of {tokenizer.max_length - 2} tokens (a long prompt or BREAK), but this "
             f"model's U-Net was exported for {max_chunks}: re-export it with this version of edgediff")
-    empty_ids, empty_weights = tokenize_prompt("", tokenizer)
+    empty_ids, empty_weights = tokenize("", tokenizer)
     ids = np.concatenate([np.concatenate([i] + [empty_ids] * (chunks - len(i))) for i, _ in tokenized])
     weights = np.concatenate([np.concatenate([w] + [empty_weights] * (chunks - len(w))) for _, w in tokenized])
     z = text_encoder(ids)

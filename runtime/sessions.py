@@ -433,7 +433,6 @@ class Sessions:
         self.cache_states: dict[str, str] = {}  # per graph: "hit", "built" or "off" (session_cache.py)
         self._resident: dict[str, GraphSession] = {}
         # graphs whose sessions run without ONNX Runtime's CPU arena: the memory check's plan, per generation
-        self.without_arena: frozenset[str] = frozenset()
         self._initializers: dict[str, tuple[object, dict]] = {}  # graph -> (key, {initializer: array})
         self._warned: set[str] = set()
         self._warn = warn or (lambda line: print(f"edgediff: {line}", file=sys.stderr))
@@ -444,10 +443,11 @@ class Sessions:
             self._warn(line)
 
     @contextmanager
-    def use(self, name: str) -> Iterator[GraphSession]:
+    def use(self, name: str, *, arena: bool = True) -> Iterator[GraphSession]:
+        """The session of graph ``name``; ``arena=False`` (the memory plan's choice, runtime/memory.py)
+        runs it without ONNX Runtime's CPU arena."""
         if name not in self.manifest.graphs:
             raise ModelFolderError(f"this model has no {name} graph")
-        arena = name not in self.without_arena
         session = self._resident.get(name)
         if session is not None and self.provider == "cpu" and session.arena != arena:
             self._resident.pop(name).close()  # its arena would hold a second score matrix

@@ -119,14 +119,14 @@ def switched_on(rule: dict, encoders: list[dict], **switches) -> list[str]:
 
 
 def encode_text(rule: dict, encoders: list[dict], tokenizers: list, texts: list[str], stage: Stage,
-                running: list[str]) -> dict[str, np.ndarray]:
+                running: list[str], syntax: str = "a1111") -> dict[str, np.ndarray]:
     """``encoder_hidden_states`` and the pooled input for ``texts``, combined as ``rule`` says."""
     hidden, pooled = {}, {}
     for encoder, tokenizer in zip(encoders, tokenizers):
         graph = encoder["graph"]
         if graph in running:
             with stage(graph) as session:
-                hidden[graph], pooled[graph] = _run_encoder(session, tokenizer, texts)
+                hidden[graph], pooled[graph] = _run_encoder(session, tokenizer, texts, syntax)
     parts = []
     for part in rule["context"]:
         present = [hidden[graph] for graph in part["encoders"] if graph in hidden]
@@ -141,10 +141,12 @@ def encode_text(rule: dict, encoders: list[dict], tokenizers: list, texts: list[
     return context
 
 
-def _run_encoder(session, tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(per-token states, pooled embedding or None) of one encoder for every text."""
+def _run_encoder(session, tokenizer, texts: list[str], syntax: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(per-token states, pooled embedding or None) of one encoder for every text; ``syntax``
+    "plain" reads the prompts literally (runtime/prompts.py), T5 included."""
     if isinstance(tokenizer, T5Tokenizer):
-        return session.run(input_ids=tokenizer([plain_text(t) for t in texts]))[0], None
+        words = [plain_text(t) if syntax == "a1111" else t for t in texts]
+        return session.run(input_ids=tokenizer(words))[0], None
     pooled = []
 
     def run(ids):
@@ -152,6 +154,6 @@ def _run_encoder(session, tokenizer, texts: list[str]) -> tuple[np.ndarray, np.n
         pooled.append(outputs[1] if len(outputs) > 1 else None)
         return outputs[0]
 
-    states = encode_prompts(texts, tokenizer, run)
+    states = encode_prompts(texts, tokenizer, run, syntax=syntax)
     chunks = states.shape[1] // tokenizer.max_length
     return states, (pooled[0][::chunks] if pooled[0] is not None else None)

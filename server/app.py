@@ -1,12 +1,13 @@
 """The HTTP API: AUTOMATIC1111's ``/sdapi/v1`` subset over one loaded edgediff model.
 
-Endpoints only translate requests into pipeline calls (run by worker.Worker) and results into
-A1111's response shapes; every bound is checked here, before a request takes a queue slot.
+Endpoints only translate requests into GenerationRequests (checked by the runtime, run by
+worker.Worker) and results into A1111's response shapes; every request is checked, and the
+server's own limits applied, before it takes a queue slot.
 """
 
 import asyncio
 import contextlib
-import inspect
+import dataclasses
 import io
 import json
 import logging
@@ -26,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgediff import __version__
 from edgediff.runtime import Pipeline, metadata
 from edgediff.runtime.errors import EdgediffError
-from edgediff.runtime.samplers import SAMPLERS, resolve_sampler
+from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
+from edgediff.runtime.samplers import SAMPLERS
 from edgediff.runtime.schedules import SCHEDULES
 
 from . import schemas
@@ -62,7 +64,6 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
     worker = Worker(pipe, limits.max_queue)
     identity = metadata.model_identity(pipe.model_dir, pipe.manifest)
     title = f"{identity['model_name']} [{identity.get('model_hash', '')}]"
-    takes = set(inspect.signature(pipe.__call__).parameters)
     options: dict[str, Any] = {"sd_model_checkpoint": title, "sd_checkpoint_hash": pipe.manifest.graphs["unet"].sha256,
                                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
 
@@ -79,57 +80,48 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
         raise HTTPException(status, detail)
 
     def plan(req: schemas.Txt2ImgRequest, image: Image.Image | None = None, mask: Image.Image | None = None):
-        """One pipeline call per image: A1111's seeds are seed, seed+1, ... per image."""
-        try:
-            sampler, _ = resolve_sampler(req.sampler_name or req.sampler_index or "dpmpp_2m_karras")
-        except EdgediffError as error:
-            bad(str(error))
-        schedule = None
-        if req.scheduler and req.scheduler.strip().lower() != "automatic":
-            schedule = req.scheduler.strip().lower().replace(" ", "_").replace("-", "_")
-            if schedule not in SCHEDULES:
-                bad(f"unknown scheduler {req.scheduler!r}; expected automatic or one of {', '.join(SCHEDULES)}")
-        default = pipe.manifest.default_size
-        width = req.width or (image.width if image is not None else default)
-        height = req.height or (image.height if image is not None else default)
-        multiple = pipe.manifest.size_multiple
-        for label, side in (("width", width), ("height", height)):
-            if side > limits.max_side or side % multiple:
-                bad(f"{label} must be a multiple of {multiple} up to {limits.max_side}, not {side}")
-        if width * height > limits.max_pixels:
-            bad(f"width x height is {width * height} pixels, over the limit of {limits.max_pixels}")
-        if req.steps > limits.max_steps:
-            bad(f"steps must be at most {limits.max_steps}, not {req.steps}")
+        """One checked GenerationRequest per image: A1111's seeds are seed, seed+1, ... per image.
+        The request's rules are the runtime's (runtime/request.py); the limits are this server's."""
         count = req.batch_size * req.n_iter
         if count > limits.max_images:
             bad(f"batch_size x n_iter must be at most {limits.max_images}, not {count}")
+        if req.steps > limits.max_steps:
+            bad(f"steps must be at most {limits.max_steps}, not {req.steps}")
         seed = secrets.randbelow(2**32) if req.seed == -1 else req.seed  # -1: random, reported back
-        call = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
-                    sampler=sampler, schedule=schedule, width=width, height=height)
-        if image is not None:
-            call.update(image=image, strength=req.denoising_strength)
-        if mask is not None:
-            call["mask"] = mask
-            if "mask_blur" in takes and req.mask_blur is not None:
-                call["mask_blur"] = req.mask_blur
-        return [dict(call, seed=seed + i) for i in range(count)]
+        request = GenerationRequest(
+            req.prompt, req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
+            sampler=req.sampler_name or req.sampler_index or DEFAULT_SAMPLER, schedule=req.scheduler,
+            width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
+            **(dict(strength=req.denoising_strength) if image is not None else {}),
+            **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))
+        checked = request.check(pipe.manifest)  # an EdgediffError is a 422 (user_error below)
+        for label, side in (("width", checked.width), ("height", checked.height)):
+            if side > limits.max_side:
+                bad(f"{label} must be at most {limits.max_side}, not {side}")
+        if checked.width * checked.height > limits.max_pixels:
+            bad(f"width x height is {checked.width * checked.height} pixels, over the limit of {limits.max_pixels}")
+        return [dataclasses.replace(request, seed=seed + i) for i in range(count)], checked
 
-    def finisher(req: schemas.Txt2ImgRequest, calls: list[dict]):
-        def finish(images: list[Image.Image], interrupted: bool) -> dict:
-            texts = [metadata.infotext(dict(call, **identity)) for call, _ in zip(calls, images)]
-            sampler, schedule = metadata.sampler_label(calls[0]["sampler"], calls[0]["schedule"])
-            first = calls[0]
+    def finisher(req: schemas.Txt2ImgRequest, calls: list[GenerationRequest], checked: GenerationRequest):
+        def finish(outputs: list, interrupted: bool) -> dict:
+            images = [image for image, _ in outputs]
+            texts = [metadata.request_infotext(result.request if result else checked, image, 0, call.seed,
+                                               result.lora_files if result else (), identity)
+                     for call, (image, result) in zip(calls, outputs)]
+            first = dataclasses.replace(checked, seed=calls[0].seed)
+            sampler, schedule = metadata.sampler_label(first.sampler, first.schedule)
             info = {
                 "prompt": req.prompt, "all_prompts": [req.prompt] * len(images),
                 "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * len(images),
-                "seed": first["seed"], "all_seeds": [c["seed"] for c in calls[: len(images)]],
+                "seed": first.seed, "all_seeds": [c.seed for c in calls[: len(images)]],
                 "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
-                "width": first["width"], "height": first["height"], "sampler_name": sampler,
+                "width": first.width, "height": first.height, "sampler_name": sampler,
                 "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size,
                 "restore_faces": False, "face_restoration_model": None,
                 "sd_model_name": identity["model_name"], "sd_model_hash": identity.get("model_hash"),
                 "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-                "denoising_strength": first.get("strength"), "extra_generation_params": {"Schedule type": schedule},
+                "denoising_strength": first.strength if first.image is not None else None,
+                "extra_generation_params": {"Schedule type": schedule},
                 "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
                 "clip_skip": 1, "is_using_inpainting_conditioning": False, "interrupted": interrupted,
                 "version": f"edgediff {__version__}",
@@ -141,9 +133,10 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
         return finish
 
-    async def run(request: Request, req: schemas.Txt2ImgRequest, calls: list[dict]) -> Any:
+    async def run(request: Request, req: schemas.Txt2ImgRequest, planned) -> Any:
+        calls, checked = planned
         loop = asyncio.get_running_loop()
-        job = Job(calls, finisher(req, calls), loop, loop.create_future())
+        job = Job(calls, finisher(req, calls, checked), loop, loop.create_future())
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
         try:
             worker.submit(job)
@@ -165,8 +158,6 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
         image = decode_image(req.init_images[0], "init_images[0]", limits.max_input_pixels)
         mask = None
         if req.mask:
-            if "mask" not in takes:
-                bad("inpainting (`mask`) is not available in this edgediff version; send img2img without a mask", 501)
             mask = decode_image(req.mask, "mask", limits.max_input_pixels).convert("L")
             if req.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
@@ -184,12 +175,12 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
 
     @app.post("/sdapi/v1/txt2img", response_model=schemas.ImagesResponse, responses=responses, tags=["sdapi"])
     async def txt2img(req: Txt2Img, request: Request):
-        return await run(request, req, plan(req))
+        return await run(request, req, await asyncio.to_thread(plan, req))
 
     @app.post("/sdapi/v1/img2img", response_model=schemas.ImagesResponse, responses=responses, tags=["sdapi"])
     async def img2img(req: Img2Img, request: Request):
         image, mask = await asyncio.to_thread(images_of, req)  # decoding stays off the event loop
-        return await run(request, req, plan(req, image, mask))
+        return await run(request, req, await asyncio.to_thread(plan, req, image, mask))
 
     @app.get("/sdapi/v1/samplers", response_model=list[schemas.SamplerItem], tags=["sdapi"])
     async def samplers():

@@ -32,13 +32,15 @@ class Txt2ImgRequest(_Open):
     width: Optional[int] = Field(None, ge=1, description="default: the model's native size")
     height: Optional[int] = Field(None, ge=1)
     send_images: bool = True
+    prompt_syntax: str = Field("a1111", description="edgediff's extension: a1111 (emphasis weights, BREAK, long "
+                                                    "prompts) or plain (the prompt read literally, as diffusers)")
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, description="base64 images (data: URLs accepted)")
     denoising_strength: float = Field(0.75, gt=0, le=1, **_FINITE)
     mask: Optional[str] = Field(None, description="base64 mask, white repaints (needs inpainting support)")
-    mask_blur: Optional[int] = Field(None, ge=0, le=256)
+    mask_blur: Optional[int] = Field(None, description="pixels; bounds as the runtime's mask_blur")
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 

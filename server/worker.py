@@ -34,10 +34,11 @@ class _Stop(Exception):
 
 @dataclass
 class Job:
-    """A request's images: ``calls`` holds one set of pipeline keyword arguments per image.
-    ``finish(images, interrupted)`` turns the PIL images into the response, in the worker."""
+    """A request's images: ``calls`` holds one GenerationRequest per image.
+    ``finish(outputs, interrupted)`` turns [(PIL image, Result or None if interrupted)] into the
+    response, in the worker."""
 
-    calls: list[dict[str, Any]]
+    calls: list[Any]
     finish: Callable[[list, bool], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -136,7 +137,7 @@ class Worker:
                 self.current = None
 
     def _generate(self, job: Job) -> tuple[list, bool]:
-        images = []
+        outputs = []
 
         def on_step(step, steps, latents):
             job.step, job.steps, job.latents = step, steps, latents
@@ -144,14 +145,15 @@ class Worker:
                 raise _Stop(latents)
 
         for job.image_no, call in enumerate(job.calls):
-            job.step, job.steps, job.latents = 0, call["steps"], None
+            job.step, job.steps, job.latents = 0, call.steps, None
             try:
-                images.append(self.pipe(**call, on_step=on_step).images[0])
+                result = self.pipe(**dict(call.kwargs(), on_step=on_step))
+                outputs.append((result.images[0], result))
             except _Stop as stop:
                 if not job.abandoned.is_set():  # A1111 returns what the run had reached
-                    images.append(self.pipe.decode(stop.latents)[0][0])
-                return images, True
-        return images, False
+                    outputs.append((self.pipe.decode(stop.latents)[0][0], None))
+                return outputs, True
+        return outputs, False
 
 
 class _Abandoned(Exception):

@@ -97,6 +97,23 @@ def resolve_sampler(name: str) -> tuple[str, str | None]:
     raise EdgediffError(f"unknown sampler {name!r}; run `edgediff generate --sampler list` to see the names")
 
 
+# Words every front-end takes for "the sampler's own schedule" (A1111 sends "Automatic").
+DEFAULT_SCHEDULE_WORDS = ("", "automatic", "default", "none", "model")
+
+
+def normalize_schedule(name: str | None) -> str | None:
+    """The one reading of a schedule name: "Karras", "sgm-uniform", "SGM Uniform" -> karras,
+    sgm_uniform; None or a word of DEFAULT_SCHEDULE_WORDS -> None (the sampler's own)."""
+    if name is None:
+        return None
+    key = _normalize(name) if name.strip() else ""
+    if key in DEFAULT_SCHEDULE_WORDS:
+        return None
+    if key not in SCHEDULES:
+        raise EdgediffError(f"unknown scheduler {name!r}; expected automatic or one of {', '.join(SCHEDULES)}")
+    return key
+
+
 def list_samplers() -> list[tuple[str, list[str], str]]:
     """(name, aliases, one-line description) for every sampler, for ``--sampler list``."""
     return [(s.name, list(s.aliases), s.description) for s in SAMPLERS.values()]
@@ -232,14 +249,7 @@ def make_plan(
         raise EdgediffError(f"strength must be a number in (0, 1] (got {strength!r})") from None
     if not (0.0 < strength <= 1.0):
         raise EdgediffError(f"strength must be in (0, 1] (got {strength!r})")
-    if schedule is not None:
-        schedule = _normalize(schedule)
-        if schedule in ("default", "none", "model"):
-            schedule = None
-        elif schedule not in SCHEDULES:
-            raise EdgediffError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-    else:
-        schedule = implied
+    schedule = normalize_schedule(schedule) or implied
     config = dict(scheduler_config or {})
     sched = NoiseSchedule(alphas_cumprod)
 

@@ -84,7 +84,7 @@ def test_planning_resolves_sizes_keys_outputs_and_rejects_bad_sizes():
     assert planned[1].filename.startswith("a-") and planned[1].filename.endswith(".png")
     assert plan_jobs(jobs, manifest, alphas, "model-b")[0].key != planned[0].key  # another model: another file
     odd = manifest.size_multiple * 3 + 4
-    with pytest.raises(JobsFileError, match=rf"jobs:2: width must be a multiple of {manifest.size_multiple} .*{odd}"):
+    with pytest.raises(JobsFileError, match=rf"jobs:2: width must be a positive multiple of {manifest.size_multiple} .*{odd}"):
         plan_jobs(read_jobs([{"prompt": "x"}, {"prompt": "x", "width": odd}]), manifest, alphas, "m")
 
 

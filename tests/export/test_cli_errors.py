@@ -11,20 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from edgediff.cli import main
+from helpers import assert_one_line_error
 
 
 def run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.stderr.strip()
-
-
-def assert_one_line_error(code, stderr, *fragments):
-    assert code != 0
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -7,22 +7,13 @@ import torch
 from PIL import Image
 
 from edgediff.runtime import EdgediffError, Pipeline
+from helpers import feed_numpy_noise as feed_noise
 
 STEPS, GUIDANCE, PROMPT = 10, 6.0, "a blue square"
 
 
 def feed_numpy_noise(monkeypatch, seed):
-    """diffusers draws the posterior sample, then the img2img noise: serve both from our generator."""
-    import diffusers.models.autoencoders.vae as vae_module
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
-
-    rng = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    monkeypatch.setattr(vae_module, "randn_tensor", randn_tensor)
-    monkeypatch.setattr(img2img_module, "randn_tensor", randn_tensor)
+    feed_noise(monkeypatch, seed, "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img")
 
 
 @pytest.mark.parametrize("kind,sampler,scheduler", [("sd1", "euler", "EulerDiscreteScheduler"),

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from edgediff.runtime import Pipeline
+from helpers import feed_numpy_noise as feed_noise
 
 STEPS, GUIDANCE, PROMPT = 6, 6.0, "a blue square"
 PICTURE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
@@ -20,17 +21,7 @@ def mask_image(size=32):
 
 
 def feed_numpy_noise(monkeypatch, seed):
-    """Serve diffusers' draws (posteriors and starting noise) from our generator, in its order."""
-    import diffusers.models.autoencoders.vae as vae_module
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
-
-    rng = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    monkeypatch.setattr(vae_module, "randn_tensor", randn_tensor)
-    monkeypatch.setattr(inpaint_module, "randn_tensor", randn_tensor)
+    feed_noise(monkeypatch, seed, "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """LoRA and embedding flags of `edgediff generate`: bad files are one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from edgediff.cli import main
+import helpers
 from lora_files import lora_layers, save_kohya
 from tiny_models import build_pipeline
 
@@ -18,14 +21,7 @@ def generate(model, tmp_path, *extra):
     return result.exit_code, result.stderr.strip()
 
 
-def assert_one_line_error(code, stderr, *fragments):
-    assert code != 0
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+assert_one_line_error = functools.partial(helpers.assert_one_line_error, prefix="error: ")
 
 
 @pytest.fixture(scope="module")

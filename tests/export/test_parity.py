@@ -11,10 +11,9 @@ import torch
 
 from edgediff.runtime import Pipeline
 from tiny_models import build_pipeline
+from helpers import FP32_TOLERANCE, NEGATIVE, PROMPT
 
-FP32_TOLERANCE = 2e-3
 FP16_TOLERANCE = 3e-3  # measured worst case 1.0e-3 (sd2, ddim); fp32 runs differ by ~1e-6
-PROMPT, NEGATIVE = "a red circle on a white background", "blurry, dark"
 STEPS, GUIDANCE = 12, 7.5
 # Our deterministic samplers and the diffusers scheduler (and config overrides) each one matches.
 DIFFUSERS = {

@@ -15,10 +15,9 @@ from PIL import Image
 
 from edgediff.runtime import Pipeline
 from tiny_models import export_with_cli, save_sdxl_pipeline
+from helpers import FP32_TOLERANCE, NEGATIVE, PROMPT
 
-FP32_TOLERANCE = 2e-3
 FP16_TOLERANCE = 3e-3  # measured worst case 1.34e-3 (euler, ddim); fp32 runs differ by 0.7-1.3e-6
-PROMPT, NEGATIVE = "a red circle on a white background", "blurry, dark"
 STEPS, GUIDANCE = 8, 6.0
 DIFFUSERS = {
     "euler": ("EulerDiscreteScheduler", {}),

@@ -17,17 +17,7 @@ from edgediff.runtime import EdgediffError, ModelFolderError, Pipeline
 from edgediff.runtime import memory, sessions
 from edgediff.runtime.errors import InputError, OutOfMemoryError
 from edgediff.runtime.manifest import read_manifest
-from fuzz_inputs import USABLE, write_pictures
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.load(provider="cpu", memory="high")
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    return write_pictures(tmp_path_factory.mktemp("pictures"))
+from fuzz_inputs import USABLE
 
 
 @pytest.fixture

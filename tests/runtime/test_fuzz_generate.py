@@ -22,21 +22,11 @@ from PIL import Image
 
 from edgediff.cli import main
 from edgediff.runtime import EdgediffError, Pipeline
-from fuzz_inputs import SIDE, USABLE, write_pictures
+from fuzz_inputs import SIDE, USABLE
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 DEFAULT = 128
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.load(provider="cpu", memory="high")
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    return write_pictures(tmp_path_factory.mktemp("pictures"))
 
 
 def prompts():

@@ -1,0 +1,193 @@
+"""Modes: how a generation starts, what the U-Net sees besides the latent, and how it ends.
+
+A mode is one small strategy object. The pipeline asks every mode the same things, in this order:
+
+- ``graphs(text_encoders)``: the graphs it runs, in order, with what each one reads; the memory
+  plan (runtime/memory.py) sizes exactly this list, so the plan cannot drift from what runs;
+- ``encode(vae_encode)``: the VAE encoder's moments it needs (``vae_encode(pixels) -> moments``);
+- ``start(draw, sample_latent, plan)``: the starting latent in sigma space, drawing its random
+  numbers in diffusers' order (``draw()``: the unit starting noise; ``sample_latent(moments)``: a
+  sample of the VAE's latent Gaussian, from the same generator);
+- ``providers``: extra U-Net input providers (see :class:`UNetInputProvider`), applied in order
+  to every U-Net call's feed;
+- ``steer(denoise, plan)``: the denoiser the sampler calls (blend inpainting puts the known region
+  back before each call); ``finish_latent(x)`` and ``finish_pixels(pixels)``: the last touches.
+
+Conventions are diffusers' (``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline``);
+see runtime/inpaint.py for the mask. :func:`choose_mode` picks one from the request and the U-Net's
+declared input channels, so no mode is keyed on a model name.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .denoiser import noised
+from .errors import EdgediffError
+from .inpaint import Mask, keep_known, masked_pixels, prepare_mask
+
+Feed = dict[str, np.ndarray]  # one U-Net call's inputs by name: sample, timestep, encoder_hidden_states, ...
+Denoise = Callable[[np.ndarray, float], np.ndarray]
+
+
+class UNetInputProvider(Protocol):
+    """Adds to (or rewrites) every U-Net call's inputs. ``graphs``: the extra graphs it runs per
+    step, as (graph, what it reads) for the memory plan; ``__call__(feed) -> feed`` sees the
+    sample (already scaled by c_in, both guidance halves stacked when they run as one batch), the
+    timestep and the text context, and returns the feed the U-Net runs on."""
+
+    graphs: tuple[tuple[str, str], ...]
+
+    def __call__(self, feed: Feed) -> Feed: ...
+
+
+class MaskedPictureInput:
+    """An inpainting U-Net's extra input channels: the latent-size mask and the masked picture's
+    latent, concatenated after the latent (diffusers' ``num_channels_unet == 9`` branch)."""
+
+    graphs: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, mask_latent: np.ndarray, masked_latent: np.ndarray):
+        self.mask_latent, self.masked_latent = mask_latent, masked_latent
+
+    def __call__(self, feed: Feed) -> Feed:
+        x_in = feed["sample"]
+        repeat = x_in.shape[0] // self.masked_latent.shape[0]
+        sample = np.concatenate([x_in, np.broadcast_to(self.mask_latent, (x_in.shape[0], 1, *x_in.shape[2:])),
+                                 np.concatenate([self.masked_latent] * repeat)], axis=1)
+        return {**feed, "sample": sample}
+
+
+def to_model_pixels(image: Image.Image) -> np.ndarray:
+    """A picture as the VAE encoder takes it: (1, 3, h, w) float32 in [-1, 1]."""
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+
+
+class Txt2Img:
+    """Start from noise at the plan's initial sigma."""
+
+    encodes = False
+    providers: tuple[UNetInputProvider, ...] = ()  # a mode that adds one sets its own tuple
+
+    def graphs(self, text_encoders: list[str]) -> list[tuple[str, str]]:
+        encoder = [("vae_encoder", "pixels")] if self.encodes else []
+        unet = [("unet", "latent")] + [g for provider in self.providers for g in provider.graphs]
+        return [(name, "text") for name in text_encoders] + encoder + unet + [("vae_decoder", "decode")]
+
+    def encode(self, vae_encode: Callable[[np.ndarray], list]) -> None:
+        pass
+
+    def start(self, draw: Callable[[], np.ndarray], sample_latent, plan) -> np.ndarray:
+        self.noise = draw()
+        return self.noise * np.float32(plan.init_noise_sigma)
+
+    def steer(self, denoise: Denoise, plan) -> Denoise:
+        return denoise
+
+    def finish_latent(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def finish_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels
+
+
+class Img2Img(Txt2Img):
+    """Start from the picture's latent, noised to the sigma where ``strength`` of the steps remain."""
+
+    encodes = True
+
+    def __init__(self, image: Image.Image, prediction_type: str = "epsilon"):
+        self.image = image
+        self.prediction_type = prediction_type  # flow models noise as (1 - sigma) x0 + sigma noise
+
+    def encode(self, vae_encode) -> None:
+        self.moments = vae_encode(to_model_pixels(self.image))
+
+    def start(self, draw, sample_latent, plan) -> np.ndarray:
+        self.x0 = sample_latent(self.moments)  # diffusers: the posterior first, then the noise
+        self.noise = draw()
+        return noised(self.x0, self.noise, plan.sigmas[0], self.prediction_type)
+
+
+class BlendInpaint(Img2Img):
+    """Inpainting with a U-Net that has no mask inputs: the known region is put back, noised to
+    the current sigma, before every model call (inpaint.keep_known), and is the picture's own
+    latent at the end; a blurred mask blends the result over the picture."""
+
+    def __init__(self, image: Image.Image, mask: Mask, strength: float):
+        super().__init__(image)
+        self.mask, self.full_strength = mask, strength == 1.0
+
+    def start(self, draw, sample_latent, plan) -> np.ndarray:
+        x = super().start(draw, sample_latent, plan)
+        return self.noise * np.float32(plan.init_noise_sigma) if self.full_strength else x
+
+    def steer(self, denoise: Denoise, plan) -> Denoise:
+        return keep_known(denoise, self.mask.latent, self.x0, self.noise, float(plan.sigmas[0]))
+
+    def finish_latent(self, x: np.ndarray) -> np.ndarray:  # as diffusers' last step
+        return self.mask.latent * x + (np.float32(1.0) - self.mask.latent) * self.x0
+
+    def finish_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return overlay(pixels, self.mask, self.image)
+
+
+class InpaintUNet(Txt2Img):
+    """An inpainting U-Net (``2 * latent_channels + 1`` input channels) sees the mask and the
+    masked picture's latent at every step. Without a picture or a mask it repaints everything (as
+    A1111). At full strength diffusers starts from noise and never encodes the picture itself."""
+
+    encodes = True
+
+    def __init__(self, image: Image.Image | None, mask: Mask, strength: float, size: tuple[int, int]):
+        self.image, self.mask, self.size = image, mask, size
+        self.need_x0 = image is not None and strength != 1.0
+
+    def encode(self, vae_encode) -> None:
+        width, height = self.size
+        pixels = to_model_pixels(self.image) if self.image is not None else np.zeros((1, 3, height, width), np.float32)
+        self.moments = vae_encode(pixels) if self.need_x0 else None
+        self.masked_moments = vae_encode(masked_pixels(pixels, self.mask))
+
+    def start(self, draw, sample_latent, plan) -> np.ndarray:
+        x0 = sample_latent(self.moments) if self.need_x0 else None
+        self.noise = draw()
+        self.providers = (*self.providers, MaskedPictureInput(self.mask.latent, sample_latent(self.masked_moments)))
+        return x0 + self.noise * np.float32(plan.sigmas[0]) if self.need_x0 else \
+            self.noise * np.float32(plan.init_noise_sigma)
+
+    def finish_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return overlay(pixels, self.mask, self.image)
+
+
+def overlay(pixels: np.ndarray, mask: Mask, image: Image.Image | None) -> np.ndarray:
+    """A blurred mask: the result over the picture through it, so the seam is soft (A1111)."""
+    if mask.overlay is None:
+        return pixels
+    return mask.overlay * pixels + (1.0 - mask.overlay) * (np.asarray(image, np.float32) / 255.0)
+
+
+def choose_mode(request, manifest, unet_channels: int):
+    """The mode for a checked request; None when an all-black mask leaves nothing to repaint."""
+    m = manifest
+    inpainting_unet = unet_channels == 2 * m.latent_channels + 1
+    image, size = request.image, (request.width, request.height)
+    if (image is not None or inpainting_unet) and "vae_encoder" not in m.graphs:
+        what = "inpainting" if inpainting_unet or request.mask is not None else "img2img"
+        raise EdgediffError(f"this model has no vae_encoder graph, which {what} needs: re-export it with this "
+                            "version of edgediff")
+    mask = None
+    if request.mask is not None:
+        mask = prepare_mask(request.mask, request.original_image.size, size, m.vae_scale_factor,
+                            blur=request.mask_blur, invert=request.mask_invert)
+        if mask.empty:
+            return None
+    elif inpainting_unet:  # txt2img / img2img on an inpainting model: repaint everything (as A1111)
+        mask = prepare_mask(np.full((size[1], size[0]), 255, np.uint8), size, size, m.vae_scale_factor)
+    if inpainting_unet:
+        return InpaintUNet(image, mask, request.strength, size)
+    if mask is not None:
+        return BlendInpaint(image, mask, request.strength)
+    return Img2Img(image, m.prediction_type) if image is not None else Txt2Img()
