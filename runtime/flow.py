@@ -10,6 +10,7 @@ x + (sigma_next - sigma) * v.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from .denoiser import SkipLayerGuidance
