@@ -366,7 +366,8 @@ def default_size(pipe) -> int:
 
 def manifest_fields(pipe) -> dict:
     """Manifest fields a family states itself (SD3: flow matching, its text layout); {} elsewhere."""
-    return FAMILY_RULES[family_of(pipe)].get("manifest", dict)(pipe)
+    rule = FAMILY_RULES[family_of(pipe)].get("manifest")
+    return rule(pipe) if rule else {}
 
 
 def _unet_dims(pipe) -> dict:
