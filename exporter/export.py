@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,26 +57,26 @@ def float_dtype(precision: str, target: str) -> str:
     return "float16" if precision == "fp16" or (precision == "int4" and target == "cuda") else "float32"
 
 
-def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
+def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> Manifest:
-    """Export ``source`` into ``out`` and return the manifest written there."""
+    """Export ``source`` into ``out`` and return the manifest written there.
+
+    ``precision=None`` and ``optimize_for=None``: the export that fits this machine (target.py),
+    announced as the first line.
+    """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    if precision not in PRECISIONS:
-        raise EdgediffError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    target = optimize_for or default_target(precision)
-    if target not in opt.TARGETS:
-        raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
-    if precision == "int4" and target not in INT4_TARGETS:
-        raise EdgediffError(f"--precision int4 supports --optimize-for {', '.join(INT4_TARGETS)}, not {target!r} "
-                            "(its MatMulNBits graphs are untested there); use fp16 for that target")
+    _check_settings(precision, optimize_for)
     from .load import check_source, load_components
+    from .target import choose
 
     started = time.perf_counter()
     check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
+    precision, target = choose(precision, optimize_for, default_target, log)
+    _check_settings(precision, target)
     log(f"loading {source}")
 
     _quiet_libraries()
@@ -111,9 +111,22 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     (staging / "settings.json").unlink()
     staging.rename(out)
     write_manifest(out, manifest)
+    unvalidated = [name for name, entry in entries.items() if not entry.validation.get("validated")]
     log(f"done: {out} ({_folder_mb(out):.1f} MB) in {time.perf_counter() - started:.0f} s, "
-        f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB")
+        f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB"
+        + (f"; NOT validated: {', '.join(unvalidated)} (see their lines above)" if unvalidated else ""))
     return manifest
+
+
+def _check_settings(precision: str | None, target: str | None) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise EdgediffError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    target = target or (precision and default_target(precision))
+    if target is not None and target not in opt.TARGETS:
+        raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
+    if precision == "int4" and target not in INT4_TARGETS:
+        raise EdgediffError(f"--precision int4 supports --optimize-for {', '.join(INT4_TARGETS)}, not {target!r} "
+                            "(its MatMulNBits graphs are untested there); use fp16 for that target")
 
 
 def _quiet_libraries() -> None:
@@ -165,6 +178,12 @@ class GraphJob:
     prefix: str
     log: Callable[[str], None]
     keep: frozenset[str]  # modules a later graph reuses
+    fusions: str | None = None  # the fusions' target, where it differs from ``target`` (the CPU check)
+    file: str = "model.onnx"
+
+    @property
+    def fusion_target(self) -> str:
+        return self.fusions or self.target
 
     @property
     def dims(self) -> dict:
@@ -176,7 +195,7 @@ class GraphJob:
 
     @property
     def path(self) -> Path:
-        return self.folder / "model.onnx"
+        return self.folder / self.file
 
     @property
     def float16(self) -> bool:
@@ -206,6 +225,8 @@ class Written:
     kept_fp32: list[str]
     quantization: dict = field(default_factory=dict)
     report: dict | None = None  # the fp16 escalation's last validation of this very file
+    step: int | None = None  # the fp16 try that was written (``_fp16_steps``)
+    unvalidated: str | None = None  # why no provider here could run it
 
 
 def _export_graph(components: Components, spec: GraphSpec, staging: Path, precision: str, target: str,
@@ -216,18 +237,19 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     shutil.rmtree(job.folder, ignore_errors=True)
     job.work.mkdir(parents=True)
     model, expected, check_inputs = _trace(components, job)
+    providers = runnable_providers(target)
+    # Where the target's provider is absent, the closest graph this machine runs is checked first.
+    check = None if providers is not None else _check_on_cpu(_copy(model), job, expected, check_inputs)
     model = _optimize(model, job)
     model, quantization = _quantize(model, job)
-    providers = runnable_providers(target)
-    written = _write_at_precision(model, job, expected, check_inputs, providers)
+    written = _write_at_precision(model, job, expected, check_inputs, providers, step=check and check.step)
     written.quantization = quantization
     del model
     shutil.rmtree(job.work)
     release_freed()
 
-    validation = _validate_and_report(expected, spec, job.path, check_inputs, written.inputs, written.outputs,
-                                      providers, written.precision if precision != "int8" else precision,
-                                      prefix, log, written.report)
+    validation = _validate_and_report(expected, spec, job.path, check_inputs, written, providers,
+                                      written.precision if precision != "int8" else precision, prefix, log, check)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(job.path), precision=written.precision,
         inputs=written.inputs, outputs=written.outputs, kept_fp32=written.kept_fp32, validation=validation,
@@ -268,16 +290,16 @@ def _trace(components: Components, job: GraphJob):
 
 def _optimize(model, job: GraphJob):
     """ONNX Runtime's fusions for the target (none for ``none``); their new weights spill to disk."""
-    if job.target != "none":
-        job.log(f"{job.prefix}: optimizing for {job.target}")
+    if job.fusion_target != "none":
+        job.log(f"{job.prefix}: optimizing for {job.fusion_target}")
     # Attention overflows fp16 where the config upcasts it (SD 2.x). CUDA's fused attention kernel is
     # what ONNX Runtime's own SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its
     # scores can stay fp32. On the CPU the fused Attention op holds self-attention's q/k/v as one
     # packed weight that MatMulNBits cannot take: int4 keeps attention as MatMuls there
     # (RESULTS.md, "int4").
-    off_cuda = job.target != "cuda"
+    off_cuda = job.fusion_target != "cuda"
     fuse = not (job.upcast and job.float16 and off_cuda) and not (job.int4 and off_cuda)
-    model = opt.optimize(model, job.work, job.spec.optimizer_type, job.target, fuse_attention=fuse)
+    model = opt.optimize(model, job.work, job.spec.optimizer_type, job.fusion_target, fuse_attention=fuse)
     spill(model, job.work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
     model = fresh(model)
     # The fusions' objects keep the old graph alive in reference cycles, and with it every weight a
@@ -312,11 +334,12 @@ def _quantize(model, job: GraphJob):
     return model, {}
 
 
-def _write_at_precision(model, job: GraphJob, expected, check_inputs, providers) -> Written:
-    """Write the final file: fp16 graphs through the escalation below, the others as they are."""
+def _write_at_precision(model, job: GraphJob, expected, check_inputs, providers, step: int | None = None) -> Written:
+    """Write the final file: fp16 graphs through the escalation below (or straight at ``step``, the
+    try a CPU check settled on), the others as they are."""
     spec, dims = job.spec, job.dims
     if job.float16:
-        return _write_fp16(model, job, expected, check_inputs, providers)
+        return _write_fp16(model, job, expected, check_inputs, providers, step)
     written = Written(job.precision if spec.quantizable or job.precision in ("fp16", "fp32") else "fp32",
                       spec.resolve(spec.inputs, dims, "float32"), spec.resolve(spec.outputs, dims, "float32"), [])
     if job.int4:
@@ -348,13 +371,14 @@ def _fp16_steps(model, job: GraphJob) -> list[tuple[list[str] | None, str]]:
     return [first, *(escalation[step] for step in spec.fp16_escalation)]
 
 
-def _write_fp16(model, job: GraphJob, expected, check_inputs, providers) -> Written:
+def _write_fp16(model, job: GraphJob, expected, check_inputs, providers, step: int | None = None) -> Written:
     """Each try starts from the stripped fp32 graph; its weights are converted as they are written,
     and the file is validated (where a provider here runs it) before the next try is considered."""
     spec, dims = job.spec, job.dims
     keep_io = [s.name for s in spec.resolve(spec.inputs, dims, "float16") if s.dtype == "float32"]
     written = None
-    for keep_nodes, why in _fp16_steps(model, job):
+    steps = list(enumerate(_fp16_steps(model, job)))
+    for index, (keep_nodes, why) in steps if step is None else steps[min(step, len(steps) - 1):][:1]:
         if keep_nodes is None:
             written = Written("int4" if job.int4 else "fp32", spec.resolve(spec.inputs, dims, "float32"),
                               spec.resolve(spec.outputs, dims, "float32"), [why])
@@ -364,6 +388,7 @@ def _write_fp16(model, job: GraphJob, expected, check_inputs, providers) -> Writ
                               spec.resolve(spec.inputs, dims, "float16"), spec.resolve(spec.outputs, dims, "float16"),
                               [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else [])
             converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
+        written.step = index
         write_graph(converted, job.path, job.work)
         del converted
         release_freed()
@@ -376,6 +401,24 @@ def _write_fp16(model, job: GraphJob, expected, check_inputs, providers) -> Writ
     return written
 
 
+def _check_on_cpu(model, job: GraphJob, expected, check_inputs) -> Written:
+    """Validate, on the CPU and at the export's precision, the graph fused for the CPU: the target's
+    graph before its provider-only fusions (optimize.CUDA_ONLY_FUSIONS), which this machine cannot
+    run. Its fp16 escalation decides the target's; the file is deleted once checked."""
+    check = replace(job, fusions="cpu", file="cpu_check.onnx", prefix=f"{job.prefix} (cpu check)")
+    cpu = ["CPUExecutionProvider"]
+    model = _optimize(model, check)
+    model, _ = _quantize(model, check)
+    try:
+        written = _write_at_precision(model, check, expected, check_inputs, cpu)
+        written.report = written.report or validate(expected, check.path, check_inputs, written.inputs,
+                                                    written.outputs, cpu)
+    except Exception as error:  # noqa: BLE001  ONNX Runtime raises its own types for a missing kernel
+        written = Written(job.precision, [], [], [], unvalidated=f"the CPU cannot run it either: {str(error)[:160]}")
+    check.path.unlink(missing_ok=True)
+    return written
+
+
 def _weight_map(components: Components, job: GraphJob, precision: str) -> dict:
     """LoRAs patch these graphs: map torch names to the saved initializers."""
     if not job.spec.lora_patched:
@@ -384,25 +427,34 @@ def _weight_map(components: Components, job: GraphJob, precision: str) -> dict:
         return module_weight_map(job.spec.name, job.spec.module(pipe, job.dims), job.path, precision)
 
 
-def _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers, precision, prefix,
-                         log, report=None) -> dict:
-    """``report``: the fp16 escalation's last validation of this very file, when there was one."""
+def _validate_and_report(expected, spec, path, check_inputs, written: Written, providers, precision, prefix,
+                         log, check: Written | None = None) -> dict:
+    """The manifest's ``validation``: where the graph was run (``where``), each output's difference
+    from torch and the tolerance. ``check``: the CPU check of the graph before provider-only fusions,
+    used where ``providers`` is None (this machine cannot run the file itself)."""
     tolerance = spec.tolerance[precision]
+    if providers is None and (check is None or check.report is None):
+        reason = check.unvalidated if check is not None else "graph needs CUDAExecutionProvider"
+        log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here, "
+            f"and {reason}")
+        return {"validated": False, "reason": reason, "tolerance": tolerance}
     if providers is None:
-        log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here")
-        return {"validated": False, "reason": "graph needs CUDAExecutionProvider", "tolerance": tolerance}
-    report = report or validate(expected, path, check_inputs, inputs, outputs, providers)
+        report, providers, where = check.report, ["CPUExecutionProvider"], "cpu, before cuda fusions"
+    else:
+        report = written.report or validate(expected, path, check_inputs, written.inputs, written.outputs, providers)
+        where = providers[0].replace("ExecutionProvider", "").lower()
     failed = []
     for output, result in report.items():
         ok = result["finite"] and result["relative"] <= tolerance
-        log(f"{prefix}: validate {output}: max abs diff {result['max_abs_diff']:.2e} "
+        log(f"{prefix}: validate {output} on {where}: max abs diff {result['max_abs_diff']:.2e} "
             f"(relative {result['relative']:.2e}, tolerance {tolerance:.0e}) {'ok' if ok else 'FAILED'}")
         if not ok:
             failed.append(output)
     if failed:
         raise EdgediffError(f"{spec.name} graph does not match torch ({', '.join(failed)} over tolerance "
                             f"{tolerance:.0e}); nothing was written to the output folder")
-    return {"validated": True, "providers": providers[:1], "tolerance": tolerance, "outputs": report}
+    return {"validated": True, "providers": providers[:1], "where": where, "tolerance": tolerance,
+            "max_relative": max(r["relative"] for r in report.values()), "outputs": report}
 
 
 def _copy(model):
