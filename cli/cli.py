@@ -147,13 +147,17 @@ def _list_samplers(ctx, param, value):
               help="Fraction of the steps after which they stop.")
 @click.option("--control-guess-mode", is_flag=True,
               help="ControlNets see the conditional half only, weighted 0.1 to 1.0 (diffusers' guess mode).")
+@click.option("--t5", type=click.Choice(["on", "off"]), default=None,
+              help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
+@click.option("--slg/--no-slg", default=None,
+              help="SD 3.5: skip-layer guidance with the model's recommended layers [default: off, as diffusers].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
              allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
-             control_guess_mode):
+             control_guess_mode, t5, slg):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -184,6 +188,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         width=width, height=height, image=open_image(image) if image is not None else None, strength=strength,
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
+        t5=t5, skip_layer_guidance=slg,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
         control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,

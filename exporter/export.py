@@ -30,7 +30,9 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 from . import optimize as opt
 from .components import Components, used_by
 from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
-from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims, size_rule
+from . import sd3
+from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
+                     size_rule)
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
@@ -490,21 +492,23 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
     text_encoders = [{"graph": name, "tokenizer": _tokenizer_spec(getattr(pipe, tokenizer), folder)}
                      for name, tokenizer, folder in _text_encoders(pipe) if name in entries]
     family = family_of(pipe)
+    fields = manifest_fields(pipe)
     if family == "sd":  # OpenAI CLIP (quick_gelu) conditions SD 1.x; OpenCLIP (gelu) conditions SD 2.x.
         family = "sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2"
     return Manifest(
         family=family,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=fields.get("prediction_type", pipe.scheduler.config.get("prediction_type", "epsilon")),
         scheduler=scheduler,
         latent_channels=pipe.vae.config.latent_channels,
         vae_scale_factor=vae_scale_factor,
         scaling_factor=float(pipe.vae.config.scaling_factor),
         shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
         latent_multiple=latent_multiple,
-        default_size=int(pipe.unet.config.sample_size) * vae_scale_factor,
+        default_size=default_size(pipe),
         tokenizer=_tokenizer_spec(pipe.tokenizer, "tokenizer"),
         text_encoders=text_encoders,
-        conditioning=_conditioning(pipe),
+        conditioning=fields.get("conditioning") or _conditioning(pipe),
+        alphas_cumprod=fields.get("alphas_cumprod", "alphas_cumprod.npy"),
         vae_tiling=vae_tiling_rule(_vae_sample_size(pipe), vae_scale_factor),
         graphs=entries,
         precision=precision,
@@ -530,6 +534,8 @@ def _text_encoders(pipe) -> list[tuple[str, str, str]]:
 
 
 def _tokenizer_spec(tokenizer, folder: str) -> dict:
+    if tokenizer.bos_token_id is None:  # T5's SentencePiece tokenizer: no BOS, EOS then padding
+        return sd3.t5_tokenizer_spec(tokenizer, folder)
     return {
         "path": f"{folder}/tokenizer.json",
         "max_length": int(tokenizer.model_max_length),
@@ -555,6 +561,8 @@ def _write_assets(pipe, staging: Path) -> None:
     for _, attribute, folder in _text_encoders(pipe):
         (staging / folder).mkdir(exist_ok=True)
         getattr(pipe, attribute).backend_tokenizer.save(str(staging / folder / "tokenizer.json"), pretty=False)
+    if manifest_fields(pipe).get("alphas_cumprod") == "":
+        return  # a flow-matching scheduler has no alphas_cumprod: its sigmas come from its config
     alphas_cumprod = getattr(pipe.scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         from diffusers import DDPMScheduler

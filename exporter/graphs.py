@@ -14,6 +14,8 @@ from torch import nn
 
 from edgediff.runtime.manifest import TensorSpec
 
+from . import sd3
+
 # Axes that stay symbolic in the exported graph; every other axis is fixed by the model's config.
 # "context": the U-Net's text length, 77 tokens per prompt chunk (long prompts: runtime/prompts.py);
 # the text encoder's own "sequence" stays fixed, its position embeddings allow 77 at most.
@@ -141,6 +143,11 @@ def size_ids(shape, dims, generator) -> torch.Tensor:
     return torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0][: shape[1]]).repeat(shape[0], 1)
 
 
+def half_skip(shape, dims, generator) -> torch.Tensor:
+    """SD3's skip mask with values in [0, 1): validation checks every block's blend, not only 0 or 1."""
+    return torch.rand(shape, generator=generator)
+
+
 def gaussian(shape, dims, generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
@@ -176,6 +183,8 @@ class GraphSpec:
     # ControlNet residuals (``residual_specs``): "inputs" for a U-Net that adds them (each defaults to
     # zeros, so a plain run does not feed them), "outputs" for a ControlNet that makes them.
     residuals: str | None = None
+    # A component the pipeline may lack (SD3's T5): without it, the graph is not exported.
+    optional: str | None = None
 
     def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
         """The specs this model has: optional conditioning inputs exist only where the config sizes them;
@@ -321,6 +330,55 @@ VAE_GRAPHS = (
     ),
 )
 
+def _sd3_clip(name: str, hidden: str, projection: str) -> GraphSpec:
+    """SD3's CLIP-L and CLIP-G: penultimate hidden states and the pooled projection, as SDXL's second."""
+    return GraphSpec(
+        name,
+        lambda pipe, names: PenultimateTextEncoder(getattr(pipe, name), pooled=True),
+        inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+        outputs=(_t("hidden_states", FLOAT, "batch", "sequence", hidden),
+                 _t("text_embeds", FLOAT, "batch", projection)),
+        optimizer_type="clip",
+        tolerance=TOLERANCE,
+        examples={"input_ids": token_ids},
+        tokenizer=(name.replace("text_encoder", "tokenizer"),) * 2,
+    )
+
+
+SD3_GRAPHS = (
+    _sd3_clip("text_encoder", "hidden", "projection"),
+    _sd3_clip("text_encoder_2", "hidden_2", "projection_2"),
+    GraphSpec(
+        "text_encoder_3",
+        lambda pipe, names: sd3.T5Encoder(pipe.text_encoder_3),
+        inputs=(_t("input_ids", "int32", "batch", "t5_sequence"),),
+        outputs=(_t("last_hidden_state", FLOAT, "batch", "t5_sequence", "t5_hidden"),),
+        optimizer_type="t5",
+        tolerance=TOLERANCE,
+        examples={"input_ids": token_ids},
+        tokenizer=("tokenizer_3", "tokenizer_3"),
+        optional="text_encoder_3",
+    ),
+    # The denoiser graph keeps the role name "unet" that the runtime runs, whatever its architecture.
+    GraphSpec(
+        "unet",
+        lambda pipe, names: sd3.MMDiT(pipe.transformer, names),
+        inputs=(
+            _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
+            _t("timestep", "float32", "batch"),
+            _t("encoder_hidden_states", FLOAT, "batch", "context", "joint_attention"),
+            _t("pooled_projections", FLOAT, "batch", "pooled"),
+            _t("skip_layers", "float32", "batch", "layers"),
+        ),
+        outputs=(_t("out_sample", FLOAT, "batch", "out_channels", "latent_height", "latent_width"),),
+        optimizer_type="mmdit",
+        tolerance=TOLERANCE,
+        quantizable=True,
+        examples={"timestep": mid_timestep, "skip_layers": half_skip},
+    ),
+    *VAE_GRAPHS,
+)
+
 # A family is the set of graphs its pipelines are cut into; which family a pipeline belongs to is
 # read from the components it has (``family_of``), never from a model name.
 FAMILIES: dict[str, dict[str, GraphSpec]] = {
@@ -362,6 +420,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
             UNET,
             *VAE_GRAPHS,
         ),
+        "sd3": SD3_GRAPHS,
     }.items()
 }
 # Every graph name of every family, in export order (the runtime reads which ones a model has).
@@ -369,15 +428,39 @@ GRAPHS: dict[str, GraphSpec] = {name: spec for specs in FAMILIES.values() for na
 
 
 def family_of(pipe) -> str:
-    """``sdxl`` pipelines carry a second text encoder; everything else is cut like SD 1.x/2.x."""
+    """``sd3`` pipelines denoise with a ``transformer``; ``sdxl`` pipelines carry a second text
+    encoder; everything else is cut like SD 1.x/2.x."""
+    if getattr(pipe, "transformer", None) is not None:
+        return "sd3"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
 def graphs_for(pipe) -> dict[str, GraphSpec]:
-    return FAMILIES[family_of(pipe)]
+    return {name: spec for name, spec in FAMILIES[family_of(pipe)].items()
+            if spec.optional is None or getattr(pipe, spec.optional, None) is not None}
 
 
 def model_dims(pipe) -> dict:
+    return FAMILY_RULES[family_of(pipe)]["dims"](pipe)
+
+
+def size_rule(pipe) -> tuple[int, int]:
+    """(vae_scale_factor, latent_multiple): image sides must be multiples of their product."""
+    return FAMILY_RULES[family_of(pipe)]["size_rule"](pipe)
+
+
+def default_size(pipe) -> int:
+    """The image side the denoiser was trained at, in pixels."""
+    return FAMILY_RULES[family_of(pipe)]["default_size"](pipe)
+
+
+def manifest_fields(pipe) -> dict:
+    """Manifest fields a family states itself (SD3: flow matching, its text layout); {} elsewhere."""
+    rule = FAMILY_RULES[family_of(pipe)].get("manifest")
+    return rule(pipe) if rule else {}
+
+
+def _unet_dims(pipe) -> dict:
     """The fixed axes of every graph, read from the component configs (never from a model name).
 
     An axis that is None marks a conditioning input this model does not take.
@@ -432,11 +515,21 @@ def hint_scale_factor(config) -> int:
     return 2 ** (len(config.conditioning_embedding_out_channels) - 1)
 
 
-def size_rule(pipe) -> tuple[int, int]:
-    """(vae_scale_factor, latent_multiple): image sides must be multiples of their product."""
+def _unet_size_rule(pipe) -> tuple[int, int]:
     vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent_multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     return vae_scale_factor, latent_multiple
+
+
+def _unet_default_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * _unet_size_rule(pipe)[0]
+
+
+_UNET_RULES = {"dims": _unet_dims, "size_rule": _unet_size_rule, "default_size": _unet_default_size}
+# Per family, how its configs give the graphs' axes, the size rule and the default size.
+FAMILY_RULES = {"sd": _UNET_RULES, "sdxl": _UNET_RULES,
+                "sd3": {"dims": sd3.model_dims, "size_rule": sd3.size_rule, "default_size": sd3.default_size,
+                        "manifest": sd3.manifest_fields}}
 
 
 def example_sizes(pipe, batch: int, latent_units: int) -> dict:

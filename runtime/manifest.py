@@ -174,7 +174,7 @@ def _optional(check):
 _text = _of(str, "text")
 _table = _of(dict, "an object")
 FIELDS = {
-    "family": _text, "prediction_type": _one_of("epsilon", "v_prediction", "sample"), "scheduler": _table,
+    "family": _text, "prediction_type": _one_of("epsilon", "v_prediction", "sample", "flow"), "scheduler": _table,
     "latent_channels": _int(1), "vae_scale_factor": _int(1), "scaling_factor": _number(positive=True),
     "shift_factor": _number(), "latent_multiple": _int(1), "default_size": _int(1), "tokenizer": _table,
     "graphs": _table,
@@ -309,7 +309,7 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     for name, graph in manifest.graphs.items():
         if not (model_dir / graph.path).is_file():
             raise ModelFolderError(f"{name} graph is missing: {model_dir / graph.path}")
-    if not (model_dir / manifest.alphas_cumprod).is_file():
+    if manifest.alphas_cumprod and not (model_dir / manifest.alphas_cumprod).is_file():  # "": flow matching
         raise ModelFolderError(f"{model_dir / manifest.alphas_cumprod} is missing")
     for encoder in manifest.text_encoders:
         if encoder["graph"] not in manifest.graphs:

@@ -17,15 +17,17 @@ from . import memory as mem
 from .adapters import Adapters
 from .conditioning import embeds_guidance, guidance_embedding, size_ids
 from .denoiser import make_denoiser
+from .flow import make_model_plan, skip_guidance, skip_inputs
 from .errors import InputError, ModelFolderError, OutOfMemoryError
 from .manifest import Manifest, read_manifest
 from .modes import Img2Img, Txt2Img, choose_mode
 from .noise import make_rng
 from .prompts import encode_prompts
 from .request import (DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, check_vae_tiling,
-                      default_model_dir)
-from .samplers import SamplerPlan, make_plan
+                      default_model_dir, skip_layers, text_encoders)
+from .samplers import SamplerPlan
 from .sessions import GraphSession, Sessions
+from .text_conditioning import encode_text, load_tokenizer
 from .tokenizer import ClipTokenizer
 from .vae_tiling import tiled_decode, tiled_encode
 
@@ -86,9 +88,10 @@ class Pipeline:
         """
         model_dir = Path(default_model_dir(provider) if model_dir is None else model_dir)
         manifest = read_manifest(model_dir)
-        tokenizers = [ClipTokenizer.from_manifest(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
-        try:
-            alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+        tokenizers = [load_tokenizer(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
+        try:  # flow-matching models have none ("")
+            alphas_cumprod = (np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+                              if manifest.alphas_cumprod else None)
         except (OSError, ValueError, TypeError) as error:
             raise ModelFolderError(f"cannot read {model_dir / manifest.alphas_cumprod} ({str(error)[:100]}); "
                                    "re-export the model") from None
@@ -113,7 +116,8 @@ class Pipeline:
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
                  allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
-                 control: Sequence[controlnet.ControlUnit | dict] | None = None) -> Result:
+                 control: Sequence[controlnet.ControlUnit | dict] | None = None,
+                 t5: str | None = None, skip_layer_guidance: bool | dict | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -144,6 +148,11 @@ class Pipeline:
         ``"plain"`` (the prompt read literally and cut at the encoder's length, as diffusers does).
         ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
         guess_mode, preprocess), runtime/controlnet.py.
+        ``t5``: "on" or "off" for models with an optional T5 encoder (SD 3/3.5; None: on where the
+        export has it); off feeds zeros in its place, as diffusers does without ``text_encoder_3``.
+        ``skip_layer_guidance``: True runs the manifest's recommended skip-layer guidance (SD 3.5
+        Medium's layers 7-9), a dict overrides its ``layers``, ``scale``, ``start``, ``stop``;
+        None/False: off, as diffusers' default (runtime/flow.py).
         """
         values = locals()
         return self.generate(GenerationRequest(**{name: values[name] for name in REQUEST_FIELDS}))
@@ -184,9 +193,9 @@ class Pipeline:
     def _prepare(self, request: GenerationRequest, prompts: list[str], timings: dict[str, float]) -> "Run":
         """The sampler plan, the generators the seeds seed, and whether guidance runs the U-Net twice."""
         m, r = self.manifest, request
-        plan = make_plan(r.sampler, self.alphas_cumprod, m.scheduler, r.steps, schedule=r.schedule,
-                         strength=r.strength if r.image is not None else 1.0)
         shape = (len(prompts), m.latent_channels, r.height // m.vae_scale_factor, r.width // m.vae_scale_factor)
+        plan = make_model_plan(m, self.alphas_cumprod, r.sampler, r.steps, schedule=r.schedule,
+                               strength=r.strength if r.image is not None else 1.0, latent_size=shape[2:])
         rng, seed, seeds = r.rng, r.seed, None
         if rng is None and isinstance(seed, (list, tuple)):
             if len(seed) != len(prompts):
@@ -203,7 +212,8 @@ class Pipeline:
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
         # embeds the guidance scale (LCM) runs once per step with it.
         guided = r.guidance > 1.0 and not embeds_guidance(unet_inputs)
-        return Run(plan, shape, rng, seed, seeds, guided, unet_inputs, r.latents, self._latent_sample, r.guidance)
+        return Run(plan, shape, rng, seed, seeds, guided, unet_inputs, r.latents, self._latent_sample, r.guidance,
+                   text_encoders(m, r.t5), skip_layers(m, r.skip_layer_guidance))
 
     def _plan_memory(self, request: GenerationRequest, mode, run: "Run") -> tuple[bool, frozenset[str]]:
         """(whether the VAE runs in tiles, the graphs that run without the CPU arena)."""
@@ -231,7 +241,8 @@ class Pipeline:
         """The U-Net's conditioning: (cond, uncond) by input name; uncond None without guidance."""
         m, n, negatives = self.manifest, len(prompts), request.negatives
         context = self._encode_text(prompts + negatives if run.guided else prompts, timings,
-                                    request.prompt_syntax, arena)
+                                    request.prompt_syntax, arena, run.text_encoders)
+        context.update(skip_inputs(run.unet_inputs, len(context["encoder_hidden_states"])))
         if run.guided and m.conditioning.get("force_zeros_for_empty_prompt"):
             for row, negative in enumerate(negatives, n):  # as diffusers without a negative prompt
                 if not negative:
@@ -272,8 +283,9 @@ class Pipeline:
 
             # Low memory runs the guidance halves one after the other: the U-Net's activations are
             # the peak of a generation once only one graph is resident.
+            skip = skip_guidance(run.skip_layers, run.plan, cond) if run.skip_layers and run.guided else None
             denoise = make_denoiser(run_unet, run.plan.timestep, self.manifest.prediction_type, cond, uncond,
-                                    run.guidance, split=self.sessions.memory == "low")
+                                    run.guidance, split=self.sessions.memory == "low", skip=skip)
             callback = None if on_step is None else \
                 (lambda i, sigma, x_i, denoised: on_step(i + 1, run.plan.steps, x_i))
             x = run.plan.run(mode.steer(denoise, run.plan), x, rng=run.rng, on_step=callback)
@@ -326,11 +338,16 @@ class Pipeline:
                     self.manifest.latent_channels)
 
     def _encode_text(self, texts: list[str], timings: dict[str, float], syntax: str = "a1111",
-                     arena: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+                     arena: frozenset[str] = frozenset(), running: list[str] | None = None) -> dict[str, np.ndarray]:
         """Each text encoder's per-token states (runtime/prompts.py: A1111's syntax in chunks of 75
         tokens, or the plain text cut at one chunk), concatenated along the features as the U-Net
         takes them, and the pooled embedding where an encoder gives one (SDXL's second; taken from
-        each prompt's first chunk, as A1111 does)."""
+        each prompt's first chunk, as A1111 does). A manifest with a ``conditioning.text`` layout
+        (SD 3/3.5) combines the ``running`` encoders as it says (runtime/text_conditioning.py)."""
+        rule = self.manifest.conditioning.get("text")
+        if rule:
+            return encode_text(rule, self.manifest.text_encoders, self.tokenizers, texts,
+                               lambda graph: self._stage(graph, timings, arena), running, syntax)
         hidden, context = [], {}
         for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
             extra: dict[str, np.ndarray] = {}
@@ -424,6 +441,8 @@ class Run:
     latents: np.ndarray | None
     sample: Callable
     guidance: float = 7.5
+    text_encoders: list[str] | None = None  # the encoder graphs that run (SD3's T5 may be off)
+    skip_layers: dict | None = None  # skip-layer guidance settings (runtime/flow.py), None: off
 
     @property
     def batch(self) -> int:

@@ -79,6 +79,8 @@ class GenerationRequest:
     vae_tiling: bool | None = None
     prompt_syntax: str = "a1111"
     control: Any = None  # ControlNet units: dicts or ControlUnits (runtime/controlnet.py)
+    t5: str | None = None  # SD 3/3.5: "on" | "off" (runtime/text_conditioning.py)
+    skip_layer_guidance: bool | dict | None = None  # SD 3.5 (runtime/flow.py)
     # Filled by check(): the prompts as lists, the picture as given (before resizing).
     negatives: list[str] = field(default_factory=list, repr=False)
     original_image: Image.Image | None = field(default=None, repr=False)
@@ -149,11 +151,31 @@ class GenerationRequest:
                          for label, value in (("width", width), ("height", height)))
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
+        text_encoders(manifest, request.t5)
+        skip_layers(manifest, request.skip_layer_guidance)
+        if request.mask is not None and manifest.prediction_type == "flow":
+            raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
         return dataclasses.replace(request, image=image, original_image=original, width=width, height=height)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Pipeline.__call__`` that make this request."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in REQUEST_FIELDS}
+
+
+def text_encoders(manifest, t5) -> list[str]:
+    """The text encoder graphs a request runs (``t5`` switches SD3's off; InputError where it cannot)."""
+    from .text_conditioning import switched_on
+
+    return switched_on(manifest.conditioning.get("text", {}), manifest.text_encoders, t5=t5)
+
+
+def skip_layers(manifest, setting) -> dict | None:
+    """The skip-layer guidance a request asks for (None: off), checked against the transformer."""
+    from .flow import skip_layer_guidance
+
+    inputs = {spec.name: spec for spec in manifest.graphs["unet"].inputs}
+    layers = inputs["skip_layers"].shape[1] if "skip_layers" in inputs else 0
+    return skip_layer_guidance(setting, manifest.conditioning.get("skip_layer_guidance", {}), layers)
 
 
 def check_vae_tiling(vae_tiling) -> None:
