@@ -46,10 +46,10 @@ def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, v
     original = Sessions.use
 
     @contextmanager
-    def use(self, name):
+    def use(self, name, **options):
         current[0] = name
         try:
-            with original(self, name) as session:
+            with original(self, name, **options) as session:
                 yield session
         finally:
             current[0] = "between stages"
@@ -58,13 +58,16 @@ def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, v
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     started = time.perf_counter()
-    pipe = Pipeline.load(model_dir, provider=provider, memory=memory)
-    extra = {} if vae_tiling is None else {"vae_tiling": vae_tiling}
-    result = pipe("a photograph of an astronaut riding a horse", "", steps=steps, guidance=7.5, seed=0,
-                  width=size, height=size, **extra)
+    try:  # a caller in the same process (a test) gets the real Sessions.use back
+        pipe = Pipeline.load(model_dir, provider=provider, memory=memory)
+        extra = {} if vae_tiling is None else {"vae_tiling": vae_tiling}
+        result = pipe("a photograph of an astronaut riding a horse", "", steps=steps, guidance=7.5, seed=0,
+                      width=size, height=size, **extra)
+    finally:
+        Sessions.use = original
+        done.set()
+        thread.join()
     wall = time.perf_counter() - started
-    done.set()
-    thread.join()
     return {"model_dir": model_dir, "size": size, "steps": steps, "memory": memory, "provider": provider,
             "vae_tiling": vae_tiling, "wall_s": round(wall, 1),
             "peak_rss_gib": round(_status_kib("VmHWM") * 1024 / GIB, 3),
