@@ -134,12 +134,22 @@ def _list_samplers(ctx, param, value):
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
                    "tile [default: automatic above the size the model states].")
+@click.option("--hires-scale", type=float, default=None,
+              help="Hires fix (A1111's): generate at the size, upscale by this factor [default 2 when another "
+                   "--hires-* flag is given], then img2img at the upscaled size.")
+@click.option("--hires-steps", type=int, default=None, help="Hires fix: second-pass steps [default: --steps].")
+@click.option("--hires-strength", type=float, default=None,
+              help="Hires fix: second-pass denoising strength in (0, 1] [default 0.7].")
+@click.option("--hires-upscaler", default=None, metavar="NAME",
+              help="Hires fix: latent (bilinear), latent-antialiased, latent-bicubic, latent-bicubic-antialiased, "
+                   "latent-nearest, latent-nearest-exact, or the pixel upscalers lanczos, nearest (A1111's labels "
+                   "too) [default: latent].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, prompt_syntax, vae_tiling):
+             allow_pickle, prompt_syntax, vae_tiling, hires_scale, hires_steps, hires_strength, hires_upscaler):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -147,6 +157,9 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
     from edgediff.runtime.images import open_image
     from edgediff.runtime.request import GenerationRequest
 
+    hires = {name: value for name, value in (("scale", hires_scale), ("steps", hires_steps),
+                                             ("strength", hires_strength), ("upscaler", hires_upscaler))
+             if value is not None}
     if from_png is not None:
         given = {name for name in ctx.params if ctx.get_parameter_source(name) not in
                  (click.core.ParameterSource.DEFAULT, None)}
@@ -158,6 +171,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
                       schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax)
         values.update((name, value) for name, value in found.items() if name in values and name not in given)
         prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax = values.values()
+        hires = {**found.get("hires", {}), **hires}  # flags given override the image's
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
@@ -169,6 +183,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         width=width, height=height, image=open_image(image) if image is not None else None, strength=strength,
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
+        hires=hires or None,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
     request.check_fields()  # bad values are refused before the model loads

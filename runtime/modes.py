@@ -109,6 +109,19 @@ class Img2Img(Txt2Img):
         return self.x0 + self.noise * np.float32(plan.sigmas[0])
 
 
+class LatentImg2Img(Txt2Img):
+    """Img2img from a latent given in sampler space (the hires fix's second pass after a latent
+    upscale, runtime/hires.py): no VAE encoder; the latent is noised to the plan's first sigma
+    as :class:`Img2Img` noises an encoded picture."""
+
+    def __init__(self, x0: np.ndarray):
+        self.x0 = np.asarray(x0, dtype=np.float32)
+
+    def start(self, draw, sample_latent, plan) -> np.ndarray:
+        self.noise = draw()
+        return self.x0 + self.noise * np.float32(plan.sigmas[0])
+
+
 class BlendInpaint(Img2Img):
     """Inpainting with a U-Net that has no mask inputs: the known region is put back, noised to
     the current sigma, before every model call (inpaint.keep_known), and is the picture's own
@@ -176,6 +189,11 @@ def choose_mode(request, manifest, unet_channels: int):
         what = "inpainting" if inpainting_unet or request.mask is not None else "img2img"
         raise EdgediffError(f"this model has no vae_encoder graph, which {what} needs: re-export it with this "
                             "version of edgediff")
+    if request.start_latent is not None:
+        if inpainting_unet:
+            raise EdgediffError("an inpainting model cannot start from an upscaled latent; use a pixel hires "
+                                "upscaler (lanczos)")
+        return LatentImg2Img(request.start_latent)
     mask = None
     if request.mask is not None:
         mask = prepare_mask(request.mask, request.original_image.size, size, m.vae_scale_factor,

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from . import arguments as args
+from . import hires as hires_fix
 from . import memory as mem
 from .adapters import Adapters
 from .conditioning import embeds_guidance, guidance_embedding, size_ids
@@ -41,6 +42,7 @@ class Result:
     embeddings: list[str] = field(default_factory=list)  # textual-inversion names available
     request: GenerationRequest | None = None  # the checked request that made it (metadata.result_infotext)
     lora_files: list[tuple[str, float, Path]] = field(default_factory=list)  # (name, weight, file) applied
+    latents: np.ndarray | None = None  # the last latent, in sampler space (the hires fix upscales it)
 
 
 def _memory_errors(generate):
@@ -107,7 +109,8 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] = (0, 0), check_memory: bool = True,
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
-                 allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111") -> Result:
+                 allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
+                 hires: dict | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -136,6 +139,9 @@ class Pipeline:
         activations stay those of one tile; None tiles above the size the manifest states.
         ``prompt_syntax``: ``"a1111"`` (emphasis weights, ``BREAK``, chunks of 75 tokens) or
         ``"plain"`` (the prompt read literally and cut at the encoder's length, as diffusers does).
+        ``hires``: A1111's hires fix (runtime/hires.py), e.g. ``{"scale": 2.0, "steps": 10,
+        "strength": 0.5, "upscaler": "latent"}``: this size first, upscaled, then img2img at the
+        upscaled size (``width``/``height`` in it instead of ``scale``: that size).
         """
         values = locals()
         return self.generate(GenerationRequest(**{name: values[name] for name in REQUEST_FIELDS}))
@@ -145,6 +151,8 @@ class Pipeline:
         """One generation, as the table of contents of runtime/modes.py's stages."""
         started = time.perf_counter()
         request = request.check(self.manifest)                                # 1. check the request
+        if request.hires is not None:  # two generations: this size, then img2img upscaled
+            return hires_fix.generate(self, request)
         prompts, adapters, timings = self._adapt(request)                     # 2. LoRAs, embeddings
         mode = choose_mode(request, self.manifest, self._unet_channels())     # 3. the mode
         if mode is None:  # an all-black mask repaints nothing
@@ -162,7 +170,7 @@ class Pipeline:
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=run.seed, timings=timings, seeds=run.seeds,
                       loras=adapters.loras, embeddings=adapters.embeddings, request=request,
-                      lora_files=adapters.lora_files)
+                      lora_files=adapters.lora_files, latents=x)
 
     def _adapt(self, request: GenerationRequest):
         """Apply the request's LoRAs and embeddings; the prompts without their <lora:> tags."""
@@ -176,7 +184,7 @@ class Pipeline:
         """The sampler plan, the generators the seeds seed, and whether guidance runs the U-Net twice."""
         m, r = self.manifest, request
         plan = make_plan(r.sampler, self.alphas_cumprod, m.scheduler, r.steps, schedule=r.schedule,
-                         strength=r.strength if r.image is not None else 1.0)
+                         strength=r.strength if r.image is not None or r.start_latent is not None else 1.0)
         shape = (len(prompts), m.latent_channels, r.height // m.vae_scale_factor, r.width // m.vae_scale_factor)
         rng, seed, seeds = r.rng, r.seed, None
         if rng is None and isinstance(seed, (list, tuple)):
@@ -187,6 +195,8 @@ class Pipeline:
         if rng is None:
             seed = args.resolve_seed(seed) if seed is not None or r.latents is None else None
             rng = make_rng(r.noise, seed)
+        if r.start_latent is not None and tuple(np.shape(r.start_latent)) != shape:
+            raise InputError(f"start_latent must have shape {shape}, not {tuple(np.shape(r.start_latent))}")
         if r.latents is not None and tuple(np.shape(r.latents)) != shape:
             raise InputError(f"latents must have shape {shape} for this prompt count and size, "
                              f"not {tuple(np.shape(r.latents))}")
