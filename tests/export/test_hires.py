@@ -43,14 +43,15 @@ def test_hires_is_txt2img_then_img2img_from_the_upscaled_latent(pipe, upscaler):
 
     first = pipe(PROMPT, NEGATIVE, **FIRST)
     _, mode, antialias = UPSCALERS[result.request.hires.upscaler]
-    upscaled = F.interpolate(torch.from_numpy(first.latents), size=(9, 12), mode=mode, antialias=antialias).numpy()
-    np.testing.assert_allclose(upscaled, interpolate(first.latents, (9, 12), mode, antialias), rtol=1e-5, atol=1e-5)
+    size = (36 // pipe.manifest.vae_scale_factor, 48 // pipe.manifest.vae_scale_factor)
+    upscaled = F.interpolate(torch.from_numpy(first.latents), size=size, mode=mode, antialias=antialias).numpy()
+    np.testing.assert_allclose(upscaled, interpolate(first.latents, size, mode, antialias), rtol=1e-5, atol=1e-5)
     second = pipe.generate(GenerationRequest(
         PROMPT, NEGATIVE, **{**FIRST, "steps": 4, "width": 48, "height": 36}, strength=0.55,
-        start_latent=interpolate(first.latents, (9, 12), mode, antialias)))
+        start_latent=interpolate(first.latents, size, mode, antialias)))
     np.testing.assert_array_equal(result.pixels, second.pixels)
     # The second pass matters: without it (the first pass, upscaled and decoded) the image differs.
-    plain = pipe.decode(interpolate(first.latents, (9, 12), mode, antialias))[1]
+    plain = pipe.decode(interpolate(first.latents, size, mode, antialias))[1]
     assert np.abs(plain - result.pixels).max() > 1e-2
 
 
