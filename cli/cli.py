@@ -144,12 +144,15 @@ def _list_samplers(ctx, param, value):
               help="Hires fix: latent (bilinear), latent-antialiased, latent-bicubic, latent-bicubic-antialiased, "
                    "latent-nearest, latent-nearest-exact, or the pixel upscalers lanczos, nearest (A1111's labels "
                    "too) [default: latent].")
+@click.option("--image-guidance", type=float, default=None,
+              help="InstructPix2Pix models (with --image): how closely the edit keeps to the picture [default 1.5].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, prompt_syntax, vae_tiling, hires_scale, hires_steps, hires_strength, hires_upscaler):
+             allow_pickle, prompt_syntax, vae_tiling, hires_scale, hires_steps, hires_strength, hires_upscaler,
+             image_guidance):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -183,7 +186,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         width=width, height=height, image=open_image(image) if image is not None else None, strength=strength,
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
-        hires=hires or None,
+        hires=hires or None, image_guidance=image_guidance,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
     request.check_fields()  # bad values are refused before the model loads

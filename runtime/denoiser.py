@@ -30,23 +30,33 @@ def to_denoised(model_output: np.ndarray, x: np.ndarray, sigma: float, predictio
 
 def make_denoiser(unet: UNet, timestep: Callable[[float], float], prediction_type: str,
                   cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, guidance: float,
-                  split: bool = False) -> Callable[[np.ndarray, float], np.ndarray]:
+                  split: bool = False, image_uncond: dict[str, np.ndarray] | None = None,
+                  image_guidance: float = 1.0) -> Callable[[np.ndarray, float], np.ndarray]:
     """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch, or as
-    two calls of half the batch when ``split`` (half the U-Net's activation memory, same result)."""
-    guided = uncond is not None
-    context = {name: np.concatenate([uncond[name], value]) for name, value in cond.items()} if guided else cond
+    one call per group when ``split`` (a fraction of the U-Net's activation memory, same result).
+    ``image_uncond`` (InstructPix2Pix): a third group without the picture; the groups are then
+    diffusers' (text + picture, picture, neither) and ``image_guidance`` weighs the picture
+    (Brooks et al. 2023, "InstructPix2Pix", eq. 3)."""
+    groups = [cond] if uncond is None else [uncond, cond] if image_uncond is None else [cond, uncond, image_uncond]
+    context = {name: np.concatenate([group[name] for group in groups]) for name in cond}
+
+    def combine(outputs):
+        if len(outputs) == 2:
+            output_uncond, output_cond = outputs
+            return output_uncond + np.float32(guidance) * (output_cond - output_uncond)
+        if len(outputs) == 3:
+            text, image, neither = outputs
+            return neither + np.float32(guidance) * (text - image) + np.float32(image_guidance) * (image - neither)
+        return outputs[0]
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         c_in = np.float32(1.0 / (sigma**2 + 1) ** 0.5)
         t = np.full(x.shape[0], timestep(sigma), dtype=np.float32)
-        if guided and split:
-            output_uncond, output_cond = (unet(x * c_in, t, half) for half in (uncond, cond))
-        elif guided:
-            output_uncond, output_cond = np.split(unet(np.concatenate([x, x]) * c_in, np.concatenate([t, t]), context), 2)
+        if split and len(groups) > 1:
+            outputs = [unet(x * c_in, t, group) for group in groups]
         else:
-            output = unet(x * c_in, t, context)
-        if guided:
-            output = output_uncond + np.float32(guidance) * (output_cond - output_uncond)
-        return to_denoised(output, x, sigma, prediction_type).astype(np.float32, copy=False)
+            n = len(groups)
+            outputs = np.split(unet(np.concatenate([x] * n) * c_in, np.concatenate([t] * n), context), n)
+        return to_denoised(combine(outputs), x, sigma, prediction_type).astype(np.float32, copy=False)
 
     return denoise

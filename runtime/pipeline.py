@@ -110,7 +110,7 @@ class Pipeline:
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
                  allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
-                 hires: dict | None = None) -> Result:
+                 hires: dict | None = None, image_guidance: float | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -142,6 +142,8 @@ class Pipeline:
         ``hires``: A1111's hires fix (runtime/hires.py), e.g. ``{"scale": 2.0, "steps": 10,
         "strength": 0.5, "upscaler": "latent"}``: this size first, upscaled, then img2img at the
         upscaled size (``width``/``height`` in it instead of ``scale``: that size).
+        ``image_guidance`` (InstructPix2Pix models, with ``image``; default 1.5): how closely the edit
+        keeps to the picture; ``guidance`` is then the instruction's weight (runtime/modes.py).
         """
         values = locals()
         return self.generate(GenerationRequest(**{name: values[name] for name in REQUEST_FIELDS}))
@@ -157,7 +159,7 @@ class Pipeline:
         mode = choose_mode(request, self.manifest, self._unet_channels())     # 3. the mode
         if mode is None:  # an all-black mask repaints nothing
             return self._unchanged(request, len(prompts), started)
-        run = self._prepare(request, prompts, timings)                        # 4. plan, noise, guidance
+        run = self._prepare(request, prompts, timings, mode.takes_strength)   # 4. plan, noise, guidance
         tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
             mode.encode(self._vae_encoder(vae_encoder, run.batch, request, tile))  # 6. encode the picture
@@ -180,11 +182,13 @@ class Pipeline:
         used = request.loras or request.embeddings or adapted.loras
         return adapted.prompts, adapted, {"adapters": time.perf_counter() - started} if used else {}
 
-    def _prepare(self, request: GenerationRequest, prompts: list[str], timings: dict[str, float]) -> "Run":
+    def _prepare(self, request: GenerationRequest, prompts: list[str], timings: dict[str, float],
+                 takes_strength: bool = True) -> "Run":
         """The sampler plan, the generators the seeds seed, and whether guidance runs the U-Net twice."""
         m, r = self.manifest, request
         plan = make_plan(r.sampler, self.alphas_cumprod, m.scheduler, r.steps, schedule=r.schedule,
-                         strength=r.strength if r.image is not None or r.start_latent is not None else 1.0)
+                         strength=r.strength if takes_strength and (r.image is not None or r.start_latent is not None)
+                         else 1.0)
         shape = (len(prompts), m.latent_channels, r.height // m.vae_scale_factor, r.width // m.vae_scale_factor)
         rng, seed, seeds = r.rng, r.seed, None
         if rng is None and isinstance(seed, (list, tuple)):
@@ -252,7 +256,7 @@ class Pipeline:
 
     def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step) -> np.ndarray:
         """The sampler's loop over the U-Net, with the mode's extra inputs and steering."""
-        cond, uncond = context
+        cond, uncond, groups = mode.condition(*context)
         with self._stage("unet", timings, arena) as unet:
             def run_unet(x_in, t, ctx):
                 feed = {"sample": x_in, "timestep": t, **ctx}
@@ -263,7 +267,7 @@ class Pipeline:
             # Low memory runs the guidance halves one after the other: the U-Net's activations are
             # the peak of a generation once only one graph is resident.
             denoise = make_denoiser(run_unet, run.plan.timestep, self.manifest.prediction_type, cond, uncond,
-                                    run.guidance, split=self.sessions.memory == "low")
+                                    run.guidance, split=self.sessions.memory == "low", **groups)
             callback = None if on_step is None else \
                 (lambda i, sigma, x_i, denoised: on_step(i + 1, run.plan.steps, x_i))
             x = run.plan.run(mode.steer(denoise, run.plan), x, rng=run.rng, on_step=callback)

@@ -79,6 +79,7 @@ class GenerationRequest:
     allow_pickle: bool = False
     vae_tiling: bool | None = None
     prompt_syntax: str = "a1111"
+    image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
     hires: Any = None  # dict (runtime/hires.py HiresFix's fields) or HiresFix; check makes it a HiresFix
     # Set by the hires fix's second pass (runtime/hires.py): img2img from this sampler-space latent.
     start_latent: np.ndarray | None = field(default=None, repr=False)
@@ -133,8 +134,14 @@ class GenerationRequest:
             raise InputError("the hires fix is for text-to-image: give no image with it (--hires-* needs no --image)")
         if self.start_latent is not None:
             _check_strength(self.strength)
+        image_guidance = self.image_guidance
+        if image_guidance is not None:
+            if not args.is_real(image_guidance) or not math.isfinite(image_guidance) or not 0 <= image_guidance <= 100:
+                raise InputError(f"image guidance must be a number from 0 to 100, not {args.short(image_guidance)}")
+            image_guidance = float(image_guidance)
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
-                                   guidance=guidance, schedule=schedule, hires=hires, **sizes)
+                                   guidance=guidance, schedule=schedule, hires=hires,
+                                   image_guidance=image_guidance, **sizes)
 
     def check(self, manifest) -> "GenerationRequest":
         """All rules, with the model's: sizes default to the picture's, else the model's own."""
