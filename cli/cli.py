@@ -43,10 +43,13 @@ def main():
 @main.command()
 @click.argument("source")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8", "int4"]), default="fp16", show_default=True,
-              help="fp16 for GPUs; fp32 (or int8 U-Net weights) for the CPU; int4: 4-bit U-Net MatMul weights (small GPUs, SDXL).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8", "int4"]), default=None,
+              help="fp16 for GPUs; fp32 (or int8 U-Net weights) for the CPU; int4: 4-bit U-Net MatMul weights "
+                   "(small GPUs, SDXL) [default: with --optimize-for, fp16; without either flag, what this "
+                   "machine runs best, printed first].")
 @click.option("--optimize-for", type=click.Choice(["cuda", "dml", "cpu", "none"]), default=None,
-              help="Graph fusions for this target [default: cuda for fp16, cpu otherwise].")
+              help="Graph fusions for this target [default: cuda for fp16, cpu otherwise; without either "
+                   "flag, this machine's best provider].")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .ckpt checkpoints (loading them runs code).")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims,
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
-from .weight_map import WEIGHT_MAPPED, module_weight_map
+from .weight_map import module_weight_map
 
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
 OPSET = 17
@@ -44,7 +45,8 @@ INT4_TARGETS = ("cuda", "cpu", "none")
 
 
 def default_target(precision: str) -> str:
-    """fp16 graphs are for GPUs; CPU runs want fp32, int8 or int4 graphs (DESIGN.md)."""
+    """fp16 graphs are for GPUs (ONNX Runtime's CPU provider lacks fp16 kernels for most ops and
+    runs them through casts); CPU runs want fp32, int8 or int4 graphs."""
     return "cuda" if precision == "fp16" else "cpu"
 
 
@@ -53,26 +55,26 @@ def float_dtype(precision: str, target: str) -> str:
     return "float16" if precision == "fp16" or (precision == "int4" and target == "cuda") else "float32"
 
 
-def export_model(source: str, out: str | Path, *, precision: str = "fp16", optimize_for: str | None = None,
+def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
                  log: Callable[[str], None] | None = None) -> Manifest:
-    """Export ``source`` into ``out`` and return the manifest written there."""
+    """Export ``source`` into ``out`` and return the manifest written there.
+
+    ``precision=None`` and ``optimize_for=None``: the export that fits this machine (target.py),
+    announced as the first line.
+    """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    if precision not in PRECISIONS:
-        raise EdgediffError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    target = optimize_for or default_target(precision)
-    if target not in opt.TARGETS:
-        raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
-    if precision == "int4" and target not in INT4_TARGETS:
-        raise EdgediffError(f"--precision int4 supports --optimize-for {', '.join(INT4_TARGETS)}, not {target!r} "
-                            "(its MatMulNBits graphs are untested there); use fp16 for that target")
+    _check_settings(precision, optimize_for)
     from .load import check_source, load_components
+    from .target import choose
 
     started = time.perf_counter()
     check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
+    precision, target = choose(precision, optimize_for, default_target, log)
+    _check_settings(precision, target)
     log(f"loading {source}")
 
     _quiet_libraries()
@@ -107,9 +109,22 @@ def export_model(source: str, out: str | Path, *, precision: str = "fp16", optim
     (staging / "settings.json").unlink()
     staging.rename(out)
     write_manifest(out, manifest)
+    unvalidated = [name for name, entry in entries.items() if not entry.validation.get("validated")]
     log(f"done: {out} ({_folder_mb(out):.1f} MB) in {time.perf_counter() - started:.0f} s, "
-        f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB")
+        f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB"
+        + (f"; NOT validated: {', '.join(unvalidated)} (see their lines above)" if unvalidated else ""))
     return manifest
+
+
+def _check_settings(precision: str | None, target: str | None) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise EdgediffError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    target = target or (precision and default_target(precision))
+    if target is not None and target not in opt.TARGETS:
+        raise EdgediffError(f"unknown --optimize-for {target!r}; choose one of {', '.join(opt.TARGETS)}")
+    if precision == "int4" and target not in INT4_TARGETS:
+        raise EdgediffError(f"--precision int4 supports --optimize-for {', '.join(INT4_TARGETS)}, not {target!r} "
+                            "(its MatMulNBits graphs are untested there); use fp16 for that target")
 
 
 def _quiet_libraries() -> None:
@@ -149,22 +164,112 @@ def _reset_if_stale(staging: Path, settings: dict) -> None:
     marker.write_text(json.dumps(settings))
 
 
+@dataclass
+class GraphJob:
+    """One graph's export: its declaration, the export's settings, and where its files go."""
+
+    spec: GraphSpec
+    meta: object
+    precision: str  # the export's precision; a graph that is not quantizable stays float
+    target: str
+    folder: Path
+    prefix: str
+    log: Callable[[str], None]
+    keep: frozenset[str]  # modules a later graph reuses
+    fusions: str | None = None  # the fusions' target, where it differs from ``target`` (the CPU check)
+    file: str = "model.onnx"
+
+    @property
+    def fusion_target(self) -> str:
+        return self.fusions or self.target
+
+    @property
+    def dims(self) -> dict:
+        return model_dims(self.meta)
+
+    @property
+    def work(self) -> Path:
+        return self.folder / "raw"  # the stripped graph's weights, until the final file is written
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.file
+
+    @property
+    def float16(self) -> bool:
+        return float_dtype(self.precision, self.target) == "float16"
+
+    @property
+    def int4(self) -> bool:
+        return self.precision == "int4" and self.spec.quantizable
+
+    @property
+    def upcast(self) -> bool:
+        return self.spec.config_flag(self.meta, self.spec.upcast_attention_flag)
+
+    @property
+    def float_precision(self) -> str:
+        """The precision of a graph that is not quantized: fp16 where int4 targets CUDA."""
+        return "fp16" if self.float16 else "fp32"
+
+
+@dataclass
+class Written:
+    """What the precision pass leaves: the graph file's precision, boundary and what stayed fp32."""
+
+    precision: str
+    inputs: list
+    outputs: list
+    kept_fp32: list[str]
+    quantization: dict = field(default_factory=dict)
+    report: dict | None = None  # the fp16 escalation's last validation of this very file
+    step: int | None = None  # the fp16 try that was written (``_fp16_steps``)
+    unvalidated: str | None = None  # why no provider here could run it
+
+
 def _export_graph(components: Components, spec: GraphSpec, staging: Path, precision: str, target: str,
                   prefix: str, log, keep: frozenset[str] = frozenset()) -> GraphEntry:
+    """The passes, in order: trace, optimize, quantize, precision (and write), validate, weight map."""
     started = time.perf_counter()
-    meta = components.meta
-    dims = model_dims(meta)
-    folder = staging / spec.name
-    work = folder / "raw"  # the stripped graph's weights, until the final file is written
-    shutil.rmtree(folder, ignore_errors=True)
-    work.mkdir(parents=True)
+    job = GraphJob(spec, components.meta, precision, target, staging / spec.name, prefix, log, keep)
+    shutil.rmtree(job.folder, ignore_errors=True)
+    job.work.mkdir(parents=True)
+    model, expected, check_inputs = _trace(components, job)
+    providers = runnable_providers(target)
+    # Where the target's provider is absent, the closest graph this machine runs is checked first.
+    check = None if providers is not None else _check_on_cpu(_copy(model), job, expected, check_inputs)
+    model = _optimize(model, job)
+    model, quantization = _quantize(model, job)
+    written = _write_at_precision(model, job, expected, check_inputs, providers, step=check and check.step)
+    written.quantization = quantization
+    del model
+    shutil.rmtree(job.work)
+    release_freed()
+
+    validation = _validate_and_report(expected, spec, job.path, check_inputs, written, providers,
+                                      written.precision if precision != "int8" else precision, prefix, log, check)
+    entry = GraphEntry(
+        path=f"{spec.name}/model.onnx", sha256=sha256_file(job.path), precision=written.precision,
+        inputs=written.inputs, outputs=written.outputs, kept_fp32=written.kept_fp32, validation=validation,
+        weights=_weight_map(components, job, written.precision), quantization=written.quantization,
+    )
+    log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
+    return entry
+
+
+def _trace(components: Components, job: GraphJob):
+    """torch.onnx's trace at batch 2, and torch's reference outputs at batch 1 for validation.
+
+    Returns the stripped graph (weights on disk in ``job.work``), the reference outputs and the
+    validation inputs; the torch module is freed before the graph is handled.
+    """
+    spec, dims, meta = job.spec, job.dims, job.meta
     trace_inputs = spec.example_inputs(dims, example_sizes(meta, batch=2, latent_units=2))
     check_inputs = spec.example_inputs(dims, example_sizes(meta, batch=1, latent_units=3))
-    raw = work / "model.onnx"
-
-    with components.open(keep) as pipe:
+    raw = job.work / "model.onnx"
+    with components.open(job.keep) as pipe:
         module = spec.module(pipe, dims).eval()
-        log(f"{prefix}: tracing")
+        job.log(f"{job.prefix}: tracing")
         # The tracer warns about every Python-level shape check in diffusers; validation is our check.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -178,132 +283,176 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
         del module
     model = load_stripped(raw, "weights.bin")
     release_freed()
+    return model, expected, check_inputs
 
-    if target != "none":
-        log(f"{prefix}: optimizing for {target}")
-    # SD 2.x attention overflows fp16. CUDA's fused attention kernel is what ONNX Runtime's own
-    # SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its scores can stay fp32.
-    upcast = spec.name == "unet" and bool(getattr(meta.unet.config, "upcast_attention", False))
-    float16 = float_dtype(precision, target) == "float16"
-    quantize = precision == "int4" and spec.name == "unet"
-    # On the CPU the fused Attention op holds self-attention's q/k/v as one packed weight that
-    # MatMulNBits cannot take: int4 keeps attention as MatMuls there (RESULTS.md, "int4").
-    fuse = not (upcast and float16 and target != "cuda") and not (quantize and target != "cuda")
-    model = opt.optimize(model, work, spec.optimizer_type, target, fuse_attention=fuse)
-    spill(model, work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
+
+def _optimize(model, job: GraphJob):
+    """ONNX Runtime's fusions for the target (none for ``none``); their new weights spill to disk."""
+    if job.fusion_target != "none":
+        job.log(f"{job.prefix}: optimizing for {job.fusion_target}")
+    # Attention overflows fp16 where the config upcasts it (SD 2.x). CUDA's fused attention kernel is
+    # what ONNX Runtime's own SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its
+    # scores can stay fp32. On the CPU the fused Attention op holds self-attention's q/k/v as one
+    # packed weight that MatMulNBits cannot take: int4 keeps attention as MatMuls there
+    # (RESULTS.md, "int4").
+    off_cuda = job.fusion_target != "cuda"
+    fuse = not (job.upcast and job.float16 and off_cuda) and not (job.int4 and off_cuda)
+    model = opt.optimize(model, job.work, job.spec.optimizer_type, job.fusion_target, fuse_attention=fuse)
+    spill(model, job.work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
     model = fresh(model)
     # The fusions' objects keep the old graph alive in reference cycles, and with it every weight a
     # fusion read (measured: the whole SDXL U-Net for CUDA's, 9 GiB), until the collector runs.
     release_freed(collect=True)
+    return model
 
-    inputs = spec.resolve(spec.inputs, dims, float_dtype(precision, target))
-    outputs = spec.resolve(spec.outputs, dims, float_dtype(precision, target))
-    providers = runnable_providers(target)
-    path = folder / "model.onnx"
-    kept_fp32: list[str] = []
-    # int8/int4 apply to the U-Net; the other graphs are float (fp16 where int4 targets CUDA).
-    graph_precision = (precision if spec.name == "unet" or precision in ("fp16", "fp32")
-                       else "fp16" if float16 else "fp32")
-    report = None
-    quantization = {}
 
-    if quantize:
-        log(f"{prefix}: quantizing MatMul weights to {INT4['bits']}-bit blocks of {INT4['block_size']}")
+def _quantize(model, job: GraphJob):
+    """int4 (MatMulNBits blocks) or int8 (dynamic) weights for a quantizable graph; others pass through.
+
+    Returns the graph and the manifest's ``quantization`` record (int4 only).
+    """
+    if job.int4:
+        job.log(f"{job.prefix}: quantizing MatMul weights to {INT4['bits']}-bit blocks of {INT4['block_size']}")
         float_bytes = opt.weight_bytes_by_op(model)
-        model = opt.quantize_nbits(model, work, INT4["bits"], INT4["block_size"])
-        spill(model, work, "quantized.bin")  # the packed weights and their scales
+        model = opt.quantize_nbits(model, job.work, INT4["bits"], INT4["block_size"])
+        spill(model, job.work, "quantized.bin")  # the packed weights and their scales
         model = fresh(model)
         release_freed()
         kept = opt.weight_bytes_by_op(model)
-        quantization = {**INT4, "matmul_float_bytes": float_bytes.get("MatMul", 0),
-                        "packed_bytes": kept.get("MatMulNBits", 0),
-                        "float_bytes": sum(b for op, b in kept.items() if op != "MatMulNBits"),
-                        "float": "convolutions, Gemm and MatMuls without a constant weight, norms, biases"}
-        if not float16:
-            kept_fp32 = ["convolutions and non-MatMul weights (MatMulNBits covers MatMul weights only)"]
-    if float16:
-        log(f"{prefix}: converting to fp16")
-        opt.name_nodes(model)
-        keep_io = [s.name for s in inputs if s.dtype == "float32"]
-        attention = opt.attention_score_nodes(model)
-        # Escalate only as far as needed: all fp16, then attention scores in fp32, then all fp32.
-        # Each try starts from the stripped fp32 graph; its weights are converted as they are written.
-        # A VAE whose config says ``force_upcast`` (SDXL's) overflows fp16: it stays fp32 outright.
-        steps = ((attention if upcast else [], "attention scores and softmax (upcast_attention)"),
-                 (attention, "attention scores and softmax (fp16 overflow)"),
-                 (None, "whole graph (fp16 overflow)"))
-        if spec.optimizer_type == "vae" and getattr(meta.vae.config, "force_upcast", False):
-            steps = ((None, "whole graph (the VAE config sets force_upcast)"),)
-        for keep_nodes, why in steps:
-            if keep_nodes is None:
-                graph_precision, converted = "int4" if quantize else "fp32", model
-                inputs = spec.resolve(spec.inputs, dims, "float32")
-                outputs = spec.resolve(spec.outputs, dims, "float32")
-                kept_fp32 = [why]
-            else:
-                converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
-                kept_fp32 = [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else []
-            write_graph(converted, path, work)
-            del converted
-            release_freed()
-            if providers is None:
-                break
-            report = validate(expected, path, check_inputs, inputs, outputs, providers)
-            if all(r["finite"] for r in report.values()):
-                break
-            log(f"{prefix}: fp16 output overflowed; keeping more in fp32")
-    elif precision == "int8" and spec.name == "unet":
-        log(f"{prefix}: quantizing MatMul weights to int8")
-        model = opt.quantize_int8(model, work)
-        spill(model, work, "quantized.bin")  # the int8 weights and their scales
+        return model, {**INT4, "matmul_float_bytes": float_bytes.get("MatMul", 0),
+                       "packed_bytes": kept.get("MatMulNBits", 0),
+                       "float_bytes": sum(b for op, b in kept.items() if op != "MatMulNBits"),
+                       "float": "convolutions, Gemm and MatMuls without a constant weight, norms, biases"}
+    if job.precision == "int8" and job.spec.quantizable:
+        job.log(f"{job.prefix}: quantizing MatMul weights to int8")
+        model = opt.quantize_int8(model, job.work)
+        spill(model, job.work, "quantized.bin")  # the int8 weights and their scales
         model = fresh(model)
         release_freed()
-        write_graph(model, path, work)
-        kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
-    else:
-        if precision == "int8":
-            kept_fp32 = ["whole graph (int8 applies to the U-Net)"]
-        elif precision == "int4" and not quantize:
-            kept_fp32 = ["whole graph (int4 applies to the U-Net)"]
-        write_graph(model, path, work)
-    model = None
-    shutil.rmtree(work)
-    release_freed()
-
-    validation = _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers,
-                                      graph_precision if precision != "int8" else precision, prefix, log, report)
-    weights = {}
-    if spec.name in WEIGHT_MAPPED:  # LoRAs patch these: map torch names to the saved initializers
-        with components.open(keep) as pipe:
-            weights = module_weight_map(spec.name, spec.module(pipe, dims), path, graph_precision)
-    entry = GraphEntry(
-        path=f"{spec.name}/model.onnx", sha256=sha256_file(path), precision=graph_precision,
-        inputs=inputs, outputs=outputs, kept_fp32=kept_fp32, validation=validation, weights=weights,
-        quantization=quantization,
-    )
-    log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
-    return entry
+    return model, {}
 
 
-def _validate_and_report(expected, spec, path, check_inputs, inputs, outputs, providers, precision, prefix,
-                         log, report=None) -> dict:
-    """``report``: the fp16 escalation's last validation of this very file, when there was one."""
+def _write_at_precision(model, job: GraphJob, expected, check_inputs, providers, step: int | None = None) -> Written:
+    """Write the final file: fp16 graphs through the escalation below (or straight at ``step``, the
+    try a CPU check settled on), the others as they are."""
+    spec, dims = job.spec, job.dims
+    if job.float16:
+        return _write_fp16(model, job, expected, check_inputs, providers, step)
+    written = Written(job.precision if spec.quantizable or job.precision in ("fp16", "fp32") else "fp32",
+                      spec.resolve(spec.inputs, dims, "float32"), spec.resolve(spec.outputs, dims, "float32"), [])
+    if job.int4:
+        written.kept_fp32 = ["convolutions and non-MatMul weights (MatMulNBits covers MatMul weights only)"]
+    elif job.precision == "int8" and spec.quantizable:
+        written.kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
+    elif job.precision in ("int8", "int4"):
+        written.kept_fp32 = [f"whole graph ({job.precision} applies to the U-Net)"]
+    write_graph(model, job.path, job.work)
+    return written
+
+
+def _fp16_steps(model, job: GraphJob) -> list[tuple[list[str] | None, str]]:
+    """The fp16 tries in order, as (nodes kept fp32, why); None keeps the whole graph fp32.
+
+    Escalate only as far as needed, in the order the graph declares: all fp16 (attention scores in
+    fp32 from the start where the config upcasts attention), then attention scores in fp32, then
+    all fp32. A config flag that forces fp32 (SDXL's VAE ``force_upcast``) skips straight to fp32.
+    """
+    spec = job.spec
+    opt.name_nodes(model)
+    if spec.config_flag(job.meta, spec.force_fp32_flag):
+        component, flag = spec.force_fp32_flag
+        return [(None, f"whole graph (the {component.upper()} config sets {flag})")]
+    attention = opt.attention_score_nodes(model)
+    escalation = {"attention": (attention, "attention scores and softmax (fp16 overflow)"),
+                  "graph": (None, "whole graph (fp16 overflow)")}
+    first = (attention if job.upcast else [], "attention scores and softmax (upcast_attention)")
+    return [first, *(escalation[step] for step in spec.fp16_escalation)]
+
+
+def _write_fp16(model, job: GraphJob, expected, check_inputs, providers, step: int | None = None) -> Written:
+    """Each try starts from the stripped fp32 graph; its weights are converted as they are written,
+    and the file is validated (where a provider here runs it) before the next try is considered."""
+    spec, dims = job.spec, job.dims
+    keep_io = [s.name for s in spec.resolve(spec.inputs, dims, "float16") if s.dtype == "float32"]
+    written = None
+    steps = list(enumerate(_fp16_steps(model, job)))
+    for index, (keep_nodes, why) in steps if step is None else steps[min(step, len(steps) - 1):][:1]:
+        if keep_nodes is None:
+            written = Written("int4" if job.int4 else "fp32", spec.resolve(spec.inputs, dims, "float32"),
+                              spec.resolve(spec.outputs, dims, "float32"), [why])
+            converted = model
+        else:
+            written = Written(job.precision if spec.quantizable else job.float_precision,
+                              spec.resolve(spec.inputs, dims, "float16"), spec.resolve(spec.outputs, dims, "float16"),
+                              [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else [])
+            converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
+        written.step = index
+        write_graph(converted, job.path, job.work)
+        del converted
+        release_freed()
+        if providers is None:
+            break
+        written.report = validate(expected, job.path, check_inputs, written.inputs, written.outputs, providers)
+        if all(r["finite"] for r in written.report.values()):
+            break
+        job.log(f"{job.prefix}: fp16 output overflowed; keeping more in fp32")
+    return written
+
+
+def _check_on_cpu(model, job: GraphJob, expected, check_inputs) -> Written:
+    """Validate, on the CPU and at the export's precision, the graph fused for the CPU: the target's
+    graph before its provider-only fusions (optimize.CUDA_ONLY_FUSIONS), which this machine cannot
+    run. Its fp16 escalation decides the target's; the file is deleted once checked."""
+    check = replace(job, fusions="cpu", file="cpu_check.onnx", prefix=f"{job.prefix} (cpu check)")
+    cpu = ["CPUExecutionProvider"]
+    model = _optimize(model, check)
+    model, _ = _quantize(model, check)
+    try:
+        written = _write_at_precision(model, check, expected, check_inputs, cpu)
+        written.report = written.report or validate(expected, check.path, check_inputs, written.inputs,
+                                                    written.outputs, cpu)
+    except Exception as error:  # noqa: BLE001  ONNX Runtime raises its own types for a missing kernel
+        written = Written(job.precision, [], [], [], unvalidated=f"the CPU cannot run it either: {str(error)[:160]}")
+    check.path.unlink(missing_ok=True)
+    return written
+
+
+def _weight_map(components: Components, job: GraphJob, precision: str) -> dict:
+    """LoRAs patch these graphs: map torch names to the saved initializers."""
+    if not job.spec.lora_patched:
+        return {}
+    with components.open(job.keep) as pipe:
+        return module_weight_map(job.spec.name, job.spec.module(pipe, job.dims), job.path, precision)
+
+
+def _validate_and_report(expected, spec, path, check_inputs, written: Written, providers, precision, prefix,
+                         log, check: Written | None = None) -> dict:
+    """The manifest's ``validation``: where the graph was run (``where``), each output's difference
+    from torch and the tolerance. ``check``: the CPU check of the graph before provider-only fusions,
+    used where ``providers`` is None (this machine cannot run the file itself)."""
     tolerance = spec.tolerance[precision]
+    if providers is None and (check is None or check.report is None):
+        reason = check.unvalidated if check is not None else "graph needs CUDAExecutionProvider"
+        log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here, "
+            f"and {reason}")
+        return {"validated": False, "reason": reason, "tolerance": tolerance}
     if providers is None:
-        log(f"{prefix}: not validated: its fused ops need the CUDA provider, which is not available here")
-        return {"validated": False, "reason": "graph needs CUDAExecutionProvider", "tolerance": tolerance}
-    report = report or validate(expected, path, check_inputs, inputs, outputs, providers)
+        report, providers, where = check.report, ["CPUExecutionProvider"], "cpu, before cuda fusions"
+    else:
+        report = written.report or validate(expected, path, check_inputs, written.inputs, written.outputs, providers)
+        where = providers[0].replace("ExecutionProvider", "").lower()
     failed = []
     for output, result in report.items():
         ok = result["finite"] and result["relative"] <= tolerance
-        log(f"{prefix}: validate {output}: max abs diff {result['max_abs_diff']:.2e} "
+        log(f"{prefix}: validate {output} on {where}: max abs diff {result['max_abs_diff']:.2e} "
             f"(relative {result['relative']:.2e}, tolerance {tolerance:.0e}) {'ok' if ok else 'FAILED'}")
         if not ok:
             failed.append(output)
     if failed:
         raise EdgediffError(f"{spec.name} graph does not match torch ({', '.join(failed)} over tolerance "
                             f"{tolerance:.0e}); nothing was written to the output folder")
-    return {"validated": True, "providers": providers[:1], "tolerance": tolerance, "outputs": report}
+    return {"validated": True, "providers": providers[:1], "where": where, "tolerance": tolerance,
+            "max_relative": max(r["relative"] for r in report.values()), "outputs": report}
 
 
 def _copy(model):
@@ -360,9 +509,10 @@ def _vae_sample_size(pipe) -> int:
 
 
 def _text_encoders(pipe) -> list[tuple[str, str, str]]:
-    """(graph, tokenizer attribute, tokenizer folder) of each text encoder the pipeline has."""
-    pairs = [("text_encoder", "tokenizer", "tokenizer"), ("text_encoder_2", "tokenizer_2", "tokenizer_2")]
-    return [pair for pair in pairs if getattr(pipe, pair[0], None) is not None]
+    """(graph, tokenizer attribute, tokenizer folder) of each text encoder the pipeline's family
+    declares (``GraphSpec.tokenizer``)."""
+    return [(name, *spec.tokenizer) for name, spec in graphs_for(pipe).items()
+            if spec.tokenizer is not None and getattr(pipe, name, None) is not None]
 
 
 def _tokenizer_spec(tokenizer, folder: str) -> dict:

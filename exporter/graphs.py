@@ -6,7 +6,7 @@ Apple's ``VAEDecoder``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -89,8 +89,34 @@ class VAEEncoder(nn.Module):
         return posterior.mean, posterior.std
 
 
+# Example input values for tracing and validation, declared per input on the graph specs. Each takes
+# (shape, dims, generator); the default is standard normal noise.
+Example = Callable[[list, dict, torch.Generator], torch.Tensor]
+
+
+def token_ids(shape, dims, generator) -> torch.Tensor:
+    """Random token ids from the text encoder's vocabulary."""
+    return torch.randint(0, dims["vocab"], shape, generator=generator, dtype=torch.int32)
+
+
+def mid_timestep(shape, dims, generator) -> torch.Tensor:
+    """A timestep in the middle of the schedule, where every U-Net block contributes."""
+    return torch.full(shape, 601.0)
+
+
+def size_ids(shape, dims, generator) -> torch.Tensor:
+    """SDXL's size and crop ids in pixels (original size, crop offsets, target size)."""
+    return torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0][: shape[1]]).repeat(shape[0], 1)
+
+
+def gaussian(shape, dims, generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator)
+
+
 @dataclass(frozen=True)
 class GraphSpec:
+    """One graph and its export policy, as data: the exporter's passes read these fields, never the name."""
+
     name: str
     wrap: Callable[[object, tuple[str, ...]], nn.Module]  # (pipeline, input names) -> boundary module
     inputs: tuple[TensorSpec, ...]  # an input with an axis the model's dims leave None is left out
@@ -98,6 +124,23 @@ class GraphSpec:
     optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
     # Max abs difference against torch, relative to the reference output's peak magnitude.
     tolerance: dict[str, float]
+    # int8 and int4 quantize this graph's MatMul weights; the other graphs stay float.
+    quantizable: bool = False
+    # fp16: a (component, config flag) that, when true, keeps attention scores fp32 from the start
+    # and attention unfused off CUDA (SD 2.x's ``upcast_attention`` overflows fp16).
+    upcast_attention_flag: tuple[str, str] | None = None
+    # fp16: a (component, config flag) that, when true, keeps the whole graph fp32 (SDXL's VAE
+    # ``force_upcast``).
+    force_fp32_flag: tuple[str, str] | None = None
+    # fp16 escalation when an output overflows, in order: "attention" (scores and softmax in fp32),
+    # then "graph" (everything fp32).
+    fp16_escalation: tuple[str, ...] = ("attention", "graph")
+    # Example values per input name (default: gaussian).
+    examples: dict[str, Example] = field(default_factory=dict)
+    # (pipeline attribute, folder) of the tokenizer that feeds this text encoder, or None.
+    tokenizer: tuple[str, str] | None = None
+    # LoRAs and textual inversions patch this graph: the manifest maps torch names to its initializers.
+    lora_patched: bool = False
 
     def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
         """The specs this model has: optional conditioning inputs exist only where the config sizes them."""
@@ -126,18 +169,15 @@ class GraphSpec:
     def example_inputs(self, dims: dict, sizes: dict) -> tuple[torch.Tensor, ...]:
         """Deterministic example inputs; ``sizes`` gives the dynamic axes their values."""
         generator = torch.Generator().manual_seed(0)
-        tensors = []
-        for spec in self.present(self.inputs, dims):
-            shape = [sizes[a] if a in DYNAMIC_AXES else dims[a] for a in spec.shape]
-            if spec.name == "input_ids":
-                tensors.append(torch.randint(0, dims["vocab"], shape, generator=generator, dtype=torch.int32))
-            elif spec.name == "timestep":
-                tensors.append(torch.full(shape, 601.0))
-            elif spec.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL sees them
-                tensors.append(torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0][: shape[1]]).repeat(shape[0], 1))
-            else:
-                tensors.append(torch.randn(shape, generator=generator))
-        return tuple(tensors)
+        return tuple(
+            self.examples.get(spec.name, gaussian)(
+                [sizes[a] if a in DYNAMIC_AXES else dims[a] for a in spec.shape], dims, generator)
+            for spec in self.present(self.inputs, dims)
+        )
+
+    def config_flag(self, meta, flag: tuple[str, str] | None) -> bool:
+        """A declared (component, flag) read from the model's configs; False where not declared."""
+        return flag is not None and bool(getattr(getattr(meta, flag[0]).config, flag[1], False))
 
 
 def _t(name, dtype, *shape):
@@ -147,6 +187,7 @@ def _t(name, dtype, *shape):
 # int4: about twice the worst measured on random weights (8.9e-2, tiny SDXL; RESULTS.md, "int4").
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1, "int4": 2e-1}
 VAE_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
+TEXT_ENCODER = {"examples": {"input_ids": token_ids}, "lora_patched": True}  # embeddings patch them too
 UNET = GraphSpec(
     "unet",
     lambda pipe, names: UNet(pipe.unet, names[3:]),
@@ -161,6 +202,10 @@ UNET = GraphSpec(
     outputs=(_t("out_sample", FLOAT, "batch", "out_channels", "latent_height", "latent_width"),),
     optimizer_type="unet",
     tolerance=TOLERANCE,
+    quantizable=True,
+    upcast_attention_flag=("unet", "upcast_attention"),
+    examples={"timestep": mid_timestep, "time_ids": size_ids},
+    lora_patched=True,
 )
 VAE_GRAPHS = (
     GraphSpec(
@@ -170,6 +215,7 @@ VAE_GRAPHS = (
         outputs=(_t("sample", FLOAT, "batch", "rgb", "height", "width"),),
         optimizer_type="vae",
         tolerance=VAE_TOLERANCE,
+        force_fp32_flag=("vae", "force_upcast"),
     ),
     GraphSpec(
         "vae_encoder",
@@ -181,6 +227,7 @@ VAE_GRAPHS = (
         ),
         optimizer_type="vae",
         tolerance=VAE_TOLERANCE,
+        force_fp32_flag=("vae", "force_upcast"),
     ),
 )
 
@@ -197,6 +244,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
                 outputs=(_t("last_hidden_state", FLOAT, "batch", "sequence", "hidden"),),
                 optimizer_type="clip",
                 tolerance=TOLERANCE,
+                **TEXT_ENCODER, tokenizer=("tokenizer", "tokenizer"),
             ),
             UNET,
             *VAE_GRAPHS,
@@ -209,6 +257,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
                 outputs=(_t("hidden_states", FLOAT, "batch", "sequence", "hidden"),),
                 optimizer_type="clip",
                 tolerance=TOLERANCE,
+                **TEXT_ENCODER, tokenizer=("tokenizer", "tokenizer"),
             ),
             GraphSpec(
                 "text_encoder_2",
@@ -218,6 +267,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
                          _t("text_embeds", FLOAT, "batch", "pooled")),
                 optimizer_type="clip",
                 tolerance=TOLERANCE,
+                **TEXT_ENCODER, tokenizer=("tokenizer_2", "tokenizer_2"),
             ),
             UNET,
             *VAE_GRAPHS,

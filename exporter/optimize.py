@@ -5,7 +5,6 @@ Graphs arrive stripped (weights.py): their big tensors are external data in a wo
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import onnx
 
 
 TARGETS = ("cuda", "dml", "cpu", "none")
-# Fusions whose kernels exist only in the CUDA execution provider (DESIGN.md).
+# Fusions whose kernels exist only in the CUDA execution provider: the CPU provider cannot load a
+# graph that uses them (NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, packed q/k/v).
 CUDA_ONLY_FUSIONS = (
     "enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv",
@@ -39,8 +39,8 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
             if hasattr(options, flag):
                 setattr(options, flag, False)
     # The fusions read the few weights they repack (q/k/v, NHWC convolutions) through onnx's
-    # external-data loader, which resolves file names against the working directory.
-    with _working_directory(folder), _spilling_new_initializers(folder, "fused.bin"):
+    # external-data loader, told here to look in ``folder``.
+    with _external_data_in(folder), _spilling_new_initializers(folder, "fused.bin"):
         optimized = optimize_model(
             model, model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=options, use_gpu=target == "cuda",
@@ -77,13 +77,32 @@ def _spilling_new_initializers(folder: Path, name: str):
 
 
 @contextmanager
-def _working_directory(folder: Path):
-    previous = os.getcwd()
-    os.chdir(folder)
+def _external_data_in(folder: Path):
+    """Resolve external tensors against ``folder`` while ONNX Runtime's tools read them.
+
+    ONNX Runtime's fusions and quantizers read weights with ``onnx.numpy_helper.to_array(tensor)``
+    (and the int4 quantizer with ``onnx_ir.from_proto(tensor)``), whose base folder defaults to the
+    working directory, and take no folder argument. onnx refuses absolute tensor locations, so the
+    readers get the folder as their default instead: the process's working directory is never
+    changed (changing it broke relative output paths, and it is global state).
+    """
+    import onnx_ir.serde
+    from onnx import numpy_helper
+
+    base = str(Path(folder).resolve())
+    to_array, deserialize_tensor = numpy_helper.to_array, onnx_ir.serde.deserialize_tensor
+
+    def to_array_in_folder(tensor, base_dir: str = base):
+        return to_array(tensor, base_dir or base)
+
+    def deserialize_in_folder(proto, base_path: str | Path = base):
+        return deserialize_tensor(proto, base_path or base)
+
+    numpy_helper.to_array, onnx_ir.serde.deserialize_tensor = to_array_in_folder, deserialize_in_folder
     try:
         yield
     finally:
-        os.chdir(previous)
+        numpy_helper.to_array, onnx_ir.serde.deserialize_tensor = to_array, deserialize_tensor
 
 
 def declare_contrib_domain(model: onnx.ModelProto) -> None:
@@ -163,7 +182,7 @@ def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """Dynamic int8 weights for MatMul/Attention/Gemm: what ``quantize_dynamic`` does, on a stripped graph.
 
     ``quantize_dynamic`` would load and copy the whole fp32 graph; its quantizer reads only the
-    weights it quantizes (through the working directory, as the fusions do) and leaves the rest
+    weights it quantizes (from ``folder``, as the fusions do) and leaves the rest
     external. ``DefaultTensorType`` is needed on fused graphs, whose contrib ops lack type information.
     """
     from onnxruntime.quantization import QuantType, onnx_quantizer
@@ -174,7 +193,7 @@ def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     original = onnx_quantizer.save_and_reload_model_with_shape_infer
     onnx_quantizer.save_and_reload_model_with_shape_infer = _infer_shapes
     try:
-        with _working_directory(folder):
+        with _external_data_in(folder):
             model = update_opset_version(_infer_shapes(model), QuantType.QInt8)
             quantizer = onnx_quantizer.ONNXQuantizer(
                 model, False, False, QuantizationMode.IntegerOps, False, QuantType.QInt8, QuantType.QUInt8, None,
@@ -192,13 +211,13 @@ def quantize_nbits(model: onnx.ModelProto, folder: Path, bits: int, block_size: 
     """Weight-only blockwise quantization of every MatMul with a constant weight into ``MatMulNBits``
     (symmetric, ``block_size`` weights along K share one scale), on a stripped graph.
 
-    The quantizer reads each weight as it quantizes it (onnx-ir resolves external data against the
-    working directory) and keeps only the packed result in memory; the float weights it replaced
+    The quantizer reads each weight as it quantizes it (onnx-ir resolves external data against
+    ``folder``) and keeps only the packed result in memory; the float weights it replaced
     are dropped from the graph, never loaded. Activations stay float (fp32 or, after fp16
     conversion, fp16).
     """
     quantizer_class = _nbits_quantizer()
-    with _working_directory(folder):
+    with _external_data_in(folder):
         quantizer = quantizer_class(model, bits=bits, block_size=block_size, is_symmetric=True,
                                     op_types_to_quantize=("MatMul",))
         quantizer.process()

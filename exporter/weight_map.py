@@ -124,10 +124,9 @@ def _runs(first_row, rows_count, dtype, windows, rows):
     return name, spans
 
 
-# The graphs LoRAs and embeddings patch, chosen by what their declaration says they are (the U-Net
-# and every CLIP text encoder, SDXL's second included); the others' maps would be dead weight.
-PATCHED_KINDS = ("unet", "clip")
-WEIGHT_MAPPED = tuple(name for name, spec in GRAPHS.items() if spec.optimizer_type in PATCHED_KINDS)
+# The graphs LoRAs and embeddings patch, as their declarations say (``GraphSpec.lora_patched``: the
+# U-Net and every CLIP text encoder, SDXL's second included); the others' maps would be dead weight.
+WEIGHT_MAPPED = tuple(name for name, spec in GRAPHS.items() if spec.lora_patched)
 FLOAT_PRECISIONS = ("fp32", "fp16")
 
 

@@ -28,8 +28,10 @@ def describe(model_dir: Path | None, verify: bool = False) -> str:
                                    "the manifest (corrupt or replaced); export the model again")
         megabytes = sum(p.stat().st_size for p in (Path(model_dir) / g.path).parent.glob("model.onnx*")) / 1e6
         v = g.validation
-        check = (f"max rel diff {max(o['relative'] for o in v['outputs'].values()):.1e} (tol {v['tolerance']:.0e})"
-                 if v.get("validated") else f"not validated ({v.get('reason', 'unknown')})")
+        where = v.get("where") or ", ".join(v.get("providers", []))  # manifests before "where": the provider
+        check = (f"max rel diff {max(o['relative'] for o in v['outputs'].values()):.1e} (tol {v['tolerance']:.0e}"
+                 f"{', on ' + where if where else ''})" if v.get("validated")
+                 else f"not validated ({v.get('reason', 'unknown')})")
         kept = f"; fp32 kept: {', '.join(g.kept_fp32)}" if g.kept_fp32 else ""
         lines.append(f"  {name:13} {g.precision:5} {megabytes:8.1f} MB  {check}{kept}")
         if g.quantization:

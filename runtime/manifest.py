@@ -175,7 +175,7 @@ FIELDS = {
     "graphs": _table,
 }
 OPTIONAL_FIELDS = {"alphas_cumprod": _text, "precision": _text, "optimized_for": _text, "source": _table,
-                   "vae_tiling": _table}
+                   "vae_tiling": _table, "conditioning": _table}
 VAE_TILING_FIELDS = {"tile_latent": _int(1), "tile_pixels": _int(1), "auto_above_pixels": _int(0),
                      "overlap": lambda v: None if type(v) in (int, float) and 0 <= v < 1 else "a number in [0, 1)"}
 TOKENIZER_FIELDS = {"path": _text, "max_length": _int(3), "pad_token_id": _int(0), "bos_token_id": _int(0),
@@ -190,7 +190,12 @@ SCHEDULER_FIELDS = {
 }
 GRAPH_FIELDS = {"path": _text, "sha256": _text, "precision": _text, "inputs": _of(list, "a list"),
                 "outputs": _of(list, "a list")}
-OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table}
+OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table,
+                         "weights": lambda v: None if isinstance(v, dict) and all(isinstance(w, dict) for w in v.values())
+                         else "an object of objects"}
+# Each text encoder: its graph and the tokenizer feeding it (the tokenizer's own fields depend on its kind).
+TEXT_ENCODER_FIELDS = {"graph": _text, "tokenizer": lambda v: None if isinstance(v, dict) and isinstance(v.get("path"), str)
+                       else "an object with a path"}
 
 
 def _axis(v):
@@ -244,6 +249,7 @@ def check_manifest_data(data: Any) -> None:
                 raise _fail(f"graphs.{name}.{kind}", "a non-empty list", graph[kind])
             for index, tensor in enumerate(graph[kind]):
                 _check_fields(tensor, f"graphs.{name}.{kind}[{index}]", TENSOR_FIELDS)
+    _check_text_encoders(data)
     if "vae_tiling" in data:
         tiling = data["vae_tiling"]
         _check_fields(tiling, "vae_tiling", VAE_TILING_FIELDS)
@@ -255,6 +261,16 @@ def check_manifest_data(data: Any) -> None:
     if data["default_size"] % (data["latent_multiple"] * data["vae_scale_factor"]):
         raise _fail("default_size", f"a multiple of {data['latent_multiple'] * data['vae_scale_factor']}",
                     data["default_size"])
+
+
+def _check_text_encoders(data: dict) -> None:
+    encoders = data.get("text_encoders", [])
+    if not isinstance(encoders, list):
+        raise _fail("text_encoders", "a list", encoders)
+    for index, encoder in enumerate(encoders):
+        _check_fields(encoder, f"text_encoders[{index}]", TEXT_ENCODER_FIELDS)
+        if encoder["graph"] not in data["graphs"]:
+            raise _fail(f"text_encoders[{index}].graph", "the name of a graph in 'graphs'", encoder["graph"])
 
 
 def read_manifest(model_dir: str | os.PathLike) -> Manifest:

@@ -56,6 +56,11 @@ def _ort():
     return onnxruntime
 
 
+def _missing_kernel(message: str) -> bool:
+    """ONNX Runtime's words for an op with no kernel in the providers given."""
+    return "implementation" in message or "Failed to find kernel" in message
+
+
 def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build (and an installed openvino) offer, best first."""
     try:
@@ -132,10 +137,12 @@ class GraphSession:
             if _is_out_of_memory(message):
                 raise OutOfMemoryError(f"not enough memory to load the {name} graph on '{provider}' ({message[:120]}); "
                                        "close other programs or use --memory low") from None
-            if "implementation" in message and optimized_for == "cuda" and provider != "cuda":
+            if optimized_for == "cuda" and provider not in ("cuda", "tensorrt") and _missing_kernel(message):
+                # Not corrupt: its CUDA-only fused ops (NhwcConv, GroupNorm, ...) have no kernel here.
                 raise ModelFolderError(
-                    f"{name} graph was optimized for CUDA and cannot run on '{provider}'; "
-                    "re-export with --optimize-for cpu (or dml)") from None
+                    f"{name} graph was optimized for CUDA (exported with --optimize-for cuda) and cannot run on "
+                    f"'{provider}': re-export with --optimize-for cpu, or without --precision/--optimize-for "
+                    "for this machine") from None
             raise ModelFolderError(f"{name} graph {path} cannot be loaded (corrupt or incomplete?): "
                                    f"{message[:200]}") from None
         active = self.session.get_providers()[0]

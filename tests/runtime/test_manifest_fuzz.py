@@ -112,3 +112,18 @@ def test_damaged_graph_contract_generates_or_fails_in_one_line(data, folder, ori
     except EdgediffError as error:
         assert str(error) and "\n" not in str(error), str(error)
         event("refused later")
+
+
+@pytest.mark.parametrize("change", [
+    (("text_encoders",), "replace", {"a": 1}),
+    (("text_encoders", 0, "graph"), "replace", "nope"),
+    (("text_encoders", 0, "tokenizer"), "replace", None),
+    (("graphs", "unet", "weights"), "replace", None),
+    (("graphs", "text_encoder", "weights"), "replace", [1, 2]),
+    (("conditioning",), "replace", "x"),
+])
+def test_damaged_fields_of_the_current_exporter_are_one_line(change, folder, original):
+    """Fields the re-exported default model carries (text encoders, weight maps, conditioning)."""
+    write(folder, original, [change])
+    with pytest.raises(ModelFolderError, match="manifest field"):
+        read_manifest(folder)
