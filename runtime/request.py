@@ -79,8 +79,8 @@ class GenerationRequest:
     allow_pickle: bool = False
     vae_tiling: bool | None = None
     prompt_syntax: str = "a1111"
-    image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
     hires: Any = None  # dict (runtime/hires.py HiresFix's fields) or HiresFix; check makes it a HiresFix
+    image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
     # Set by the hires fix's second pass (runtime/hires.py): img2img from this sampler-space latent.
     start_latent: np.ndarray | None = field(default=None, repr=False)
     # Filled by check(): the prompts as lists, the picture as given (before resizing).
