@@ -137,6 +137,20 @@ def _list_samplers(ctx, param, value):
 @click.option("--vae-tiling/--no-vae-tiling", default=None,
               help="Decode (and encode) the VAE in overlapping tiles, so large images need the memory of one "
                    "tile [default: automatic above the size the model states].")
+@click.option("--control", "controls", multiple=True, metavar="FOLDER:IMAGE[:SCALE]",
+              help="A ControlNet unit: an exported ControlNet folder, its control image and weight [1.0]; repeatable.")
+@click.option("--control-preprocess", type=click.Choice(["none", "canny", "depth"]), default="none",
+              show_default=True, help="Turn each control image into its hint first (canny: OpenCV edges).")
+@click.option("--control-start", type=float, default=0.0, show_default=True,
+              help="Fraction of the steps after which the ControlNets start acting.")
+@click.option("--control-end", type=float, default=1.0, show_default=True,
+              help="Fraction of the steps after which they stop.")
+@click.option("--control-guess-mode", is_flag=True,
+              help="ControlNets see the conditional half only, weighted 0.1 to 1.0 (diffusers' guess mode).")
+@click.option("--t5", type=click.Choice(["on", "off"]), default=None,
+              help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
+@click.option("--slg/--no-slg", default=None,
+              help="SD 3.5: skip-layer guidance with the model's recommended layers [default: off, as diffusers].")
 @click.option("--hires-scale", type=float, default=None,
               help="Hires fix (A1111's): generate at the size, upscale by this factor [default 2 when another "
                    "--hires-* flag is given], then img2img at the upscaled size.")
@@ -154,12 +168,14 @@ def _list_samplers(ctx, param, value):
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
-             allow_pickle, prompt_syntax, vae_tiling, hires_scale, hires_steps, hires_strength, hires_upscaler,
-             image_guidance):
+             allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
+             control_guess_mode, t5, slg, hires_scale, hires_steps, hires_strength,
+             hires_upscaler, image_guidance):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
     from edgediff.runtime.arguments import resolve_seed
+    from edgediff.runtime.controlnet import control_flag
     from edgediff.runtime.images import open_image
     from edgediff.runtime.request import GenerationRequest
 
@@ -189,9 +205,12 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         width=width, height=height, image=open_image(image) if image is not None else None, strength=strength,
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
+        t5=t5, skip_layer_guidance=slg,
         hires=hires or None, image_guidance=image_guidance,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
-        embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)])
+        embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
+        control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,
+                              guess_mode=control_guess_mode) for text in controls] or None)
     request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()
@@ -351,10 +370,13 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
 @click.option("--max-images", type=click.IntRange(1), default=8, show_default=True, help="Largest batch_size x n_iter.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
               help="Largest request body, MiB.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder where <lora:name:weight> tags are looked up; the web page lists its LoRAs.")
+@click.option("--open", "open_page", is_flag=True, help="Open the web page in the browser once the server listens.")
 @user_errors
 def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
-          max_body_mb):
-    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...); docs at /docs."""
+          max_body_mb, lora_dir=None, open_page=False):
+    """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...) and a web page at /; docs at /docs."""
     try:
         from edgediff.server import Limits, serve as run_server
     except ImportError as error:
@@ -365,9 +387,11 @@ def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max
     credentials = [c for c in (api_auth or "").split(",") if c]
     if any(":" not in c for c in credentials):
         raise EdgediffError("--api-auth wants user:password pairs separated by commas")
-    click.echo(f"edgediff serving on http://{host}:{port} (API docs at /docs)", err=True)
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise EdgediffError(f"--lora-dir {lora_dir} is not a folder")
+    click.echo(f"edgediff serving on http://{host}:{port} (web page at /, API docs at /docs)", err=True)
     run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
-               api_auth=credentials, limits=limits)
+               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page)
 
 
 def _register_bench():

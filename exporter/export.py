@@ -29,7 +29,10 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 
 from . import optimize as opt
 from .components import Components, used_by
-from .graphs import GraphSpec, example_sizes, family_of, graphs_for, model_dims, size_rule
+from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
+from . import sd3
+from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
+                     size_rule)
 from .memory import GIB, check_memory, peak_rss_bytes, release_freed
 from .validate import reference_outputs, runnable_providers, validate
 from .weights import fresh, load_stripped, spill, write_graph
@@ -70,11 +73,14 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     from .target import choose
 
     started = time.perf_counter()
-    check_source(source, allow_pickle=allow_pickle)
+    if not is_controlnet(source):
+        check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
     precision, target = choose(precision, optimize_for, default_target, log)
     _check_settings(precision, target)
+    if is_controlnet(source):
+        return export_controlnet(source, out, precision=precision, target=target, overwrite=overwrite, log=log)
     log(f"loading {source}")
 
     _quiet_libraries()
@@ -178,6 +184,9 @@ class GraphJob:
     keep: frozenset[str]  # modules a later graph reuses
     fusions: str | None = None  # the fusions' target, where it differs from ``target`` (the CPU check)
     file: str = "model.onnx"
+    # A graph outside the pipeline families (a ControlNet) reads its dims and example sizes its own way.
+    dims_of: Callable[[object], dict] = model_dims
+    sizes_of: Callable[..., dict] = example_sizes
 
     @property
     def fusion_target(self) -> str:
@@ -185,7 +194,11 @@ class GraphJob:
 
     @property
     def dims(self) -> dict:
-        return model_dims(self.meta)
+        return self.dims_of(self.meta)
+
+    @property
+    def zero_default(self) -> frozenset[str]:
+        return self.spec.zero_default(self.dims)
 
     @property
     def work(self) -> Path:
@@ -228,10 +241,11 @@ class Written:
 
 
 def _export_graph(components: Components, spec: GraphSpec, staging: Path, precision: str, target: str,
-                  prefix: str, log, keep: frozenset[str] = frozenset()) -> GraphEntry:
-    """The passes, in order: trace, optimize, quantize, precision (and write), validate, weight map."""
+                  prefix: str, log, keep: frozenset[str] = frozenset(), **own: Callable) -> GraphEntry:
+    """The passes, in order: trace, optimize, quantize, precision (and write), validate, weight map.
+    ``own``: ``dims_of``/``sizes_of`` for a graph outside the pipeline families (GraphJob)."""
     started = time.perf_counter()
-    job = GraphJob(spec, components.meta, precision, target, staging / spec.name, prefix, log, keep)
+    job = GraphJob(spec, components.meta, precision, target, staging / spec.name, prefix, log, keep, **own)
     shutil.rmtree(job.folder, ignore_errors=True)
     job.work.mkdir(parents=True)
     model, expected, check_inputs = _trace(components, job)
@@ -250,7 +264,9 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
                                       written.precision if precision != "int8" else precision, prefix, log, check)
     entry = GraphEntry(
         path=f"{spec.name}/model.onnx", sha256=sha256_file(job.path), precision=written.precision,
-        inputs=written.inputs, outputs=written.outputs, kept_fp32=written.kept_fp32, validation=validation,
+        inputs=[s for s in written.inputs if s.name not in job.zero_default], outputs=written.outputs,
+        optional_inputs=[s for s in written.inputs if s.name in job.zero_default],
+        kept_fp32=written.kept_fp32, validation=validation,
         weights=_weight_map(components, job, written.precision), quantization=written.quantization,
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
@@ -264,8 +280,8 @@ def _trace(components: Components, job: GraphJob):
     validation inputs; the torch module is freed before the graph is handled.
     """
     spec, dims, meta = job.spec, job.dims, job.meta
-    trace_inputs = spec.example_inputs(dims, example_sizes(meta, batch=2, latent_units=2))
-    check_inputs = spec.example_inputs(dims, example_sizes(meta, batch=1, latent_units=3))
+    trace_inputs = spec.example_inputs(dims, job.sizes_of(meta, batch=2, latent_units=2))
+    check_inputs = spec.example_inputs(dims, job.sizes_of(meta, batch=1, latent_units=3))
     raw = job.work / "model.onnx"
     with components.open(job.keep) as pipe:
         module = spec.module(pipe, dims).eval()
@@ -346,7 +362,7 @@ def _write_at_precision(model, job: GraphJob, expected, check_inputs, providers,
         written.kept_fp32 = ["convolutions (dynamic int8 covers MatMul/Attention/Gemm only)"]
     elif job.precision in ("int8", "int4"):
         written.kept_fp32 = [f"whole graph ({job.precision} applies to the U-Net)"]
-    write_graph(model, job.path, job.work)
+    write_graph(add_zero_defaults(model, job.zero_default), job.path, job.work)
     return written
 
 
@@ -387,7 +403,7 @@ def _write_fp16(model, job: GraphJob, expected, check_inputs, providers, step: i
                               [f"{why}: {len(keep_nodes)} nodes"] if keep_nodes else [])
             converted = opt.to_fp16(_copy(model), keep_nodes, keep_io)
         written.step = index
-        write_graph(converted, job.path, job.work)
+        write_graph(add_zero_defaults(converted, job.zero_default), job.path, job.work)
         del converted
         release_freed()
         if providers is None:
@@ -476,21 +492,23 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
     text_encoders = [{"graph": name, "tokenizer": _tokenizer_spec(getattr(pipe, tokenizer), folder)}
                      for name, tokenizer, folder in _text_encoders(pipe) if name in entries]
     family = family_of(pipe)
+    fields = manifest_fields(pipe)
     if family == "sd":  # OpenAI CLIP (quick_gelu) conditions SD 1.x; OpenCLIP (gelu) conditions SD 2.x.
         family = "sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2"
     return Manifest(
         family=family,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=fields.get("prediction_type", pipe.scheduler.config.get("prediction_type", "epsilon")),
         scheduler=scheduler,
         latent_channels=pipe.vae.config.latent_channels,
         vae_scale_factor=vae_scale_factor,
         scaling_factor=float(pipe.vae.config.scaling_factor),
         shift_factor=float(getattr(pipe.vae.config, "shift_factor", None) or 0.0),
         latent_multiple=latent_multiple,
-        default_size=int(pipe.unet.config.sample_size) * vae_scale_factor,
+        default_size=default_size(pipe),
         tokenizer=_tokenizer_spec(pipe.tokenizer, "tokenizer"),
         text_encoders=text_encoders,
-        conditioning=_conditioning(pipe),
+        conditioning=fields.get("conditioning") or _conditioning(pipe),
+        alphas_cumprod=fields.get("alphas_cumprod", "alphas_cumprod.npy"),
         vae_tiling=vae_tiling_rule(_vae_sample_size(pipe), vae_scale_factor),
         graphs=entries,
         precision=precision,
@@ -516,6 +534,8 @@ def _text_encoders(pipe) -> list[tuple[str, str, str]]:
 
 
 def _tokenizer_spec(tokenizer, folder: str) -> dict:
+    if tokenizer.bos_token_id is None:  # T5's SentencePiece tokenizer: no BOS, EOS then padding
+        return sd3.t5_tokenizer_spec(tokenizer, folder)
     return {
         "path": f"{folder}/tokenizer.json",
         "max_length": int(tokenizer.model_max_length),
@@ -541,6 +561,8 @@ def _write_assets(pipe, staging: Path) -> None:
     for _, attribute, folder in _text_encoders(pipe):
         (staging / folder).mkdir(exist_ok=True)
         getattr(pipe, attribute).backend_tokenizer.save(str(staging / folder / "tokenizer.json"), pretty=False)
+    if manifest_fields(pipe).get("alphas_cumprod") == "":
+        return  # a flow-matching scheduler has no alphas_cumprod: its sigmas come from its config
     alphas_cumprod = getattr(pipe.scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         from diffusers import DDPMScheduler

@@ -14,11 +14,25 @@ from torch import nn
 
 from edgediff.runtime.manifest import TensorSpec
 
+from . import sd3
+
 # Axes that stay symbolic in the exported graph; every other axis is fixed by the model's config.
 # "context": the U-Net's text length, 77 tokens per prompt chunk (long prompts: runtime/prompts.py);
 # the text encoder's own "sequence" stays fixed, its position embeddings allow 77 at most.
 DYNAMIC_AXES = ("batch", "height", "width", "latent_height", "latent_width", "context")
 FLOAT = "float"  # resolved to float16 or float32 by the export precision
+# A ControlNet residual below the latent's own size is named by its downsampling: "latent_height/4".
+DOWNSAMPLED = ("latent_height", "latent_width")
+
+
+def is_dynamic(axis) -> bool:
+    return axis in DYNAMIC_AXES or (isinstance(axis, str) and axis.split("/")[0] in DOWNSAMPLED)
+
+
+def axis_size(axis: str, sizes: dict) -> int:
+    """A dynamic axis's example value; a downsampled one divides its base axis."""
+    base, _, factor = axis.partition("/")
+    return sizes[base] // int(factor or 1)
 
 
 class TextEncoder(nn.Module):
@@ -62,8 +76,28 @@ class UNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         named = dict(zip(self.extra, extra))
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        down = [named[k] for k in self.extra if k.startswith(DOWN_RESIDUAL) and k in named]  # fed: optional
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
-                         added_cond_kwargs=added or None, return_dict=False)[0]
+                         added_cond_kwargs=added or None, down_block_additional_residuals=down or None,
+                         mid_block_additional_residual=named.get(MID_RESIDUAL), return_dict=False)[0]
+
+
+class ControlNet(nn.Module):
+    """A ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"):
+    the U-Net's inputs and a hint image in, one residual per U-Net skip connection and one for the
+    mid block out, unscaled (the runtime scales them per unit and step, as diffusers' pipelines do)."""
+
+    def __init__(self, controlnet, extra: tuple[str, ...]):
+        super().__init__()
+        self.controlnet = controlnet
+        self.extra = extra
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *extra):
+        named = dict(zip(self.extra, extra))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    added_cond_kwargs=added or None, return_dict=False)
+        return (*down, mid)
 
 
 class VAEDecoder(nn.Module):
@@ -109,6 +143,11 @@ def size_ids(shape, dims, generator) -> torch.Tensor:
     return torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0][: shape[1]]).repeat(shape[0], 1)
 
 
+def half_skip(shape, dims, generator) -> torch.Tensor:
+    """SD3's skip mask with values in [0, 1): validation checks every block's blend, not only 0 or 1."""
+    return torch.rand(shape, generator=generator)
+
+
 def gaussian(shape, dims, generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
@@ -141,10 +180,22 @@ class GraphSpec:
     tokenizer: tuple[str, str] | None = None
     # LoRAs and textual inversions patch this graph: the manifest maps torch names to its initializers.
     lora_patched: bool = False
+    # ControlNet residuals (``residual_specs``): "inputs" for a U-Net that adds them (each defaults to
+    # zeros, so a plain run does not feed them), "outputs" for a ControlNet that makes them.
+    residuals: str | None = None
+    # A component the pipeline may lack (SD3's T5): without it, the graph is not exported.
+    optional: str | None = None
 
     def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
-        """The specs this model has: optional conditioning inputs exist only where the config sizes them."""
-        return tuple(s for s in specs if all(a in DYNAMIC_AXES or dims.get(a) is not None for a in s.shape))
+        """The specs this model has: optional conditioning inputs exist only where the config sizes them;
+        the residuals follow the declared ones."""
+        found = tuple(s for s in specs if all(is_dynamic(a) or dims.get(a) is not None for a in s.shape))
+        side = "inputs" if specs is self.inputs else "outputs" if specs is self.outputs else None
+        return found + (residual_specs(dims) if side is not None and side == self.residuals else ())
+
+    def zero_default(self, dims: dict) -> frozenset[str]:
+        """Inputs with a zero default in the graph (ONNX initializers named as the input)."""
+        return frozenset(s.name for s in residual_specs(dims)) if self.residuals == "inputs" else frozenset()
 
     def module(self, pipe, dims: dict) -> nn.Module:
         return self.wrap(pipe, tuple(s.name for s in self.present(self.inputs, dims)))
@@ -155,14 +206,14 @@ class GraphSpec:
             TensorSpec(
                 s.name,
                 float_dtype if s.dtype == FLOAT else s.dtype,
-                tuple(a if a in DYNAMIC_AXES else dims[a] for a in s.shape),
+                tuple(a if is_dynamic(a) or isinstance(a, int) else dims[a] for a in s.shape),
             )
             for s in self.present(specs, dims)
         ]
 
     def dynamic_axes(self, dims: dict) -> dict[str, dict[int, str]]:
         return {
-            s.name: {i: a for i, a in enumerate(s.shape) if a in DYNAMIC_AXES}
+            s.name: {i: a for i, a in enumerate(s.shape) if is_dynamic(a)}
             for s in (*self.present(self.inputs, dims), *self.present(self.outputs, dims))
         }
 
@@ -171,7 +222,7 @@ class GraphSpec:
         generator = torch.Generator().manual_seed(0)
         return tuple(
             self.examples.get(spec.name, gaussian)(
-                [sizes[a] if a in DYNAMIC_AXES else dims[a] for a in spec.shape], dims, generator)
+                [axis_size(a, sizes) if is_dynamic(a) else a if isinstance(a, int) else dims[a] for a in spec.shape], dims, generator)
             for spec in self.present(self.inputs, dims)
         )
 
@@ -182,6 +233,34 @@ class GraphSpec:
 
 def _t(name, dtype, *shape):
     return TensorSpec(name, dtype, tuple(shape))
+
+
+DOWN_RESIDUAL, MID_RESIDUAL = "down_block_residual_", "mid_block_residual"
+
+
+def residual_layout(config) -> list[tuple[int, int]]:
+    """(channels, downsampling) of each skip connection a U-Net (or ControlNet) encoder keeps, in
+    order, then of the mid block: conv_in, each down block's layers, its downsampler but the last's
+    (diffusers' ``UNet2DConditionModel.forward``; SD 1.x: 12 + 1, SDXL: 9 + 1)."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(channels)
+    layout = [(channels[0], 1)]
+    for index, (width, count) in enumerate(zip(channels, layers)):
+        layout += [(width, 2 ** index)] * count
+        if index < len(channels) - 1:
+            layout.append((width, 2 ** (index + 1)))
+    return layout + [(channels[-1], 2 ** (len(channels) - 1))]
+
+
+def residual_specs(dims: dict) -> tuple[TensorSpec, ...]:
+    """The residual tensors of ``dims["residuals"]``; full-size ones share the latent's axes."""
+    layout = dims.get("residuals") or []
+    names = [f"{DOWN_RESIDUAL}{i}" for i in range(len(layout) - 1)] + [MID_RESIDUAL]
+    return tuple(
+        _t(name, FLOAT, "batch", width, *(("latent_height", "latent_width") if factor == 1 else
+                                          (f"latent_height/{factor}", f"latent_width/{factor}")))
+        for name, (width, factor) in zip(names, layout))
 
 
 # int4: about twice the worst measured on random weights (8.9e-2, tiny SDXL; RESULTS.md, "int4").
@@ -206,6 +285,26 @@ UNET = GraphSpec(
     upcast_attention_flag=("unet", "upcast_attention"),
     examples={"timestep": mid_timestep, "time_ids": size_ids},
     lora_patched=True,
+    residuals="inputs",
+)
+# Exported on its own (``edgediff export CONTROLNET_SRC OUT``), against any base whose U-Net takes
+# the same residuals (runtime/controlnet.py checks the fit).
+CONTROLNET = GraphSpec(
+    "controlnet",
+    lambda pipe, names: ControlNet(pipe.controlnet, names[4:]),
+    inputs=(
+        _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
+        _t("timestep", "float32", "batch"),
+        _t("encoder_hidden_states", FLOAT, "batch", "context", "cross_attention"),
+        _t("controlnet_cond", FLOAT, "batch", "conditioning_channels", "height", "width"),
+        _t("text_embeds", FLOAT, "batch", "pooled"),
+        _t("time_ids", FLOAT, "batch", "time_ids"),
+    ),
+    outputs=(),
+    optimizer_type="unet",
+    tolerance=TOLERANCE,
+    examples={"timestep": mid_timestep, "time_ids": size_ids},
+    residuals="outputs",
 )
 VAE_GRAPHS = (
     GraphSpec(
@@ -229,6 +328,55 @@ VAE_GRAPHS = (
         tolerance=VAE_TOLERANCE,
         force_fp32_flag=("vae", "force_upcast"),
     ),
+)
+
+def _sd3_clip(name: str, hidden: str, projection: str) -> GraphSpec:
+    """SD3's CLIP-L and CLIP-G: penultimate hidden states and the pooled projection, as SDXL's second."""
+    return GraphSpec(
+        name,
+        lambda pipe, names: PenultimateTextEncoder(getattr(pipe, name), pooled=True),
+        inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+        outputs=(_t("hidden_states", FLOAT, "batch", "sequence", hidden),
+                 _t("text_embeds", FLOAT, "batch", projection)),
+        optimizer_type="clip",
+        tolerance=TOLERANCE,
+        examples={"input_ids": token_ids},
+        tokenizer=(name.replace("text_encoder", "tokenizer"),) * 2,
+    )
+
+
+SD3_GRAPHS = (
+    _sd3_clip("text_encoder", "hidden", "projection"),
+    _sd3_clip("text_encoder_2", "hidden_2", "projection_2"),
+    GraphSpec(
+        "text_encoder_3",
+        lambda pipe, names: sd3.T5Encoder(pipe.text_encoder_3),
+        inputs=(_t("input_ids", "int32", "batch", "t5_sequence"),),
+        outputs=(_t("last_hidden_state", FLOAT, "batch", "t5_sequence", "t5_hidden"),),
+        optimizer_type="t5",
+        tolerance=TOLERANCE,
+        examples={"input_ids": token_ids},
+        tokenizer=("tokenizer_3", "tokenizer_3"),
+        optional="text_encoder_3",
+    ),
+    # The denoiser graph keeps the role name "unet" that the runtime runs, whatever its architecture.
+    GraphSpec(
+        "unet",
+        lambda pipe, names: sd3.MMDiT(pipe.transformer, names),
+        inputs=(
+            _t("sample", FLOAT, "batch", "channels", "latent_height", "latent_width"),
+            _t("timestep", "float32", "batch"),
+            _t("encoder_hidden_states", FLOAT, "batch", "context", "joint_attention"),
+            _t("pooled_projections", FLOAT, "batch", "pooled"),
+            _t("skip_layers", "float32", "batch", "layers"),
+        ),
+        outputs=(_t("out_sample", FLOAT, "batch", "out_channels", "latent_height", "latent_width"),),
+        optimizer_type="mmdit",
+        tolerance=TOLERANCE,
+        quantizable=True,
+        examples={"timestep": mid_timestep, "skip_layers": half_skip},
+    ),
+    *VAE_GRAPHS,
 )
 
 # A family is the set of graphs its pipelines are cut into; which family a pipeline belongs to is
@@ -272,6 +420,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
             UNET,
             *VAE_GRAPHS,
         ),
+        "sd3": SD3_GRAPHS,
     }.items()
 }
 # Every graph name of every family, in export order (the runtime reads which ones a model has).
@@ -279,15 +428,39 @@ GRAPHS: dict[str, GraphSpec] = {name: spec for specs in FAMILIES.values() for na
 
 
 def family_of(pipe) -> str:
-    """``sdxl`` pipelines carry a second text encoder; everything else is cut like SD 1.x/2.x."""
+    """``sd3`` pipelines denoise with a ``transformer``; ``sdxl`` pipelines carry a second text
+    encoder; everything else is cut like SD 1.x/2.x."""
+    if getattr(pipe, "transformer", None) is not None:
+        return "sd3"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
 def graphs_for(pipe) -> dict[str, GraphSpec]:
-    return FAMILIES[family_of(pipe)]
+    return {name: spec for name, spec in FAMILIES[family_of(pipe)].items()
+            if spec.optional is None or getattr(pipe, spec.optional, None) is not None}
 
 
 def model_dims(pipe) -> dict:
+    return FAMILY_RULES[family_of(pipe)]["dims"](pipe)
+
+
+def size_rule(pipe) -> tuple[int, int]:
+    """(vae_scale_factor, latent_multiple): image sides must be multiples of their product."""
+    return FAMILY_RULES[family_of(pipe)]["size_rule"](pipe)
+
+
+def default_size(pipe) -> int:
+    """The image side the denoiser was trained at, in pixels."""
+    return FAMILY_RULES[family_of(pipe)]["default_size"](pipe)
+
+
+def manifest_fields(pipe) -> dict:
+    """Manifest fields a family states itself (SD3: flow matching, its text layout); {} elsewhere."""
+    rule = FAMILY_RULES[family_of(pipe)].get("manifest")
+    return rule(pipe) if rule else {}
+
+
+def _unet_dims(pipe) -> dict:
     """The fixed axes of every graph, read from the component configs (never from a model name).
 
     An axis that is None marks a conditioning input this model does not take.
@@ -311,14 +484,52 @@ def model_dims(pipe) -> dict:
         "time_ids": ((unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
                      if text_time else None),
         "time_cond": getattr(unet, "time_cond_proj_dim", None),
+        "residuals": residual_layout(unet),
     }
 
 
-def size_rule(pipe) -> tuple[int, int]:
-    """(vae_scale_factor, latent_multiple): image sides must be multiples of their product."""
+def controlnet_dims(config) -> dict:
+    """The fixed axes of a ControlNet graph, from its config; SDXL's take the 6 size ids of SDXL base."""
+    text_time = getattr(config, "addition_embed_type", None) == "text_time"
+    time_ids = 6 if text_time else None
+    return {
+        "channels": config.in_channels, "cross_attention": config.cross_attention_dim,
+        "conditioning_channels": config.conditioning_channels,
+        "pooled": config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        if text_time else None,
+        "time_ids": time_ids, "residuals": residual_layout(config),
+    }
+
+
+def controlnet_sizes(config, batch: int, latent_units: int) -> dict:
+    """Example sizes for a ControlNet: its hint enters at the image's size, which its conditioning
+    embedding brings down to the latent's by stride-2 convolutions."""
+    latent = 2 ** (len(config.block_out_channels) - 1) * latent_units
+    hint = latent * hint_scale_factor(config)
+    return {"batch": batch, "latent_height": latent, "latent_width": latent, "height": hint, "width": hint,
+            "context": 77 * batch}
+
+
+def hint_scale_factor(config) -> int:
+    """Image pixels per latent pixel the ControlNet's conditioning embedding assumes (SD: 8)."""
+    return 2 ** (len(config.conditioning_embedding_out_channels) - 1)
+
+
+def _unet_size_rule(pipe) -> tuple[int, int]:
     vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent_multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     return vae_scale_factor, latent_multiple
+
+
+def _unet_default_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * _unet_size_rule(pipe)[0]
+
+
+_UNET_RULES = {"dims": _unet_dims, "size_rule": _unet_size_rule, "default_size": _unet_default_size}
+# Per family, how its configs give the graphs' axes, the size rule and the default size.
+FAMILY_RULES = {"sd": _UNET_RULES, "sdxl": _UNET_RULES,
+                "sd3": {"dims": sd3.model_dims, "size_rule": sd3.size_rule, "default_size": sd3.default_size,
+                        "manifest": sd3.manifest_fields}}
 
 
 def example_sizes(pipe, batch: int, latent_units: int) -> dict:

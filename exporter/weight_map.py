@@ -20,7 +20,7 @@ import numpy as np
 
 from edgediff.runtime.onnx_weights import initializer_index
 
-from .graphs import GRAPHS
+from .graphs import FAMILIES
 
 PROBE = 8  # leading values used as a fingerprint before comparing whole tensors
 
@@ -126,7 +126,9 @@ def _runs(first_row, rows_count, dtype, windows, rows):
 
 # The graphs LoRAs and embeddings patch, as their declarations say (``GraphSpec.lora_patched``: the
 # U-Net and every CLIP text encoder, SDXL's second included); the others' maps would be dead weight.
-WEIGHT_MAPPED = tuple(name for name, spec in GRAPHS.items() if spec.lora_patched)
+# A name any family declares patched (SD3's "unet" is not; SD 1.x's and SDXL's are).
+WEIGHT_MAPPED = tuple(dict.fromkeys(name for specs in FAMILIES.values() for name, spec in specs.items()
+                                    if spec.lora_patched))
 FLOAT_PRECISIONS = ("fp32", "fp16")
 
 

@@ -57,6 +57,9 @@ class GraphEntry:
     weights: dict[str, dict] = field(default_factory=dict)
     # Weight-only quantization of a graph with precision "int4": bits, block size, what stays float.
     quantization: dict[str, Any] = field(default_factory=dict)
+    # Inputs the graph defaults to zeros when not fed (a U-Net's ControlNet residuals); empty for
+    # exports made before ControlNet, whose U-Nets take none.
+    optional_inputs: list[TensorSpec] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GraphEntry":
@@ -70,12 +73,14 @@ class GraphEntry:
             validation=dict(data.get("validation", {})),
             weights=dict(data.get("weights", {})),
             quantization=dict(data.get("quantization", {})),
+            optional_inputs=[TensorSpec.from_dict(t) for t in data.get("optional_inputs", [])],
         )
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["inputs"] = [t.to_dict() for t in self.inputs]
         data["outputs"] = [t.to_dict() for t in self.outputs]
+        data["optional_inputs"] = [t.to_dict() for t in self.optional_inputs]
         return data
 
 
@@ -169,7 +174,7 @@ def _optional(check):
 _text = _of(str, "text")
 _table = _of(dict, "an object")
 FIELDS = {
-    "family": _text, "prediction_type": _one_of("epsilon", "v_prediction", "sample"), "scheduler": _table,
+    "family": _text, "prediction_type": _one_of("epsilon", "v_prediction", "sample", "flow"), "scheduler": _table,
     "latent_channels": _int(1), "vae_scale_factor": _int(1), "scaling_factor": _number(positive=True),
     "shift_factor": _number(), "latent_multiple": _int(1), "default_size": _int(1), "tokenizer": _table,
     "graphs": _table,
@@ -192,7 +197,8 @@ GRAPH_FIELDS = {"path": _text, "sha256": _text, "precision": _text, "inputs": _o
                 "outputs": _of(list, "a list")}
 OPTIONAL_GRAPH_FIELDS = {"kept_fp32": _of(list, "a list"), "validation": _table, "quantization": _table,
                          "weights": lambda v: None if isinstance(v, dict) and all(isinstance(w, dict) for w in v.values())
-                         else "an object of objects"}
+                         else "an object of objects",
+                         "optional_inputs": _of(list, "a list")}
 # Each text encoder: its graph and the tokenizer feeding it (the tokenizer's own fields depend on its kind).
 TEXT_ENCODER_FIELDS = {"graph": _text, "tokenizer": lambda v: None if isinstance(v, dict) and isinstance(v.get("path"), str)
                        else "an object with a path"}
@@ -233,6 +239,9 @@ def check_manifest_data(data: Any) -> None:
     """Check a parsed manifest field by field, before anything uses it."""
     if not isinstance(data, dict):
         raise _fail("(top level)", "an object", data)
+    if data.get("kind") == "controlnet":
+        raise ModelFolderError("this folder holds a ControlNet, not a model: pass it as a control unit "
+                               "(--control FOLDER:IMAGE, control=[{'model': FOLDER, ...}])")
     version = data.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         newer = type(version) is int and version > SCHEMA_VERSION
@@ -244,10 +253,10 @@ def check_manifest_data(data: Any) -> None:
     _check_fields(data["scheduler"], "scheduler", {}, SCHEDULER_FIELDS)
     for name, graph in data["graphs"].items():
         _check_fields(graph, f"graphs.{name}", GRAPH_FIELDS, OPTIONAL_GRAPH_FIELDS)
-        for kind in ("inputs", "outputs"):
-            if not graph[kind]:
+        for kind in ("inputs", "outputs", "optional_inputs"):
+            if kind != "optional_inputs" and not graph[kind]:
                 raise _fail(f"graphs.{name}.{kind}", "a non-empty list", graph[kind])
-            for index, tensor in enumerate(graph[kind]):
+            for index, tensor in enumerate(graph.get(kind, [])):
                 _check_fields(tensor, f"graphs.{name}.{kind}[{index}]", TENSOR_FIELDS)
     _check_text_encoders(data)
     if "vae_tiling" in data:
@@ -300,7 +309,7 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     for name, graph in manifest.graphs.items():
         if not (model_dir / graph.path).is_file():
             raise ModelFolderError(f"{name} graph is missing: {model_dir / graph.path}")
-    if not (model_dir / manifest.alphas_cumprod).is_file():
+    if manifest.alphas_cumprod and not (model_dir / manifest.alphas_cumprod).is_file():  # "": flow matching
         raise ModelFolderError(f"{model_dir / manifest.alphas_cumprod} is missing")
     for encoder in manifest.text_encoders:
         if encoder["graph"] not in manifest.graphs:

@@ -106,6 +106,7 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Loras": ", ".join(f"{name}: {w:g}" for name, w, _ in loras) or None,
         # edgediff's own field, only when not A1111's reading, so --from-png reads the prompt alike
         "Prompt syntax": p.get("prompt_syntax") if p.get("prompt_syntax", "a1111") != "a1111" else None,
+        **(p.get("control") or {}),  # "ControlNet N" entries (controlnet.infotext_fields)
         "Version": p.get("version", _version()),
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -159,7 +160,13 @@ def request_infotext(request: Any, image: Image.Image, index: int, seed: int | N
                          width=r.width if hires else image.width, height=r.height if hires else image.height,
                          strength=hires.strength if hires else r.strength if r.image is not None else None,
                          hires=hires, loras=loras,
-                         prompt_syntax=r.prompt_syntax, **(identity or {})))
+                         prompt_syntax=r.prompt_syntax, control=_control_fields(r), **(identity or {})))
+
+
+def _control_fields(request: Any) -> dict[str, str]:
+    from .controlnet import infotext_fields
+
+    return infotext_fields(getattr(request, "control", None))
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image
 
+from .denoiser import noised
 from .errors import EdgediffError
 from .inpaint import Mask, keep_known, masked_pixels, prepare_mask
 
@@ -103,8 +104,9 @@ class Img2Img(Txt2Img):
 
     encodes = True
 
-    def __init__(self, image: Image.Image):
+    def __init__(self, image: Image.Image, prediction_type: str = "epsilon"):
         self.image = image
+        self.prediction_type = prediction_type  # flow models noise as (1 - sigma) x0 + sigma noise
 
     def encode(self, vae_encode) -> None:
         self.moments = vae_encode(to_model_pixels(self.image))
@@ -112,7 +114,7 @@ class Img2Img(Txt2Img):
     def start(self, draw, sample_latent, plan) -> np.ndarray:
         self.x0 = sample_latent(self.moments)  # diffusers: the posterior first, then the noise
         self.noise = draw()
-        return self.x0 + self.noise * np.float32(plan.sigmas[0])
+        return noised(self.x0, self.noise, plan.sigmas[0], self.prediction_type)
 
 
 class LatentImg2Img(Txt2Img):
@@ -269,4 +271,4 @@ def choose_mode(request, manifest, unet_channels: int):
         return InpaintUNet(image, mask, request.strength, size)
     if mask is not None:
         return BlendInpaint(image, mask, request.strength)
-    return Img2Img(image) if image is not None else Txt2Img()
+    return Img2Img(image, m.prediction_type) if image is not None else Txt2Img()

@@ -13,19 +13,22 @@ from PIL import Image
 
 from . import arguments as args
 from . import hires as hires_fix
+from . import controlnet
 from . import memory as mem
 from .adapters import Adapters
 from .conditioning import embeds_guidance, guidance_embedding, size_ids
 from .denoiser import make_denoiser
+from .flow import make_model_plan, skip_guidance, skip_inputs
 from .errors import InputError, ModelFolderError, OutOfMemoryError
 from .manifest import Manifest, read_manifest
 from .modes import Img2Img, Txt2Img, choose_mode
 from .noise import make_rng
 from .prompts import encode_prompts
 from .request import (DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, check_vae_tiling,
-                      default_model_dir)
-from .samplers import SamplerPlan, make_plan
+                      default_model_dir, skip_layers, text_encoders)
+from .samplers import SamplerPlan
 from .sessions import GraphSession, Sessions
+from .text_conditioning import encode_text, load_tokenizer
 from .tokenizer import ClipTokenizer
 from .vae_tiling import tiled_decode, tiled_encode
 
@@ -71,6 +74,10 @@ class Pipeline:
         self.planner = mem.MemoryPlanner(model_dir, manifest, sessions.memory)
         self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
+        self.controlnets = controlnet.ControlNets(
+            lambda folder, entry, optimized_for: GraphSession(
+                controlnet.GRAPH, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
+                threads=sessions.threads), sessions.memory)
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, provider: str = "auto", memory: str = "high",
@@ -83,9 +90,10 @@ class Pipeline:
         """
         model_dir = Path(default_model_dir(provider) if model_dir is None else model_dir)
         manifest = read_manifest(model_dir)
-        tokenizers = [ClipTokenizer.from_manifest(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
-        try:
-            alphas_cumprod = np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+        tokenizers = [load_tokenizer(model_dir, encoder["tokenizer"]) for encoder in manifest.text_encoders]
+        try:  # flow-matching models have none ("")
+            alphas_cumprod = (np.load(model_dir / manifest.alphas_cumprod, allow_pickle=False).astype(np.float64)
+                              if manifest.alphas_cumprod else None)
         except (OSError, ValueError, TypeError) as error:
             raise ModelFolderError(f"cannot read {model_dir / manifest.alphas_cumprod} ({str(error)[:100]}); "
                                    "re-export the model") from None
@@ -110,6 +118,8 @@ class Pipeline:
                  loras: Sequence[tuple[str | Path, float]] | None = None,
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
                  allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
+                 control: Sequence[controlnet.ControlUnit | dict] | None = None,
+                 t5: str | None = None, skip_layer_guidance: bool | dict | None = None,
                  hires: dict | None = None, image_guidance: float | None = None) -> Result:
         """Generate one image per prompt.
 
@@ -144,6 +154,13 @@ class Pipeline:
         upscaled size (``width``/``height`` in it instead of ``scale``: that size).
         ``image_guidance`` (InstructPix2Pix models, with ``image``; default 1.5): how closely the edit
         keeps to the picture; ``guidance`` is then the instruction's weight (runtime/modes.py).
+        ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
+        guess_mode, preprocess), runtime/controlnet.py.
+        ``t5``: "on" or "off" for models with an optional T5 encoder (SD 3/3.5; None: on where the
+        export has it); off feeds zeros in its place, as diffusers does without ``text_encoder_3``.
+        ``skip_layer_guidance``: True runs the manifest's recommended skip-layer guidance (SD 3.5
+        Medium's layers 7-9), a dict overrides its ``layers``, ``scale``, ``start``, ``stop``;
+        None/False: off, as diffusers' default (runtime/flow.py).
         """
         values = locals()
         return self.generate(GenerationRequest(**{name: values[name] for name in REQUEST_FIELDS}))
@@ -160,12 +177,13 @@ class Pipeline:
         if mode is None:  # an all-black mask repaints nothing
             return self._unchanged(request, len(prompts), started)
         run = self._prepare(request, prompts, timings, mode.takes_strength)   # 4. plan, noise, guidance
+        control = self._control(request, run)                                 #    ControlNet units, checked
         tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
             mode.encode(self._vae_encoder(vae_encoder, run.batch, request, tile))  # 6. encode the picture
         x = mode.start(run.draw, run.sample_latent, run.plan)                 # 7. the starting latent
         context = self._context(request, prompts, run, timings, arena)        # 8. encode the text
-        x = self._sample(mode, run, x, context, timings, arena, request.on_step)   # 9. sample
+        x = self._sample(mode, run, x, context, timings, arena, request.on_step, control)   # 9. sample
         with self._stage("vae_decoder", timings, arena) as vae_decoder:       # 10. decode
             pixels = mode.finish_pixels(self._to_pixels(vae_decoder, x, tile))
         timings["total"] = time.perf_counter() - started
@@ -186,10 +204,10 @@ class Pipeline:
                  takes_strength: bool = True) -> "Run":
         """The sampler plan, the generators the seeds seed, and whether guidance runs the U-Net twice."""
         m, r = self.manifest, request
-        plan = make_plan(r.sampler, self.alphas_cumprod, m.scheduler, r.steps, schedule=r.schedule,
-                         strength=r.strength if takes_strength and (r.image is not None or r.start_latent is not None)
-                         else 1.0)
         shape = (len(prompts), m.latent_channels, r.height // m.vae_scale_factor, r.width // m.vae_scale_factor)
+        plan = make_model_plan(m, self.alphas_cumprod, r.sampler, r.steps, schedule=r.schedule,
+                               strength=r.strength if takes_strength and (r.image is not None or r.start_latent is not None)
+                               else 1.0, latent_size=shape[2:])
         rng, seed, seeds = r.rng, r.seed, None
         if rng is None and isinstance(seed, (list, tuple)):
             if len(seed) != len(prompts):
@@ -208,7 +226,8 @@ class Pipeline:
         # As diffusers: guidance 1 or below means the conditional model alone, and a U-Net that
         # embeds the guidance scale (LCM) runs once per step with it.
         guided = r.guidance > 1.0 and not embeds_guidance(unet_inputs)
-        return Run(plan, shape, rng, seed, seeds, guided, unet_inputs, r.latents, self._latent_sample, r.guidance)
+        return Run(plan, shape, rng, seed, seeds, guided, unet_inputs, r.latents, self._latent_sample, r.guidance,
+                   text_encoders(m, r.t5), skip_layers(m, r.skip_layer_guidance))
 
     def _plan_memory(self, request: GenerationRequest, mode, run: "Run") -> tuple[bool, frozenset[str]]:
         """(whether the VAE runs in tiles, the graphs that run without the CPU arena)."""
@@ -236,7 +255,8 @@ class Pipeline:
         """The U-Net's conditioning: (cond, uncond) by input name; uncond None without guidance."""
         m, n, negatives = self.manifest, len(prompts), request.negatives
         context = self._encode_text(prompts + negatives if run.guided else prompts, timings,
-                                    request.prompt_syntax, arena)
+                                    request.prompt_syntax, arena, run.text_encoders)
+        context.update(skip_inputs(run.unet_inputs, len(context["encoder_hidden_states"])))
         if run.guided and m.conditioning.get("force_zeros_for_empty_prompt"):
             for row, negative in enumerate(negatives, n):  # as diffusers without a negative prompt
                 if not negative:
@@ -254,24 +274,38 @@ class Pipeline:
         cond = {name: value[:n] for name, value in context.items()}
         return cond, ({name: value[n:] for name, value in context.items()} if run.guided else None)
 
-    def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step) -> np.ndarray:
-        """The sampler's loop over the U-Net, with the mode's extra inputs and steering."""
+    def _control(self, request: GenerationRequest, run: "Run"):
+        """The request's ControlNet units as a U-Net input provider (None without any)."""
+        if not request.control:
+            return None
+        prepared = controlnet.prepare(request.control, self.controlnets, self.manifest, request.width,
+                                      request.height, self.sessions.provider)
+        return controlnet.Control([unit for unit, _, _ in prepared], [manifest for _, manifest, _ in prepared],
+                                  [hint for _, _, hint in prepared], run.plan.timesteps, self.controlnets)
+
+    def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step, control=None) -> np.ndarray:
+        """The sampler's loop over the U-Net, with the mode's extra inputs and steering; ControlNet
+        units first, on the latent before a mode adds its channels."""
         cond, uncond, groups = mode.condition(*context)
-        with self._stage("unet", timings, arena) as unet:
+        providers = (control.bind(cond, uncond), *mode.providers) if control else mode.providers
+        with self._stage("unet", timings, arena) as unet, self.controlnets.resident():
             def run_unet(x_in, t, ctx):
                 feed = {"sample": x_in, "timestep": t, **ctx}
-                for provider in mode.providers:
+                for provider in providers:
                     feed = provider(feed)
                 return unet.run(**feed)[0]
 
             # Low memory runs the guidance halves one after the other: the U-Net's activations are
             # the peak of a generation once only one graph is resident.
+            skip = skip_guidance(run.skip_layers, run.plan, cond) if run.skip_layers and run.guided else None
             denoise = make_denoiser(run_unet, run.plan.timestep, self.manifest.prediction_type, cond, uncond,
-                                    run.guidance, split=self.sessions.memory == "low", **groups)
+                                    run.guidance, split=self.sessions.memory == "low", skip=skip, **groups)
             callback = None if on_step is None else \
                 (lambda i, sigma, x_i, denoised: on_step(i + 1, run.plan.steps, x_i))
             x = run.plan.run(mode.steer(denoise, run.plan), x, rng=run.rng, on_step=callback)
         timings["unet_per_step"] = timings["unet"] / run.plan.steps
+        if control:
+            timings["controlnet"] = control.seconds  # inside the unet stage's time
         return mode.finish_latent(x)
 
     def decode(self, latents: np.ndarray, *, vae_tiling: bool | None = None) -> tuple[list[Image.Image], np.ndarray]:
@@ -318,11 +352,16 @@ class Pipeline:
                     self.manifest.latent_channels)
 
     def _encode_text(self, texts: list[str], timings: dict[str, float], syntax: str = "a1111",
-                     arena: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+                     arena: frozenset[str] = frozenset(), running: list[str] | None = None) -> dict[str, np.ndarray]:
         """Each text encoder's per-token states (runtime/prompts.py: A1111's syntax in chunks of 75
         tokens, or the plain text cut at one chunk), concatenated along the features as the U-Net
         takes them, and the pooled embedding where an encoder gives one (SDXL's second; taken from
-        each prompt's first chunk, as A1111 does)."""
+        each prompt's first chunk, as A1111 does). A manifest with a ``conditioning.text`` layout
+        (SD 3/3.5) combines the ``running`` encoders as it says (runtime/text_conditioning.py)."""
+        rule = self.manifest.conditioning.get("text")
+        if rule:
+            return encode_text(rule, self.manifest.text_encoders, self.tokenizers, texts,
+                               lambda graph: self._stage(graph, timings, arena), running, syntax)
         hidden, context = [], {}
         for encoder, tokenizer in zip(self.manifest.text_encoders, self.tokenizers):
             extra: dict[str, np.ndarray] = {}
@@ -416,6 +455,8 @@ class Run:
     latents: np.ndarray | None
     sample: Callable
     guidance: float = 7.5
+    text_encoders: list[str] | None = None  # the encoder graphs that run (SD3's T5 may be off)
+    skip_layers: dict | None = None  # skip-layer guidance settings (runtime/flow.py), None: off
 
     @property
     def batch(self) -> int:

@@ -79,6 +79,9 @@ class GenerationRequest:
     allow_pickle: bool = False
     vae_tiling: bool | None = None
     prompt_syntax: str = "a1111"
+    control: Any = None  # ControlNet units: dicts or ControlUnits (runtime/controlnet.py)
+    t5: str | None = None  # SD 3/3.5: "on" | "off" (runtime/text_conditioning.py)
+    skip_layer_guidance: bool | dict | None = None  # SD 3.5 (runtime/flow.py)
     hires: Any = None  # dict (runtime/hires.py HiresFix's fields) or HiresFix; check makes it a HiresFix
     image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
     # Set by the hires fix's second pass (runtime/hires.py): img2img from this sampler-space latent.
@@ -129,6 +132,8 @@ class GenerationRequest:
             args.check_seed(seed)
         if self.mask is not None and self.image is None:
             raise InputError("a mask needs the image it applies to (--mask needs --image; mask= needs image=)")
+        from .controlnet import control_units
+
         hires = None if self.hires is None else check_hires(self.hires)
         if hires is not None and self.image is not None:
             raise InputError("the hires fix is for text-to-image: give no image with it (--hires-* needs no --image)")
@@ -141,6 +146,7 @@ class GenerationRequest:
             image_guidance = float(image_guidance)
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
                                    guidance=guidance, schedule=schedule, hires=hires,
+                                   control=control_units(self.control) or None,
                                    image_guidance=image_guidance, **sizes)
 
     def check(self, manifest) -> "GenerationRequest":
@@ -161,6 +167,10 @@ class GenerationRequest:
                          for label, value in (("width", width), ("height", height)))
         if image is not None and image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
+        text_encoders(manifest, request.t5)
+        skip_layers(manifest, request.skip_layer_guidance)
+        if request.mask is not None and manifest.prediction_type == "flow":
+            raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
         hires = request.hires if request.hires is None else dataclasses.replace(
             request.hires, target=target_size(request.hires, width, height, manifest.size_multiple))
         return dataclasses.replace(request, image=image, original_image=original, width=width, height=height,
@@ -169,6 +179,22 @@ class GenerationRequest:
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Pipeline.__call__`` that make this request."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in REQUEST_FIELDS}
+
+
+def text_encoders(manifest, t5) -> list[str]:
+    """The text encoder graphs a request runs (``t5`` switches SD3's off; InputError where it cannot)."""
+    from .text_conditioning import switched_on
+
+    return switched_on(manifest.conditioning.get("text", {}), manifest.text_encoders, t5=t5)
+
+
+def skip_layers(manifest, setting) -> dict | None:
+    """The skip-layer guidance a request asks for (None: off), checked against the transformer."""
+    from .flow import skip_layer_guidance
+
+    inputs = {spec.name: spec for spec in manifest.graphs["unet"].inputs}
+    layers = inputs["skip_layers"].shape[1] if "skip_layers" in inputs else 0
+    return skip_layer_guidance(setting, manifest.conditioning.get("skip_layer_guidance", {}), layers)
 
 
 def check_vae_tiling(vae_tiling) -> None:

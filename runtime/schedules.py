@@ -35,6 +35,8 @@ __all__ = [
     "exponential_sigmas",
     "beta_sigmas",
     "beta_ppf",
+    "FlowSchedule",
+    "flow_sigmas",
 ]
 
 #: sigma schedules a user can ask for (``schedule=``); None means the model's own spacing.
@@ -203,3 +205,65 @@ def beta_ppf(q, a: float, b: float) -> np.ndarray:
                 hi = mid
         out.append(0.5 * (lo + hi))
     return np.array(out, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
+# Synthesis", sections 2 and 5.3.2): x_sigma = (1 - sigma) x0 + sigma * noise with sigma in [0, 1],
+# the model's timestep is sigma * num_train_timesteps, and resolution-dependent "shift" moves the
+# sigmas towards noise. The sigmas are diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``.
+
+
+class FlowSchedule:
+    """The training sigmas of a flow-matching scheduler config, and sigma <-> timestep."""
+
+    def __init__(self, config: dict):
+        self.num_train_timesteps = int(config.get("num_train_timesteps") or 1000)
+        self.shift = float(config.get("shift", 1.0))
+        T = self.num_train_timesteps
+        # diffusers' __init__ works in float32: sigma_max and sigma_min are float32 values.
+        sigmas = np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)
+        if not config.get("use_dynamic_shifting"):
+            sigmas = np.float32(self.shift) * sigmas / (1 + np.float32(self.shift - 1) * sigmas)
+        self.sigmas = sigmas.astype(np.float64)[::-1].copy()  # ascending, as NoiseSchedule's
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma):
+        return np.asarray(sigma, dtype=np.float64) * self.num_train_timesteps
+
+
+def flow_shift_mu(config: dict, image_seq_len: int) -> float:
+    """Resolution-dependent shift: mu linear in the number of image tokens (diffusers'
+    ``calculate_shift`` with the scheduler config's base/max sequence lengths and shifts)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+def flow_sigmas(config: dict, steps: int, image_seq_len: int, schedule: str | None = None) -> np.ndarray:
+    """``steps`` descending sigmas (no final 0) as diffusers' ``set_timesteps`` walks them: linear
+    in t between the training sigmas' ends, shifted (static ``shift`` or, with
+    ``use_dynamic_shifting``, exp(mu) / (exp(mu) + 1/sigma - 1)), stretched to ``shift_terminal``,
+    then respaced as karras/exponential/beta when the config or ``schedule`` asks."""
+    train = FlowSchedule(config)
+    T = train.num_train_timesteps
+    sigmas = np.linspace(train.sigma_max * T, train.sigma_min * T, steps) / T
+    if config.get("use_dynamic_shifting"):
+        mu = flow_shift_mu(config, image_seq_len)
+        scale = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+        sigmas = scale / (scale + (1 / sigmas - 1))
+    else:
+        sigmas = train.shift * sigmas / (1 + (train.shift - 1) * sigmas)
+    if config.get("shift_terminal"):
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - config["shift_terminal"]))
+    respace = schedule or next((name for name in ("karras", "exponential", "beta")
+                                if config.get(f"use_{name}_sigmas")), None)
+    if respace == "karras":
+        sigmas = karras_sigmas(steps, float(sigmas[-1]), float(sigmas[0]))
+    elif respace == "exponential":
+        sigmas = exponential_sigmas(steps, float(sigmas[-1]), float(sigmas[0]))
+    elif respace == "beta":
+        sigmas = beta_sigmas(steps, float(sigmas[-1]), float(sigmas[0]))
+    return np.asarray(sigmas, dtype=np.float32).astype(np.float64)

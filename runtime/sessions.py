@@ -188,7 +188,7 @@ class GraphSession:
     def run(self, **feed: np.ndarray) -> list[np.ndarray]:
         if self.session is None:
             raise RuntimeError(f"{self.name} session was released")
-        checked = check_inputs(self.name, self.entry.inputs, feed)
+        checked = check_inputs(self.name, self.entry.inputs, feed, self.entry.optional_inputs)
         try:
             outputs = self.session.run([spec.name for spec in self.entry.outputs], checked)
         except Exception as error:  # ONNX Runtime raises its own exception types, all unrelated to Python's
@@ -237,9 +237,12 @@ def _patch(ort, options, path: Path, arrays: dict[str, np.ndarray]) -> tuple[str
     return model, list(pinned.values())
 
 
-def check_inputs(graph: str, specs: list[TensorSpec], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Check names, ranks and fixed/shared axes; cast to the graph's dtypes. Name what is wrong."""
+def check_inputs(graph: str, specs: list[TensorSpec], feed: dict[str, np.ndarray],
+                 optional: list[TensorSpec] = ()) -> dict[str, np.ndarray]:
+    """Check names, ranks and fixed/shared axes; cast to the graph's dtypes. Name what is wrong.
+    ``optional`` inputs (zeros in the graph when not fed) are checked where fed."""
     missing = [spec.name for spec in specs if spec.name not in feed]
+    specs = [*specs, *(spec for spec in optional if spec.name in feed)]
     extra = sorted(set(feed) - {spec.name for spec in specs})
     if missing or extra:
         raise GraphInputError(f"{graph}: missing inputs {missing}, unexpected inputs {extra}")

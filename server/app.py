@@ -34,6 +34,7 @@ from edgediff.runtime.schedules import SCHEDULES
 from . import schemas
 from .guard import Guard
 from .images import BadImage, decode_image, encode_png, image_bytes, latent_preview
+from .page import PageFront, mount_page, open_when_started
 from .worker import Job, QueueFull, Worker
 
 log = logging.getLogger("edgediff.server")
@@ -61,10 +62,11 @@ def hires_settings(req: schemas.Txt2ImgRequest) -> dict:
 
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
-               limits: Limits | None = None):
+               limits: Limits | None = None, lora_dir: str | Path | None = None):
     """The ASGI app. ``pipe``: an already loaded Pipeline; otherwise ``model`` (None: the shipped
     default model) is loaded with ``provider`` and ``memory``. ``api_key``/``api_auth``
-    ("user:password" strings) protect every endpoint but ``/health``."""
+    ("user:password" strings) protect every endpoint but ``/health`` (and the web page's static
+    files, page.py); ``<lora:name:weight>`` tags in prompts are looked up in ``lora_dir``."""
     limits = limits or Limits()
     pipe = pipe if pipe is not None else Pipeline.load(model, provider=provider, memory=memory)
     worker = Worker(pipe, limits.max_queue)
@@ -100,6 +102,7 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             req.prompt, req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
             sampler=req.sampler_name or req.sampler_index or DEFAULT_SAMPLER, schedule=req.scheduler,
             width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
+            lora_dir=lora_dir,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
             **(dict(hires=hires_settings(req)) if req.enable_hr and image is None else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))
@@ -282,17 +285,24 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
         return JSONResponse({"detail": f"internal server error ({type(error).__name__}); see the server log"},
                             status_code=500)
 
-    return Guard(app, max_body_bytes=limits.max_body_bytes, api_key=api_key, api_auth=api_auth)
+    mount_page(app, pipe=pipe, limits=limits, lora_dir=lora_dir)
+    return PageFront(Guard(app, max_body_bytes=limits.max_body_bytes, api_key=api_key, api_auth=api_auth))
 
 
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 7860, provider: str = "auto",
           memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
-          limits: Limits | None = None, log_level: str = "info") -> None:
-    """Load the model and serve the API until interrupted (blocking)."""
+          limits: Limits | None = None, log_level: str = "info", lora_dir: str | Path | None = None,
+          open_page: bool = False) -> None:
+    """Load the model and serve the API and the web page until interrupted (blocking);
+    ``open_page``: open the page in the browser once the server listens."""
     import uvicorn
 
-    app = create_app(model=model, provider=provider, memory=memory, api_key=api_key, api_auth=api_auth, limits=limits)
+    app = create_app(model=model, provider=provider, memory=memory, api_key=api_key, api_auth=api_auth, limits=limits,
+                     lora_dir=lora_dir)
     if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or api_auth):
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    if open_page:
+        open_when_started(server, host, port)
+    server.run()

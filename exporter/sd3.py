@@ -1,0 +1,123 @@
+"""Stable Diffusion 3/3.5 as graph data: the MMDiT transformer's boundary, T5's, and the manifest
+facts the runtime reads (flow matching, how three text encoders make one context, skip-layer
+guidance). Which family a pipeline is comes from its components (a ``transformer``), never a name.
+
+SD 3.5 Medium's MMDiT-X (dual attention layers, RMS q/k norm) needs nothing here: diffusers'
+``SD3Transformer2DModel`` builds it from its config and the trace follows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# diffusers' StableDiffusion3Pipeline defaults for skip-layer guidance, recommended there for SD 3.5
+# Medium (``skip_guidance_layers=[7, 8, 9]``); off unless a call asks for it, as in diffusers.
+SKIP_LAYER_GUIDANCE = {"layers": [7, 8, 9], "scale": 2.8, "start": 0.01, "stop": 0.2}
+# diffusers' ``max_sequence_length``: T5 reads one window of this many tokens.
+T5_TOKENS = 256
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+class T5Encoder(nn.Module):
+    """Token ids in, T5's last hidden state out (diffusers' ``_get_t5_prompt_embeds``)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+
+class MMDiT(nn.Module):
+    """One transformer call; ``skip_layers`` (batch, layers), where exported, blends each block's
+    output back to its input row by row: 1 skips the block (diffusers' ``skip_layers``), 0 runs it.
+    A block's output plus 0 * (input - output) is the output exactly, so an all-zero mask gives the
+    unskipped result, and one graph serves both guidance runs."""
+
+    def __init__(self, transformer, names: tuple[str, ...]):
+        super().__init__()
+        self.transformer = transformer
+        self.skips = "skip_layers" in names
+        if self.skips and not getattr(transformer, "_edgediff_skip_hooks", False):
+            for index, block in enumerate(transformer.transformer_blocks):
+                block.register_forward_hook(_skip_hook(transformer, index), with_kwargs=True)
+            transformer._edgediff_skip_hooks = True
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, skip_layers=None):
+        self.transformer._edgediff_skip_mask = skip_layers
+        try:
+            return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, return_dict=False)[0]
+        finally:
+            self.transformer._edgediff_skip_mask = None
+
+
+def _skip_hook(transformer, index: int):
+    def hook(block, args, kwargs, output):
+        mask = getattr(transformer, "_edgediff_skip_mask", None)
+        if mask is None:
+            return output
+        keep = mask[:, index].reshape(-1, 1, 1).to(kwargs["hidden_states"].dtype)
+        context_out, hidden_out = output
+        hidden_out = hidden_out + keep * (kwargs["hidden_states"] - hidden_out)
+        if context_out is not None:
+            context_out = context_out + keep * (kwargs["encoder_hidden_states"] - context_out)
+        return context_out, hidden_out
+    return hook
+
+
+def model_dims(pipe) -> dict:
+    """The fixed axes of every SD3 graph, from the component configs."""
+    transformer, vae = pipe.transformer.config, pipe.vae.config
+    clip_l, clip_g = pipe.text_encoder.config, pipe.text_encoder_2.config
+    t5 = getattr(pipe, "text_encoder_3", None)
+    vocabs = [clip_l.vocab_size, clip_g.vocab_size] + ([t5.config.vocab_size] if t5 is not None else [])
+    return {
+        "sequence": pipe.tokenizer.model_max_length,
+        "hidden": clip_l.hidden_size, "hidden_2": clip_g.hidden_size,
+        "projection": clip_l.projection_dim, "projection_2": clip_g.projection_dim,
+        "t5_sequence": T5_TOKENS, "t5_hidden": t5.config.d_model if t5 is not None else None,
+        "vocab": min(vocabs),  # example ids valid for every encoder
+        "channels": transformer.in_channels, "out_channels": transformer.out_channels,
+        "latent_channels": vae.latent_channels, "rgb": vae.in_channels,
+        "joint_attention": transformer.joint_attention_dim, "pooled": transformer.pooled_projection_dim,
+        "layers": transformer.num_layers,
+    }
+
+
+def size_rule(pipe) -> tuple[int, int]:
+    """(vae_scale_factor, latent_multiple): the transformer cuts the latent into patches."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1), int(pipe.transformer.config.patch_size)
+
+
+def default_size(pipe) -> int:
+    return int(pipe.transformer.config.sample_size) * size_rule(pipe)[0]
+
+
+def manifest_fields(pipe) -> dict:
+    """What the runtime needs beyond the graphs: flow matching, the text layout, patching, SLG."""
+    flow = type(pipe.scheduler).__name__ in FLOW_SCHEDULERS
+    transformer = pipe.transformer.config
+    layers = [i for i in SKIP_LAYER_GUIDANCE["layers"] if i < transformer.num_layers]
+    conditioning = {
+        "force_zeros_for_empty_prompt": False,
+        "patch_size": int(transformer.patch_size),
+        "text": {
+            "width": int(transformer.joint_attention_dim),
+            "context": [{"encoders": ["text_encoder", "text_encoder_2"]},
+                        {"encoders": ["text_encoder_3"], "absent_tokens": T5_TOKENS}],
+            "pooled": {"input": "pooled_projections", "encoders": ["text_encoder", "text_encoder_2"]},
+            # pipe(t5="on"|"off"): T5 may be switched off, or missing from the export (zeros instead)
+            "switches": {"t5": "text_encoder_3"},
+        },
+        # diffusers' defaults, with the layers this transformer has (tiny test models have fewer)
+        "skip_layer_guidance": {**SKIP_LAYER_GUIDANCE, "layers": layers} if layers else {},
+    }
+    return {"prediction_type": "flow" if flow else pipe.scheduler.config.get("prediction_type", "epsilon"),
+            "conditioning": conditioning, "alphas_cumprod": "" if flow else "alphas_cumprod.npy"}
+
+
+def t5_tokenizer_spec(tokenizer, folder: str) -> dict:
+    return {"path": f"{folder}/tokenizer.json", "kind": "t5", "max_length": T5_TOKENS,
+            "pad_token_id": int(tokenizer.pad_token_id), "eos_token_id": int(tokenizer.eos_token_id)}
