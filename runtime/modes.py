@@ -122,12 +122,13 @@ class LatentImg2Img(Txt2Img):
     upscale, runtime/hires.py): no VAE encoder; the latent is noised to the plan's first sigma
     as :class:`Img2Img` noises an encoded picture."""
 
-    def __init__(self, x0: np.ndarray):
+    def __init__(self, x0: np.ndarray, prediction_type: str = "epsilon"):
         self.x0 = np.asarray(x0, dtype=np.float32)
+        self.prediction_type = prediction_type  # flow models noise as (1 - sigma) x0 + sigma noise
 
     def start(self, draw, sample_latent, plan) -> np.ndarray:
         self.noise = draw()
-        return self.x0 + self.noise * np.float32(plan.sigmas[0])
+        return noised(self.x0, self.noise, plan.sigmas[0], self.prediction_type)
 
 
 class BlendInpaint(Img2Img):
