@@ -259,7 +259,7 @@ def choose_mode(request, manifest, unet_channels: int):
         if inpainting_unet:
             raise EdgediffError("an inpainting model cannot start from an upscaled latent; use a pixel hires "
                                 "upscaler (lanczos)")
-        return LatentImg2Img(request.start_latent)
+        return LatentImg2Img(request.start_latent, m.prediction_type)
     mask = None
     if request.mask is not None:
         mask = prepare_mask(request.mask, request.original_image.size, size, m.vae_scale_factor,
