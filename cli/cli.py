@@ -151,13 +151,26 @@ def _list_samplers(ctx, param, value):
               help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
 @click.option("--slg/--no-slg", default=None,
               help="SD 3.5: skip-layer guidance with the model's recommended layers [default: off, as diffusers].")
+@click.option("--hires-scale", type=float, default=None,
+              help="Hires fix (A1111's): generate at the size, upscale by this factor [default 2 when another "
+                   "--hires-* flag is given], then img2img at the upscaled size.")
+@click.option("--hires-steps", type=int, default=None, help="Hires fix: second-pass steps [default: --steps].")
+@click.option("--hires-strength", type=float, default=None,
+              help="Hires fix: second-pass denoising strength in (0, 1] [default 0.7].")
+@click.option("--hires-upscaler", default=None, metavar="NAME",
+              help="Hires fix: latent (bilinear), latent-antialiased, latent-bicubic, latent-bicubic-antialiased, "
+                   "latent-nearest, latent-nearest-exact, or the pixel upscalers lanczos, nearest (A1111's labels "
+                   "too) [default: latent].")
+@click.option("--image-guidance", type=float, default=None,
+              help="InstructPix2Pix models (with --image): how closely the edit keeps to the picture [default 1.5].")
 @click.pass_context
 @user_errors
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
              allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
-             control_guess_mode, t5, slg):
+             control_guess_mode, t5, slg, hires_scale, hires_steps, hires_strength,
+             hires_upscaler, image_guidance):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
     from edgediff.runtime import metadata
@@ -166,6 +179,9 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
     from edgediff.runtime.images import open_image
     from edgediff.runtime.request import GenerationRequest
 
+    hires = {name: value for name, value in (("scale", hires_scale), ("steps", hires_steps),
+                                             ("strength", hires_strength), ("upscaler", hires_upscaler))
+             if value is not None}
     if from_png is not None:
         given = {name for name in ctx.params if ctx.get_parameter_source(name) not in
                  (click.core.ParameterSource.DEFAULT, None)}
@@ -177,6 +193,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
                       schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax)
         values.update((name, value) for name, value in found.items() if name in values and name not in given)
         prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax = values.values()
+        hires = {**found.get("hires", {}), **hires}  # flags given override the image's
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")
     if output is not None:
@@ -189,6 +206,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         mask=_open_mask(mask) if mask is not None else None, mask_blur=mask_blur, mask_invert=mask_invert,
         noise=noise, check_memory=not no_memory_check, vae_tiling=vae_tiling, prompt_syntax=prompt_syntax,
         t5=t5, skip_layer_guidance=slg,
+        hires=hires or None, image_guidance=image_guidance,
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
         control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,

@@ -19,6 +19,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
     # Inpainting pipelines export like any other: their U-Net's input channels tell the runtime.
     "StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
+    "StableDiffusionInstructPix2PixPipeline": "StableDiffusionPipeline",  # likewise (8 channels)
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline": "StableDiffusion3Pipeline",

@@ -64,27 +64,39 @@ class SkipLayerGuidance:
 
 def make_denoiser(unet: UNet, timestep: Callable[[float], float], prediction_type: str,
                   cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None, guidance: float,
-                  split: bool = False, skip: SkipLayerGuidance | None = None) -> Callable[[np.ndarray, float], np.ndarray]:
+                  split: bool = False, image_uncond: dict[str, np.ndarray] | None = None,
+                  image_guidance: float = 1.0, skip: SkipLayerGuidance | None = None) -> Callable[[np.ndarray, float], np.ndarray]:
     """``denoise(x, sigma) -> denoised``; with ``uncond`` given, both halves run as one batch, or as
-    two calls of half the batch when ``split`` (half the U-Net's activation memory, same result).
-    ``skip``: skip-layer guidance, applied where classifier-free guidance is (as diffusers)."""
-    guided = uncond is not None
-    context = {name: np.concatenate([uncond[name], value]) for name, value in cond.items()} if guided else cond
+    one call per group when ``split`` (a fraction of the U-Net's activation memory, same result).
+    ``image_uncond`` (InstructPix2Pix): a third group without the picture; the groups are then
+    diffusers' (text + picture, picture, neither) and ``image_guidance`` weighs the picture
+    (Brooks et al. 2023, "InstructPix2Pix", eq. 3). ``skip``: skip-layer guidance, applied where
+    two-group classifier-free guidance is (as diffusers)."""
+    groups = [cond] if uncond is None else [uncond, cond] if image_uncond is None else [cond, uncond, image_uncond]
+    # One group passes ``cond`` itself: input providers tell the halves apart by identity (controlnet.py).
+    context = cond if len(groups) == 1 else {name: np.concatenate([group[name] for group in groups]) for name in cond}
+
+    def combine(outputs):
+        if len(outputs) == 2:
+            output_uncond, output_cond = outputs
+            return output_uncond + np.float32(guidance) * (output_cond - output_uncond)
+        if len(outputs) == 3:
+            text, image, neither = outputs
+            return neither + np.float32(guidance) * (text - image) + np.float32(image_guidance) * (image - neither)
+        return outputs[0]
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         c_in = input_scale(sigma, prediction_type)
         t = np.full(x.shape[0], timestep(sigma), dtype=np.float32)
-        if guided and split:
-            output_uncond, output_cond = (unet(x * c_in, t, half) for half in (uncond, cond))
-        elif guided:
-            output_uncond, output_cond = np.split(unet(np.concatenate([x, x]) * c_in, np.concatenate([t, t]), context), 2)
+        if split and len(groups) > 1:
+            outputs = [unet(x * c_in, t, group) for group in groups]
         else:
-            output = unet(x * c_in, t, context)
-        if guided:
-            output = output_uncond + np.float32(guidance) * (output_cond - output_uncond)
-            if skip is not None and skip.active(sigma):
-                output_skip = unet(x * c_in, t, skip.context)
-                output = output + (output_cond - output_skip) * np.float32(skip.scale)
+            n = len(groups)
+            outputs = np.split(unet(np.concatenate([x] * n) * c_in, np.concatenate([t] * n), context), n)
+        output = combine(outputs)
+        if skip is not None and len(groups) == 2 and skip.active(sigma):
+            output_skip = unet(x * c_in, t, skip.context)
+            output = output + (outputs[1] - output_skip) * np.float32(skip.scale)
         return to_denoised(output, x, sigma, prediction_type).astype(np.float32, copy=False)
 
     return denoise

@@ -83,7 +83,7 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
 
     ``params`` (a mapping or a dataclass) uses the pipeline's keyword names: prompt,
     negative_prompt, steps, guidance, sampler, schedule, seed, width, height; optional strength
-    (img2img's denoising strength), model_name, model_hash, loras (``[(name, weight, hash)]``,
+    (img2img's denoising strength), hires (a checked HiresFix), model_name, model_hash, loras (``[(name, weight, hash)]``,
     hash may be None), version (None leaves it out; default: this edgediff's version).
     """
     p = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
@@ -101,6 +101,7 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Model hash": p.get("model_hash"),
         "Model": p.get("model_name"),
         "Denoising strength": p.get("strength"),
+        **_hires_fields(p.get("hires")),
         "Lora hashes": lora_hashes or None,
         "Loras": ", ".join(f"{name}: {w:g}" for name, w, _ in loras) or None,
         # edgediff's own field, only when not A1111's reading, so --from-png reads the prompt alike
@@ -114,6 +115,32 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
     return f"{prompt}{chr(10) + 'Negative prompt: ' + negative if negative else ''}\n{line}".strip()
 
 
+def _hires_fields(h: Any) -> dict[str, Any]:
+    """A1111's hires fields (``sample_hr_pass``'s extra_generation_params) of a checked HiresFix."""
+    if h is None:
+        return {}
+    resize = h.width or h.height
+    return {"Hires upscale": None if resize else f"{h.scale:g}",
+            "Hires resize": f"{h.target[0]}x{h.target[1]}" if resize else None,
+            "Hires steps": h.steps or None, "Hires upscaler": h.label}
+
+
+def _hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any] | None:
+    """``hires=`` from an infotext's Hires fields (None without them)."""
+    if "Hires upscale" not in parsed and "Hires resize-1" not in parsed:
+        return None
+    hires: dict[str, Any] = {"upscaler": parsed.get("Hires upscaler", "Latent")}
+    for key, name, kind in (("Hires upscale", "scale", float), ("Hires steps", "steps", int),
+                            ("Denoising strength", "strength", float), ("Hires resize-1", "width", int),
+                            ("Hires resize-2", "height", int)):
+        if key in parsed:
+            try:
+                hires[name] = kind(parsed[key])
+            except ValueError:
+                raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
+    return hires
+
+
 def result_infotext(result: Any, index: int = 0, identity: Mapping[str, str] | None = None) -> str:
     """The infotext of image ``index`` of a pipeline Result, from the checked request that made it."""
     seed = result.seeds[index] if result.seeds else result.seed
@@ -125,13 +152,14 @@ def request_infotext(request: Any, image: Image.Image, index: int, seed: int | N
     """The one place the CLI, the server and batch build an image's infotext: from the checked
     GenerationRequest (runtime/request.py), the image, its seed and the LoRA files applied
     [(name, weight, path)] (their A1111 short hashes go to ``Lora hashes``)."""
-    r = request
+    r, hires = request, getattr(request, "hires", None)
     loras = [(name, weight, lora_hash(path) if Path(path).suffix.lower() == ".safetensors" else None)
              for name, weight, path in lora_files]
     return infotext(dict(prompt=r.prompt[index], negative_prompt=r.negatives[index], steps=r.steps,
                          guidance=r.guidance, sampler=r.sampler, schedule=r.schedule, seed=seed,
-                         width=image.width, height=image.height,
-                         strength=r.strength if r.image is not None else None, loras=loras,
+                         width=r.width if hires else image.width, height=r.height if hires else image.height,
+                         strength=hires.strength if hires else r.strength if r.image is not None else None,
+                         hires=hires, loras=loras,
                          prompt_syntax=r.prompt_syntax, control=_control_fields(r), **(identity or {})))
 
 
@@ -168,7 +196,8 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline keyword arguments from :func:`parse_infotext`'s result (only those present):
-    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax."""
+    prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax,
+    hires (A1111's Hires fields)."""
     from .samplers import normalize_schedule
 
     kwargs: dict[str, Any] = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
@@ -181,6 +210,9 @@ def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
                 raise EdgediffError(f"bad {key!r} in the image's parameters: {parsed[key]!r}") from None
     if "Prompt syntax" in parsed:
         kwargs["prompt_syntax"] = parsed["Prompt syntax"]
+    hires = _hires_kwargs(parsed)
+    if hires is not None:
+        kwargs["hires"] = hires
     if "Sampler" in parsed:
         kwargs["sampler"] = parsed["Sampler"]
         schedule = normalize_schedule(parsed.get("Schedule type"))  # "Automatic": the sampler's own

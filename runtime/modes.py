@@ -69,6 +69,7 @@ class Txt2Img:
     """Start from noise at the plan's initial sigma."""
 
     encodes = False
+    takes_strength = True  # a picture's strength cuts the plan (img2img); InstructPix2Pix's does not
     providers: tuple[UNetInputProvider, ...] = ()  # a mode that adds one sets its own tuple
 
     def graphs(self, text_encoders: list[str]) -> list[tuple[str, str]]:
@@ -85,6 +86,11 @@ class Txt2Img:
 
     def steer(self, denoise: Denoise, plan) -> Denoise:
         return denoise
+
+    def condition(self, cond: Feed, uncond: Feed | None) -> tuple[Feed, Feed | None, dict]:
+        """The guidance groups' contexts (cond, uncond) and runtime/denoiser.make_denoiser's extra
+        keywords (InstructPix2Pix's third group)."""
+        return cond, uncond, {}
 
     def finish_latent(self, x: np.ndarray) -> np.ndarray:
         return x
@@ -107,6 +113,20 @@ class Img2Img(Txt2Img):
 
     def start(self, draw, sample_latent, plan) -> np.ndarray:
         self.x0 = sample_latent(self.moments)  # diffusers: the posterior first, then the noise
+        self.noise = draw()
+        return noised(self.x0, self.noise, plan.sigmas[0], self.prediction_type)
+
+
+class LatentImg2Img(Txt2Img):
+    """Img2img from a latent given in sampler space (the hires fix's second pass after a latent
+    upscale, runtime/hires.py): no VAE encoder; the latent is noised to the plan's first sigma
+    as :class:`Img2Img` noises an encoded picture."""
+
+    def __init__(self, x0: np.ndarray, prediction_type: str = "epsilon"):
+        self.x0 = np.asarray(x0, dtype=np.float32)
+        self.prediction_type = prediction_type  # flow models noise as (1 - sigma) x0 + sigma noise
+
+    def start(self, draw, sample_latent, plan) -> np.ndarray:
         self.noise = draw()
         return noised(self.x0, self.noise, plan.sigmas[0], self.prediction_type)
 
@@ -162,6 +182,52 @@ class InpaintUNet(Txt2Img):
         return overlay(pixels, self.mask, self.image)
 
 
+class PictureLatentInput:
+    """InstructPix2Pix's extra channels: the picture's latent, concatenated after the latent. It
+    arrives in the feed as ``picture_latent`` (a context entry, so each guidance group carries its
+    own: zeros for the unconditional-picture group) and leaves it for the channels."""
+
+    graphs: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, feed: Feed) -> Feed:
+        feed = dict(feed)
+        picture = feed.pop("picture_latent")
+        return {**feed, "sample": np.concatenate([feed["sample"], picture], axis=1)}
+
+
+class InstructPix2Pix(Txt2Img):
+    """A U-Net fed the picture's latent (``2 * latent_channels`` input channels), with text and
+    picture guidance, as diffusers' ``StableDiffusionInstructPix2PixPipeline``: the picture's
+    latent is the VAE posterior's mode, unscaled; sampling starts from noise; guidance runs three
+    groups (text + picture, picture, neither) when guidance > 1 and image guidance >= 1."""
+
+    encodes, takes_strength = True, False
+    providers = (PictureLatentInput(),)
+
+    def __init__(self, image: Image.Image, image_guidance: float):
+        self.image, self.image_guidance = image, float(image_guidance)
+
+    def encode(self, vae_encode) -> None:
+        self.picture = vae_encode(to_model_pixels(self.image))[0]  # the mode: the mean, as diffusers' argmax
+
+    def condition(self, cond, uncond):
+        cond = {**cond, "picture_latent": self.picture}
+        if uncond is None or self.image_guidance < 1.0:
+            return cond, None, {}
+        return cond, {**uncond, "picture_latent": self.picture}, dict(
+            image_uncond={**uncond, "picture_latent": np.zeros_like(self.picture)}, image_guidance=self.image_guidance)
+
+
+# What a U-Net's extra input channels are, as data: channels = a * latent_channels + b.
+UNET_INPUTS = {"inpainting": (2, 1), "instruct-pix2pix": (2, 0)}
+DEFAULT_IMAGE_GUIDANCE = 1.5  # diffusers' StableDiffusionInstructPix2PixPipeline default
+
+
+def unet_kind(unet_channels: int, latent_channels: int) -> str:
+    """"inpainting", "instruct-pix2pix" or "plain" from the U-Net's declared ``sample`` channels."""
+    return next((kind for kind, (a, b) in UNET_INPUTS.items() if unet_channels == a * latent_channels + b), "plain")
+
+
 def overlay(pixels: np.ndarray, mask: Mask, image: Image.Image | None) -> np.ndarray:
     """A blurred mask: the result over the picture through it, so the seam is soft (A1111)."""
     if mask.overlay is None:
@@ -172,12 +238,28 @@ def overlay(pixels: np.ndarray, mask: Mask, image: Image.Image | None) -> np.nda
 def choose_mode(request, manifest, unet_channels: int):
     """The mode for a checked request; None when an all-black mask leaves nothing to repaint."""
     m = manifest
-    inpainting_unet = unet_channels == 2 * m.latent_channels + 1
+    kind = unet_kind(unet_channels, m.latent_channels)
+    inpainting_unet = kind == "inpainting"
+    if request.image_guidance is not None and kind != "instruct-pix2pix":
+        raise EdgediffError("image guidance needs an InstructPix2Pix model (a U-Net fed the picture's latent); this "
+                            f"model's U-Net takes {unet_channels} input channels")
+    if kind == "instruct-pix2pix":
+        if request.image is None or request.mask is not None or request.start_latent is not None:
+            raise EdgediffError("this InstructPix2Pix model edits a picture: give it an image (--image) and no mask")
+        if "vae_encoder" not in m.graphs:
+            raise EdgediffError("this model has no vae_encoder graph, which InstructPix2Pix needs: re-export it")
+        guidance = DEFAULT_IMAGE_GUIDANCE if request.image_guidance is None else request.image_guidance
+        return InstructPix2Pix(request.image, guidance)
     image, size = request.image, (request.width, request.height)
     if (image is not None or inpainting_unet) and "vae_encoder" not in m.graphs:
         what = "inpainting" if inpainting_unet or request.mask is not None else "img2img"
         raise EdgediffError(f"this model has no vae_encoder graph, which {what} needs: re-export it with this "
                             "version of edgediff")
+    if request.start_latent is not None:
+        if inpainting_unet:
+            raise EdgediffError("an inpainting model cannot start from an upscaled latent; use a pixel hires "
+                                "upscaler (lanczos)")
+        return LatentImg2Img(request.start_latent, m.prediction_type)
     mask = None
     if request.mask is not None:
         mask = prepare_mask(request.mask, request.original_image.size, size, m.vae_scale_factor,

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from . import arguments as args
+from . import hires as hires_fix
 from . import controlnet
 from . import memory as mem
 from .adapters import Adapters
@@ -44,6 +45,7 @@ class Result:
     embeddings: list[str] = field(default_factory=list)  # textual-inversion names available
     request: GenerationRequest | None = None  # the checked request that made it (metadata.result_infotext)
     lora_files: list[tuple[str, float, Path]] = field(default_factory=list)  # (name, weight, file) applied
+    latents: np.ndarray | None = None  # the last latent, in sampler space (the hires fix upscales it)
 
 
 def _memory_errors(generate):
@@ -117,7 +119,8 @@ class Pipeline:
                  embeddings: Sequence[str | Path] | None = None, lora_dir: str | Path | None = None,
                  allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
                  control: Sequence[controlnet.ControlUnit | dict] | None = None,
-                 t5: str | None = None, skip_layer_guidance: bool | dict | None = None) -> Result:
+                 t5: str | None = None, skip_layer_guidance: bool | dict | None = None,
+                 hires: dict | None = None, image_guidance: float | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -146,6 +149,11 @@ class Pipeline:
         activations stay those of one tile; None tiles above the size the manifest states.
         ``prompt_syntax``: ``"a1111"`` (emphasis weights, ``BREAK``, chunks of 75 tokens) or
         ``"plain"`` (the prompt read literally and cut at the encoder's length, as diffusers does).
+        ``hires``: A1111's hires fix (runtime/hires.py), e.g. ``{"scale": 2.0, "steps": 10,
+        "strength": 0.5, "upscaler": "latent"}``: this size first, upscaled, then img2img at the
+        upscaled size (``width``/``height`` in it instead of ``scale``: that size).
+        ``image_guidance`` (InstructPix2Pix models, with ``image``; default 1.5): how closely the edit
+        keeps to the picture; ``guidance`` is then the instruction's weight (runtime/modes.py).
         ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
         guess_mode, preprocess), runtime/controlnet.py.
         ``t5``: "on" or "off" for models with an optional T5 encoder (SD 3/3.5; None: on where the
@@ -162,11 +170,13 @@ class Pipeline:
         """One generation, as the table of contents of runtime/modes.py's stages."""
         started = time.perf_counter()
         request = request.check(self.manifest)                                # 1. check the request
+        if request.hires is not None:  # two generations: this size, then img2img upscaled
+            return hires_fix.generate(self, request)
         prompts, adapters, timings = self._adapt(request)                     # 2. LoRAs, embeddings
         mode = choose_mode(request, self.manifest, self._unet_channels())     # 3. the mode
         if mode is None:  # an all-black mask repaints nothing
             return self._unchanged(request, len(prompts), started)
-        run = self._prepare(request, prompts, timings)                        # 4. plan, noise, guidance
+        run = self._prepare(request, prompts, timings, mode.takes_strength)   # 4. plan, noise, guidance
         control = self._control(request, run)                                 #    ControlNet units, checked
         tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
@@ -180,7 +190,7 @@ class Pipeline:
         images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
         return Result(images=images, pixels=pixels, seed=run.seed, timings=timings, seeds=run.seeds,
                       loras=adapters.loras, embeddings=adapters.embeddings, request=request,
-                      lora_files=adapters.lora_files)
+                      lora_files=adapters.lora_files, latents=x)
 
     def _adapt(self, request: GenerationRequest):
         """Apply the request's LoRAs and embeddings; the prompts without their <lora:> tags."""
@@ -190,12 +200,14 @@ class Pipeline:
         used = request.loras or request.embeddings or adapted.loras
         return adapted.prompts, adapted, {"adapters": time.perf_counter() - started} if used else {}
 
-    def _prepare(self, request: GenerationRequest, prompts: list[str], timings: dict[str, float]) -> "Run":
+    def _prepare(self, request: GenerationRequest, prompts: list[str], timings: dict[str, float],
+                 takes_strength: bool = True) -> "Run":
         """The sampler plan, the generators the seeds seed, and whether guidance runs the U-Net twice."""
         m, r = self.manifest, request
         shape = (len(prompts), m.latent_channels, r.height // m.vae_scale_factor, r.width // m.vae_scale_factor)
         plan = make_model_plan(m, self.alphas_cumprod, r.sampler, r.steps, schedule=r.schedule,
-                               strength=r.strength if r.image is not None else 1.0, latent_size=shape[2:])
+                               strength=r.strength if takes_strength and (r.image is not None or r.start_latent is not None)
+                               else 1.0, latent_size=shape[2:])
         rng, seed, seeds = r.rng, r.seed, None
         if rng is None and isinstance(seed, (list, tuple)):
             if len(seed) != len(prompts):
@@ -205,6 +217,8 @@ class Pipeline:
         if rng is None:
             seed = args.resolve_seed(seed) if seed is not None or r.latents is None else None
             rng = make_rng(r.noise, seed)
+        if r.start_latent is not None and tuple(np.shape(r.start_latent)) != shape:
+            raise InputError(f"start_latent must have shape {shape}, not {tuple(np.shape(r.start_latent))}")
         if r.latents is not None and tuple(np.shape(r.latents)) != shape:
             raise InputError(f"latents must have shape {shape} for this prompt count and size, "
                              f"not {tuple(np.shape(r.latents))}")
@@ -272,7 +286,7 @@ class Pipeline:
     def _sample(self, mode, run: "Run", x: np.ndarray, context, timings, arena, on_step, control=None) -> np.ndarray:
         """The sampler's loop over the U-Net, with the mode's extra inputs and steering; ControlNet
         units first, on the latent before a mode adds its channels."""
-        cond, uncond = context
+        cond, uncond, groups = mode.condition(*context)
         providers = (control.bind(cond, uncond), *mode.providers) if control else mode.providers
         with self._stage("unet", timings, arena) as unet, self.controlnets.resident():
             def run_unet(x_in, t, ctx):
@@ -285,7 +299,7 @@ class Pipeline:
             # the peak of a generation once only one graph is resident.
             skip = skip_guidance(run.skip_layers, run.plan, cond) if run.skip_layers and run.guided else None
             denoise = make_denoiser(run_unet, run.plan.timestep, self.manifest.prediction_type, cond, uncond,
-                                    run.guidance, split=self.sessions.memory == "low", skip=skip)
+                                    run.guidance, split=self.sessions.memory == "low", skip=skip, **groups)
             callback = None if on_step is None else \
                 (lambda i, sigma, x_i, denoised: on_step(i + 1, run.plan.steps, x_i))
             x = run.plan.run(mode.steer(denoise, run.plan), x, rng=run.rng, on_step=callback)

@@ -20,6 +20,7 @@ from PIL import Image
 from . import arguments as args
 from .conditioning import check_size_pair
 from .errors import InputError
+from .hires import check_hires, target_size
 from .noise import NOISE_SOURCES
 
 DEFAULT_SAMPLER = "dpmpp_2m_karras"
@@ -81,13 +82,17 @@ class GenerationRequest:
     control: Any = None  # ControlNet units: dicts or ControlUnits (runtime/controlnet.py)
     t5: str | None = None  # SD 3/3.5: "on" | "off" (runtime/text_conditioning.py)
     skip_layer_guidance: bool | dict | None = None  # SD 3.5 (runtime/flow.py)
+    hires: Any = None  # dict (runtime/hires.py HiresFix's fields) or HiresFix; check makes it a HiresFix
+    image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
+    # Set by the hires fix's second pass (runtime/hires.py): img2img from this sampler-space latent.
+    start_latent: np.ndarray | None = field(default=None, repr=False)
     # Filled by check(): the prompts as lists, the picture as given (before resizing).
     negatives: list[str] = field(default_factory=list, repr=False)
     original_image: Image.Image | None = field(default=None, repr=False)
 
     @classmethod
     def from_kwargs(cls, prompt, negative_prompt="", **kwargs) -> "GenerationRequest":
-        names = {f.name for f in dataclasses.fields(cls) if f.init} - {"negatives", "original_image"}
+        names = {f.name for f in dataclasses.fields(cls) if f.init} - set(INTERNAL_FIELDS)
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise InputError(f"unknown argument {unknown[0]!r}")
@@ -129,9 +134,20 @@ class GenerationRequest:
             raise InputError("a mask needs the image it applies to (--mask needs --image; mask= needs image=)")
         from .controlnet import control_units
 
+        hires = None if self.hires is None else check_hires(self.hires)
+        if hires is not None and self.image is not None:
+            raise InputError("the hires fix is for text-to-image: give no image with it (--hires-* needs no --image)")
+        if self.start_latent is not None:
+            _check_strength(self.strength)
+        image_guidance = self.image_guidance
+        if image_guidance is not None:
+            if not args.is_real(image_guidance) or not math.isfinite(image_guidance) or not 0 <= image_guidance <= 100:
+                raise InputError(f"image guidance must be a number from 0 to 100, not {args.short(image_guidance)}")
+            image_guidance = float(image_guidance)
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
-                                   guidance=guidance, schedule=schedule, control=control_units(self.control) or None,
-                                   **sizes)
+                                   guidance=guidance, schedule=schedule, hires=hires,
+                                   control=control_units(self.control) or None,
+                                   image_guidance=image_guidance, **sizes)
 
     def check(self, manifest) -> "GenerationRequest":
         """All rules, with the model's: sizes default to the picture's, else the model's own."""
@@ -155,7 +171,10 @@ class GenerationRequest:
         skip_layers(manifest, request.skip_layer_guidance)
         if request.mask is not None and manifest.prediction_type == "flow":
             raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
-        return dataclasses.replace(request, image=image, original_image=original, width=width, height=height)
+        hires = request.hires if request.hires is None else dataclasses.replace(
+            request.hires, target=target_size(request.hires, width, height, manifest.size_multiple))
+        return dataclasses.replace(request, image=image, original_image=original, width=width, height=height,
+                                   hires=hires)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Pipeline.__call__`` that make this request."""
@@ -194,4 +213,5 @@ def _check_mask_blur(blur) -> None:
         raise InputError(f"mask_blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, not {shown}")
 
 
-REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("negatives", "original_image")]
+INTERNAL_FIELDS = ("negatives", "original_image", "start_latent")
+REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in INTERNAL_FIELDS]

@@ -54,6 +54,12 @@ class Limits:
     max_input_pixels: int = 4096 * 4096  # decoded size of an uploaded image, checked from its header
 
 
+def hires_settings(req: schemas.Txt2ImgRequest) -> dict:
+    """A1111's hr_* fields as the runtime's ``hires=`` (checked by the request)."""
+    return dict(scale=req.hr_scale, steps=req.hr_second_pass_steps, strength=req.denoising_strength,
+                upscaler=req.hr_upscaler or "Latent", width=req.hr_resize_x, height=req.hr_resize_y)
+
+
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
                limits: Limits | None = None, lora_dir: str | Path | None = None):
@@ -89,6 +95,8 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             bad(f"batch_size x n_iter must be at most {limits.max_images}, not {count}")
         if req.steps > limits.max_steps:
             bad(f"steps must be at most {limits.max_steps}, not {req.steps}")
+        if req.enable_hr and req.hr_second_pass_steps > limits.max_steps:
+            bad(f"hr_second_pass_steps must be at most {limits.max_steps}, not {req.hr_second_pass_steps}")
         seed = secrets.randbelow(2**32) if req.seed == -1 else req.seed  # -1: random, reported back
         request = GenerationRequest(
             req.prompt, req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
@@ -96,13 +104,17 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
             lora_dir=lora_dir,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
+            **(dict(hires=hires_settings(req)) if req.enable_hr and image is None else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))
         checked = request.check(pipe.manifest)  # an EdgediffError is a 422 (user_error below)
-        for label, side in (("width", checked.width), ("height", checked.height)):
-            if side > limits.max_side:
-                bad(f"{label} must be at most {limits.max_side}, not {side}")
-        if checked.width * checked.height > limits.max_pixels:
-            bad(f"width x height is {checked.width * checked.height} pixels, over the limit of {limits.max_pixels}")
+        sizes = [(checked.width, checked.height, "")] + \
+            ([(*checked.hires.target, "hires ")] if checked.hires is not None else [])
+        for width, height, what in sizes:
+            for label, side in (("width", width), ("height", height)):
+                if side > limits.max_side:
+                    bad(f"{what}{label} must be at most {limits.max_side}, not {side}")
+            if width * height > limits.max_pixels:
+                bad(f"{what}width x height is {width * height} pixels, over the limit of {limits.max_pixels}")
         return [dataclasses.replace(request, seed=seed + i) for i in range(count)], checked
 
     def finisher(req: schemas.Txt2ImgRequest, calls: list[GenerationRequest], checked: GenerationRequest):
@@ -123,7 +135,8 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
                 "restore_faces": False, "face_restoration_model": None,
                 "sd_model_name": identity["model_name"], "sd_model_hash": identity.get("model_hash"),
                 "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-                "denoising_strength": first.strength if first.image is not None else None,
+                "denoising_strength": first.hires.strength if first.hires is not None else
+                first.strength if first.image is not None else None,
                 "extra_generation_params": {"Schedule type": schedule},
                 "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
                 "clip_skip": 1, "is_using_inpainting_conditioning": False, "interrupted": interrupted,

@@ -34,6 +34,14 @@ class Txt2ImgRequest(_Open):
     send_images: bool = True
     prompt_syntax: str = Field("a1111", description="edgediff's extension: a1111 (emphasis weights, BREAK, long "
                                                     "prompts) or plain (the prompt read literally, as diffusers)")
+    # A1111's hires fix (txt2img only; ranges are the runtime's, runtime/hires.py)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, **_FINITE)
+    hr_upscaler: Optional[str] = Field(None, description="Latent, Latent (bicubic), ..., Lanczos; default Latent")
+    hr_second_pass_steps: int = Field(0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(0, description="0: from hr_scale")
+    hr_resize_y: int = 0
+    denoising_strength: float = Field(0.75, gt=0, le=1, **_FINITE, description="the hires fix's second pass")
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -1,0 +1,130 @@
+"""The hires fix (runtime/hires.py): equal, bit for bit, to our txt2img followed by our img2img at
+the upscaled size; A1111's latent upscalers equal to torch's F.interpolate; CLI, --from-png and
+bad input."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from edgediff.cli import main
+from edgediff.runtime import EdgediffError, GenerationRequest, Pipeline, metadata
+from edgediff.runtime.hires import UPSCALERS, interpolate
+from helpers import assert_one_line_error
+
+PROMPT, NEGATIVE = "a blue square", "blurry"
+FIRST = dict(steps=6, guidance=6.0, sampler="euler_a", width=32, height=24, seed=5)
+LATENT_MODES = [(name, mode, aa) for name, (_, mode, aa) in UPSCALERS.items() if mode is not None]
+
+
+@pytest.mark.parametrize("name,mode,antialias", LATENT_MODES)
+@pytest.mark.parametrize("size", [(8, 6), (12, 9), (16, 12), (10, 7), (4, 3)])
+def test_latent_upscale_equals_torch_interpolate(name, mode, antialias, size):
+    x = np.random.default_rng(0).standard_normal((2, 4, 4 * 2, 3 * 2)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(x), size=size, mode=mode, antialias=antialias).numpy()
+    np.testing.assert_allclose(interpolate(x, size, mode, antialias), expected, rtol=0, atol=1e-5)  # float32 rounding: torch sums in float32
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_exports):
+    return Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu")
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "latent-bicubic-antialiased", "Latent (nearest-exact)"])
+def test_hires_is_txt2img_then_img2img_from_the_upscaled_latent(pipe, upscaler):
+    hires = dict(scale=1.5, steps=4, strength=0.55, upscaler=upscaler)
+    result = pipe(PROMPT, NEGATIVE, hires=hires, **FIRST)
+    assert result.images[0].size == (48, 36) and result.seed == 5
+
+    first = pipe(PROMPT, NEGATIVE, **FIRST)
+    _, mode, antialias = UPSCALERS[result.request.hires.upscaler]
+    size = (36 // pipe.manifest.vae_scale_factor, 48 // pipe.manifest.vae_scale_factor)
+    upscaled = F.interpolate(torch.from_numpy(first.latents), size=size, mode=mode, antialias=antialias).numpy()
+    np.testing.assert_allclose(upscaled, interpolate(first.latents, size, mode, antialias), rtol=1e-5, atol=1e-5)
+    second = pipe.generate(GenerationRequest(
+        PROMPT, NEGATIVE, **{**FIRST, "steps": 4, "width": 48, "height": 36}, strength=0.55,
+        start_latent=interpolate(first.latents, size, mode, antialias)))
+    np.testing.assert_array_equal(result.pixels, second.pixels)
+    # The second pass matters: without it (the first pass, upscaled and decoded) the image differs.
+    plain = pipe.decode(interpolate(first.latents, size, mode, antialias))[1]
+    assert np.abs(plain - result.pixels).max() > 1e-2
+
+
+def test_hires_with_the_lanczos_pixel_upscaler_is_img2img_of_the_upscaled_picture(pipe):
+    result = pipe(PROMPT, NEGATIVE, hires=dict(width=64, strength=0.6, upscaler="Lanczos"), **FIRST)
+    assert result.images[0].size == (64, 48)  # one side given: the other keeps the aspect
+    first = pipe(PROMPT, NEGATIVE, **FIRST)
+    picture = first.images[0].resize((64, 48), Image.LANCZOS)
+    second = pipe(PROMPT, NEGATIVE, **{**FIRST, "width": 64, "height": 48}, image=picture, strength=0.6)
+    np.testing.assert_array_equal(result.pixels, second.pixels)
+    text = metadata.result_infotext(result)
+    assert "Size: 32x24" in text and "Hires resize: 64x48" in text and "Hires upscaler: Lanczos" in text
+
+
+def test_a_batch_of_seeds_gets_each_its_own_second_pass(pipe):
+    hires = dict(scale=2, steps=3, strength=0.5)
+    both = pipe([PROMPT, PROMPT], hires=hires, **{**FIRST, "seed": [5, 9]})
+    alone = pipe(PROMPT, hires=hires, **{**FIRST, "seed": 9})
+    assert both.seeds == [5, 9]
+    np.testing.assert_allclose(both.pixels[1], alone.pixels[0], atol=1e-5)
+
+
+def test_infotext_is_a1111s_and_from_png_reproduces(tiny_exports, tmp_path):
+    model = str(tiny_exports["sd1", "fp32"])
+    out = tmp_path / "hires.png"
+    flags = ["--steps", "6", "--sampler", "euler_a", "--width", "32", "--height", "24", "--seed", "5",
+             "--provider", "cpu", "--model", model]
+    run = CliRunner().invoke(main, ["generate", PROMPT, *flags, "--hires-scale", "2", "--hires-steps", "3",
+                                    "--hires-strength", "0.5", "--hires-upscaler", "latent-bicubic", "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    with Image.open(out) as image:
+        text = image.info["parameters"]
+        pixels = np.asarray(image)
+    assert image.size == (64, 48)
+    assert "Size: 32x24" in text and "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 3, " \
+        "Hires upscaler: Latent (bicubic)" in text
+    again = tmp_path / "again.png"
+    run = CliRunner().invoke(main, ["generate", "--from-png", str(out), "--provider", "cpu", "--model", model,
+                                    "-o", str(again)])
+    assert run.exit_code == 0, run.output
+    with Image.open(again) as image:
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+        assert image.info["parameters"] == text
+    pipe = Pipeline.load(model, provider="cpu")
+    kwargs = metadata.generation_kwargs(metadata.parse_infotext(text))
+    assert kwargs["hires"] == {"upscaler": "Latent (bicubic)", "scale": 2.0, "steps": 3, "strength": 0.5}
+    np.testing.assert_array_equal(np.asarray(pipe(**kwargs).images[0]), pixels)
+
+
+@pytest.mark.parametrize("hires,message", [
+    (dict(scale=0.5), "hires scale must be a number from 1 to 8, not 0.5"),
+    (dict(steps=-1), "hires steps must be a whole number >= 0"),
+    (dict(strength=0), r"hires strength must be a number in \(0, 1\], not 0"),
+    (dict(upscaler="esrgan"), "unknown hires upscaler 'esrgan'; expected one of latent, "),
+    (dict(sharpness=2), "unknown hires setting 'sharpness'"),
+    (dict(width=2), "hires width must be a positive multiple of 4 for this model, not 0"),
+    ("2x", "hires must be a dict"),
+])
+def test_bad_hires_settings_are_one_line(pipe, hires, message):
+    with pytest.raises(EdgediffError, match=message):
+        pipe(PROMPT, hires=hires, **FIRST)
+
+
+def test_hires_with_a_picture_is_refused(pipe):
+    with pytest.raises(EdgediffError, match="the hires fix is for text-to-image"):
+        pipe(PROMPT, image=Image.new("RGB", (32, 24)), hires={}, **FIRST)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--hires-scale", "20"], "hires scale must be a number from 1 to 8, not 20.0"),
+    (["--hires-upscaler", "esrgan"], "unknown hires upscaler 'esrgan'"),
+    (["--hires-strength", "1.5"], "hires strength must be a number in (0, 1], not 1.5"),
+])
+def test_bad_hires_flags_are_one_line(tmp_path, flags, message):
+    run = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(tmp_path / "none"), *flags])
+    assert_one_line_error(run.exit_code, run.stderr, message)
