@@ -173,6 +173,8 @@ class RayRunner:
             self.ray.shutdown()
             self.owns = False
 
+    # One driver loop that owns Ray's futures, retries and the finish callback together; split, each part
+    # would need all of that state.
     def run(self, todo: list[Job], model: ModelRef, finish: Finish) -> None:
         ray = self.ray
         spec = {"path": str(model.path), "precision": model.default_precision,

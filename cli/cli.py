@@ -165,6 +165,7 @@ def _list_samplers(ctx, param, value):
               help="InstructPix2Pix models (with --image): how closely the edit keeps to the picture [default 1.5].")
 @click.pass_context
 @user_errors
+# Long because it only translates click options into GenerationRequest fields, one line each; no rule lives here.
 def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, schedule, seed, width, height,
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,

@@ -58,6 +58,7 @@ def float_dtype(precision: str, target: str) -> str:
     return "float16" if precision == "fp16" or (precision == "int4" and target == "cuda") else "float32"
 
 
+# Over ~60 lines only by its signature and docstring: the body is the export's sequence of named steps.
 def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,

@@ -60,6 +60,8 @@ def hires_settings(req: schemas.Txt2ImgRequest) -> dict:
                 upscaler=req.hr_upscaler or "Latent", width=req.hr_resize_x, height=req.hr_resize_y)
 
 
+# Long on purpose for now: FastAPI endpoints as closures over one pipeline, worker and limits; each endpoint
+# only translates (GenerationRequest does the checks). Splitting them into a router module is the next step.
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
                limits: Limits | None = None, lora_dir: str | Path | None = None):
