@@ -30,6 +30,7 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 from . import optimize as opt
 from .components import Components, used_by
 from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
+from .esrgan import export_esrgan, is_esrgan
 from . import sd3
 from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
                      size_rule)
@@ -78,6 +79,8 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
         check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
+    if is_esrgan(source):  # a pixel upscaler: one fp32 graph, no target to choose (exporter/esrgan.py)
+        return export_esrgan(source, out, precision=precision, allow_pickle=allow_pickle, overwrite=overwrite, log=log)
     precision, target = choose(precision, optimize_for, default_target, log)
     _check_settings(precision, target)
     if is_controlnet(source):

@@ -8,20 +8,28 @@ upscalers). The second pass draws its noise from the same seed, as A1111 seeds i
 
 Latent upscalers are A1111's ``latent_upscale_modes`` (``modules/shared_items.py``), each a
 ``torch.nn.functional.interpolate(samples, size, mode, antialias)`` call: :func:`interpolate`
-computes the same in NumPy. The pixel upscaler is Lanczos (PIL), A1111's ``Lanczos`` upscaler;
-no ESRGAN network is shipped, so Lanczos is the documented pixel fallback.
+computes the same in NumPy. Pixel upscalers: Lanczos (PIL), A1111's ``Lanczos`` upscaler and the
+documented fallback (no ESRGAN network is shipped), or an exported ESRGAN-family network given as
+its folder (runtime/pixel_upscaler.py), run as A1111's ``Upscaler.upscale`` runs one.
+
+With both ``width`` and ``height`` (A1111's hr_resize_x and hr_resize_y) the first pass is upscaled
+to cover that size with its own aspect, then the centre is cropped (``calculate_target_resolution``'s
+``truncate_x/y``), never stretched.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from . import arguments as args
 from .errors import InputError
+from .pixel_upscaler import PixelUpscaler, is_upscaler_folder
 
 # Our names -> (A1111's label, interpolate mode, antialias); None: a pixel upscaler (PIL filter).
 UPSCALERS = {
@@ -39,12 +47,16 @@ MAX_SCALE = 8.0
 
 
 def upscaler_name(name) -> str:
-    """Our name for an upscaler given as ours or as A1111's label ("Latent (bicubic)")."""
+    """Our name for an upscaler given as ours or as A1111's label ("Latent (bicubic)"), or the
+    folder of an exported pixel upscaler (runtime/pixel_upscaler.py)."""
     text = str(name).strip().lower().replace(" (", "-").replace(")", "").replace(" ", "-") \
         if isinstance(name, str) else ""
-    if text not in UPSCALERS:
-        raise InputError(f"unknown hires upscaler {args.short(name)}; expected one of {', '.join(UPSCALERS)}")
-    return text
+    if text in UPSCALERS:
+        return text
+    if isinstance(name, (str, Path)) and str(name).strip() and is_upscaler_folder(name):
+        return str(name)
+    raise InputError(f"unknown hires upscaler {args.short(name)}; expected one of {', '.join(UPSCALERS)}, "
+                     "or an exported upscaler folder (edgediff export ESRGAN.safetensors FOLDER)")
 
 
 @dataclass(frozen=True)
@@ -63,11 +75,16 @@ class HiresFix:
 
     @property
     def latent(self) -> bool:
-        return UPSCALERS[self.upscaler][1] is not None
+        return UPSCALERS.get(self.upscaler, (None, None))[1] is not None
 
     @property
-    def label(self) -> str:
-        return UPSCALERS[self.upscaler][0]
+    def network(self) -> bool:
+        """An exported pixel-upscaler folder rather than one of UPSCALERS."""
+        return self.upscaler not in UPSCALERS
+
+    @property
+    def label(self) -> str:  # a network: its folder's name, as A1111 records a model's name
+        return Path(self.upscaler).name if self.network else UPSCALERS[self.upscaler][0]
 
 
 def check_hires(hires) -> HiresFix:
@@ -118,20 +135,54 @@ def generate(pipe, request):
     second = dataclasses.replace(
         request, hires=None, steps=h.steps or request.steps, strength=h.strength, width=width, height=height,
         latents=None, seed=first.seeds or first.seed, original_image=None, original_size=None, target_size=None)
+    f = pipe.manifest.vae_scale_factor
+    (up_w, up_h), (cut_x, cut_y) = cover(h, request.width, request.height, f)
     if h.latent:
-        f = pipe.manifest.vae_scale_factor
         _, mode, antialias = UPSCALERS[h.upscaler]
-        second = dataclasses.replace(second, start_latent=interpolate(first.latents, (height // f, width // f),
-                                                                      mode, antialias))
+        latent = interpolate(first.latents, (up_h // f, up_w // f), mode, antialias)
+        latent = latent[:, :, cut_y // 2:latent.shape[2] - (cut_y + 1) // 2, cut_x // 2:latent.shape[3] - (cut_x + 1) // 2]
+        second = dataclasses.replace(second, start_latent=np.ascontiguousarray(latent))
     else:
-        image = [picture.resize((width, height), PIXEL_FILTERS[h.upscaler]) for picture in first.images]
-        if len(image) > 1:
+        if len(first.images) > 1:
             raise InputError("a pixel hires upscaler takes one prompt at a time; use a latent upscaler for batches")
-        second = dataclasses.replace(second, image=image[0])
+        picture = upscale_picture(pipe, h, first.images[0], up_w, up_h)
+        left, top = f * (cut_x // 2), f * (cut_y // 2)  # A1111 crops the encoded latent; the same offsets
+        second = dataclasses.replace(second, image=picture.crop((left, top, left + width, top + height)))
     result = pipe.generate(second)
     timings = {**{f"first_{k}": v for k, v in first.timings.items()}, **result.timings}
     timings["total"] = first.timings["total"] + result.timings["total"]
     return dataclasses.replace(result, request=request, seed=first.seed, seeds=first.seeds, timings=timings)
+
+
+def cover(h: HiresFix, width: int, height: int, f: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((upscale width, height), (latent columns, rows) to crop) as A1111's
+    ``calculate_target_resolution``: with both hr_resize_x and hr_resize_y the first pass is
+    upscaled to cover the target with its own aspect and ``truncate_x/y`` latent pixels are cut
+    from the centre; otherwise the upscale is the target and nothing is cut."""
+    target_w, target_h = h.target
+    if not (h.width and h.height):
+        return (target_w, target_h), (0, 0)
+    if width / height < target_w / target_h:
+        up_w, up_h = target_w, target_w * height // width
+    else:
+        up_w, up_h = target_h * width // height, target_h
+    return (up_w, up_h), ((up_w - target_w) // f, (up_h - target_h) // f)
+
+
+def upscale_picture(pipe, h: HiresFix, picture: Image.Image, width: int, height: int) -> Image.Image:
+    """The first pass's picture at (width, height): PIL's filter, or an exported network."""
+    if not h.network:
+        return picture.resize((width, height), PIXEL_FILTERS[h.upscaler])
+    upscaler = _pixel_upscaler(str(Path(h.upscaler).resolve()), pipe.provider, pipe.sessions.threads)
+    result = upscaler.resize(picture, width, height)
+    if pipe.sessions.memory == "low":  # one graph resident at a time: the next pass opens its own
+        _pixel_upscaler.cache_clear()
+    return result
+
+
+@functools.lru_cache(maxsize=2)
+def _pixel_upscaler(folder: str, provider: str, threads: int | None) -> PixelUpscaler:
+    return PixelUpscaler.load(folder, provider=provider, threads=threads)
 
 
 def interpolate(x: np.ndarray, size: tuple[int, int], mode: str = "bilinear", antialias: bool = False) -> np.ndarray:

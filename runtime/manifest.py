@@ -242,6 +242,9 @@ def check_manifest_data(data: Any) -> None:
     if data.get("kind") == "controlnet":
         raise ModelFolderError("this folder holds a ControlNet, not a model: pass it as a control unit "
                                "(--control FOLDER:IMAGE, control=[{'model': FOLDER, ...}])")
+    if data.get("kind") == "pixel_upscaler":
+        raise ModelFolderError("this folder holds a pixel upscaler, not a model: use it as the hires fix's upscaler "
+                               "(--hires-upscaler FOLDER, hires={'upscaler': FOLDER})")
     version = data.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         newer = type(version) is int and version > SCHEMA_VERSION
