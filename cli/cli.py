@@ -157,10 +157,10 @@ def _list_samplers(ctx, param, value):
 @click.option("--hires-steps", type=int, default=None, help="Hires fix: second-pass steps [default: --steps].")
 @click.option("--hires-strength", type=float, default=None,
               help="Hires fix: second-pass denoising strength in (0, 1] [default 0.7].")
-@click.option("--hires-upscaler", default=None, metavar="NAME",
+@click.option("--hires-upscaler", default=None, metavar="NAME|FOLDER",
               help="Hires fix: latent (bilinear), latent-antialiased, latent-bicubic, latent-bicubic-antialiased, "
-                   "latent-nearest, latent-nearest-exact, or the pixel upscalers lanczos, nearest (A1111's labels "
-                   "too) [default: latent].")
+                   "latent-nearest, latent-nearest-exact, the pixel upscalers lanczos, nearest (A1111's labels "
+                   "too), or an exported ESRGAN folder (edgediff export ESRGAN.safetensors FOLDER) [default: latent].")
 @click.option("--image-guidance", type=float, default=None,
               help="InstructPix2Pix models (with --image): how closely the edit keeps to the picture [default 1.5].")
 @click.pass_context
@@ -374,9 +374,12 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder where <lora:name:weight> tags are looked up; the web page lists its LoRAs.")
 @click.option("--open", "open_page", is_flag=True, help="Open the web page in the browser once the server listens.")
+@click.option("--upscaler-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of exported pixel upscalers (edgediff export ESRGAN.safetensors DIR/NAME): hr_upscaler "
+                   "names them; /sdapi/v1/upscalers lists them.")
 @user_errors
 def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
-          max_body_mb, lora_dir=None, open_page=False):
+          max_body_mb, lora_dir=None, open_page=False, upscaler_dir=None):
     """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...) and a web page at /; docs at /docs."""
     try:
         from edgediff.server import Limits, serve as run_server
@@ -390,9 +393,11 @@ def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max
         raise EdgediffError("--api-auth wants user:password pairs separated by commas")
     if lora_dir is not None and not lora_dir.is_dir():
         raise EdgediffError(f"--lora-dir {lora_dir} is not a folder")
+    if upscaler_dir is not None and not upscaler_dir.is_dir():
+        raise EdgediffError(f"--upscaler-dir {upscaler_dir} is not a folder")
     click.echo(f"edgediff serving on http://{host}:{port} (web page at /, API docs at /docs)", err=True)
     run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
-               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page)
+               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page, upscaler_dir=upscaler_dir)
 
 
 def _register_bench():

@@ -12,7 +12,6 @@ Every hyperparameter is read from the weights' shapes. Pickled ``.pth`` files ne
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
@@ -94,29 +93,27 @@ class RRDBNet(nn.Module):
         return self.conv_last(self.lrelu(self.conv_hr(feat)))
 
 
-def tensor_names(path: Path) -> list[str]:
-    """The tensor names of a .safetensors file (its header) or of a torch zip checkpoint (the
-    strings in its pickle, read as bytes: nothing is unpickled here)."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            with open(path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                return list(json.loads(handle.read(size))) if 2 <= size <= 100_000_000 else []
-        with zipfile.ZipFile(path) as archive:
-            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
-            raw = archive.read(pickles[0]) if pickles else b""
-        return [m.decode() for m in re.findall(rb"[A-Za-z_][A-Za-z0-9_.]{3,200}", raw)]
-    except (OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
-        return []
+MARKERS = (b"rdb1.conv1.weight", b"RDB1.conv1.weight", b"RDB1.conv1.0.weight")  # one per key layout
 
 
 def is_esrgan(source) -> bool:
-    """An RRDBNet weights file, in either key layout."""
+    """An RRDBNet weights file, in any key layout: found in a .safetensors header, or among the
+    bytes of a torch zip checkpoint's pickle (read as bytes: nothing is unpickled here)."""
     path = Path(str(source))
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return False
+        if path.suffix.lower() == ".safetensors":
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                raw = handle.read(size) if 2 <= size <= 100_000_000 else b""
+        else:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                raw = archive.read(pickles[0]) if pickles else b""
+    except (OSError, zipfile.BadZipFile):
         return False
-    names = tensor_names(path)
-    return any(n.endswith(("rdb1.conv1.weight", "RDB1.conv1.weight", "RDB1.conv1.0.weight")) for n in names)
+    return any(marker in raw for marker in MARKERS)
 
 
 def new_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -192,9 +189,9 @@ def export_esrgan(source, out, *, precision: str | None, allow_pickle: bool = Fa
                             "on ONNX Runtime's CPU provider); drop --precision or pass fp32")
     started, out = time.perf_counter(), Path(out)
     ex._check_output(out, overwrite)
-    log(f"loading {source}")
-    module, hp = load_rrdbnet(source, allow_pickle)
+    module, hp = load_rrdbnet(source, allow_pickle)  # a file that is no RRDBNet fails here, before any output
     scale = 2 ** hp["num_up"] // hp["unshuffle"]
+    log(f"loaded {source}: x{scale} RRDBNet, {hp['num_block']} blocks of {hp['num_feat']} features")
     staging = ex._prepare_folders(out, overwrite)
     shutil.rmtree(staging / GRAPH, ignore_errors=True)
     (staging / GRAPH).mkdir()
@@ -207,7 +204,7 @@ def export_esrgan(source, out, *, precision: str | None, allow_pickle: bool = Fa
         shutil.rmtree(out)  # empty, or complete and --overwrite given (checked in _check_output)
     staging.rename(out)
     write_upscaler_manifest(out, manifest)
-    log(f"done: {out} (x{scale} RRDBNet, {hp['num_block']} blocks, {ex._folder_mb(out):.1f} MB) in "
+    log(f"done: {out} ({ex._folder_mb(out):.1f} MB) in "
         f"{time.perf_counter() - started:.0f} s, peak RAM {peak_rss_bytes() / GIB:.1f} GiB")
     return manifest
 

@@ -113,7 +113,7 @@ def upscale_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, scale:
                   overlap: int = OVERLAP, multiple: int = 1) -> np.ndarray:
     """``run`` (1, C, h, w) -> (1, C', h * scale, w * scale) over a picture ``x`` (1, C, H, W) whose
     sides are multiples of ``multiple``: each tile is run with ``overlap`` pixels of context on each
-    side (less at the picture's edges), and only its own region of the output is kept. ``tile=0``:
+    side (shifted inward at the picture's edges), and only its own region of the output is kept. ``tile=0``:
     the whole picture in one run."""
     _, _, height, width = x.shape
     if not tile or (height <= tile and width <= tile):
@@ -121,12 +121,13 @@ def upscale_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, scale:
     tile = max(multiple, tile // multiple * multiple)
     overlap = -(-overlap // multiple) * multiple
     out = None
+    span_y, span_x = min(tile + 2 * overlap, height), min(tile + 2 * overlap, width)
     for y0 in tile_starts(height, tile, multiple):
         for x0 in tile_starts(width, tile, multiple):
             y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
-            cy0, cx0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
-            cy1, cx1 = min(y1 + overlap, height), min(x1 + overlap, width)
-            part = run(np.ascontiguousarray(x[:, :, cy0:cy1, cx0:cx1]))
+            # The context window slides inward at the picture's edges: every run has one shape.
+            cy0, cx0 = min(max(y0 - overlap, 0), height - span_y), min(max(x0 - overlap, 0), width - span_x)
+            part = run(np.ascontiguousarray(x[:, :, cy0:cy0 + span_y, cx0:cx0 + span_x]))
             if out is None:
                 out = np.empty((1, part.shape[1], height * scale, width * scale), np.float32)
             oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale

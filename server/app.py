@@ -31,7 +31,7 @@ from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
 from edgediff.runtime.samplers import SAMPLERS
 from edgediff.runtime.schedules import SCHEDULES
 
-from . import schemas
+from . import schemas, upscalers
 from .guard import Guard
 from .images import BadImage, decode_image, encode_png, image_bytes, latent_preview
 from .page import PageFront, mount_page, open_when_started
@@ -54,21 +54,25 @@ class Limits:
     max_input_pixels: int = 4096 * 4096  # decoded size of an uploaded image, checked from its header
 
 
-def hires_settings(req: schemas.Txt2ImgRequest) -> dict:
-    """A1111's hr_* fields as the runtime's ``hires=`` (checked by the request)."""
+def hires_settings(req: schemas.Txt2ImgRequest, upscaler_dir: Path | None = None) -> dict:
+    """A1111's hr_* fields as the runtime's ``hires=`` (checked by the request); ``hr_upscaler``
+    names one of ours or a folder in ``upscaler_dir`` (upscalers.py), never a path."""
     return dict(scale=req.hr_scale, steps=req.hr_second_pass_steps, strength=req.denoising_strength,
-                upscaler=req.hr_upscaler or "Latent", width=req.hr_resize_x, height=req.hr_resize_y)
+                upscaler=upscalers.resolve(req.hr_upscaler, upscaler_dir), width=req.hr_resize_x,
+                height=req.hr_resize_y)
 
 
 # Long on purpose for now: FastAPI endpoints as closures over one pipeline, worker and limits; each endpoint
 # only translates (GenerationRequest does the checks). Splitting them into a router module is the next step.
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
-               limits: Limits | None = None, lora_dir: str | Path | None = None):
+               limits: Limits | None = None, lora_dir: str | Path | None = None,
+               upscaler_dir: str | Path | None = None):
     """The ASGI app. ``pipe``: an already loaded Pipeline; otherwise ``model`` (None: the shipped
     default model) is loaded with ``provider`` and ``memory``. ``api_key``/``api_auth``
     ("user:password" strings) protect every endpoint but ``/health`` (and the web page's static
-    files, page.py); ``<lora:name:weight>`` tags in prompts are looked up in ``lora_dir``."""
+    files, page.py); ``<lora:name:weight>`` tags in prompts are looked up in ``lora_dir``, hires
+    upscaler names in ``upscaler_dir`` (exported pixel upscalers, listed by /sdapi/v1/upscalers)."""
     limits = limits or Limits()
     pipe = pipe if pipe is not None else Pipeline.load(model, provider=provider, memory=memory)
     worker = Worker(pipe, limits.max_queue)
@@ -106,7 +110,8 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
             lora_dir=lora_dir,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
-            **(dict(hires=hires_settings(req)) if req.enable_hr and image is None else {}),
+            **(dict(hires=hires_settings(req, upscaler_dir and Path(upscaler_dir))) if req.enable_hr and image is None
+               else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))
         checked = request.check(pipe.manifest)  # an EdgediffError is a 422 (user_error below)
         sizes = [(checked.width, checked.height, "")] + \
@@ -287,6 +292,7 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
         return JSONResponse({"detail": f"internal server error ({type(error).__name__}); see the server log"},
                             status_code=500)
 
+    upscalers.add_routes(app, upscaler_dir and Path(upscaler_dir))
     mount_page(app, pipe=pipe, limits=limits, lora_dir=lora_dir)
     return PageFront(Guard(app, max_body_bytes=limits.max_body_bytes, api_key=api_key, api_auth=api_auth))
 
@@ -294,13 +300,13 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 7860, provider: str = "auto",
           memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
           limits: Limits | None = None, log_level: str = "info", lora_dir: str | Path | None = None,
-          open_page: bool = False) -> None:
+          open_page: bool = False, upscaler_dir: str | Path | None = None) -> None:
     """Load the model and serve the API and the web page until interrupted (blocking);
     ``open_page``: open the page in the browser once the server listens."""
     import uvicorn
 
     app = create_app(model=model, provider=provider, memory=memory, api_key=api_key, api_auth=api_auth, limits=limits,
-                     lora_dir=lora_dir)
+                     lora_dir=lora_dir, upscaler_dir=upscaler_dir)
     if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or api_auth):
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
