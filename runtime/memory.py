@@ -299,6 +299,7 @@ class Shape:
     guided: bool
     graphs: list[tuple[str, str]]
     vae_tiling: bool | None = None
+    groups: int = 0  # guidance groups in one U-Net batch (InstructPix2Pix: 3); 0: 2 when guided, else 1
 
 
 class MemoryPlanner:
@@ -319,9 +320,10 @@ class MemoryPlanner:
         tile = tile_plan(m, w, h)["tile_pixels"]
         vae_h, vae_w = (min(h, tile), min(w, tile)) if tiling(m, shape.vae_tiling, w, h) else (h, w)
         split = self.memory == "low"  # the guidance halves run one at a time (make_denoiser)
-        doubled = 2 * shape.batch if shape.guided else shape.batch
+        doubled = 2 * shape.batch if shape.guided else shape.batch  # the prompts and the negatives
+        groups = shape.groups or (2 if shape.guided else 1)
         sizes = {"text": (doubled, 0, 0), "pixels": (shape.batch, vae_h, vae_w),
-                 "latent": (shape.batch if split else doubled, h // f, w // f),
+                 "latent": (shape.batch if split else groups * shape.batch, h // f, w // f),
                  "decode": (shape.batch, vae_h // f, vae_w // f)}
         stages = [(graph, *sizes[kind]) for graph, kind in shape.graphs]
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),

@@ -92,6 +92,10 @@ class Txt2Img:
         keywords (InstructPix2Pix's third group)."""
         return cond, uncond, {}
 
+    def guidance_groups(self, guided: bool) -> int:
+        """How many groups ``condition`` makes: the U-Net's batch multiple (the memory plan's)."""
+        return 2 if guided else 1
+
     def finish_latent(self, x: np.ndarray) -> np.ndarray:
         return x
 
@@ -209,6 +213,9 @@ class InstructPix2Pix(Txt2Img):
 
     def encode(self, vae_encode) -> None:
         self.picture = vae_encode(to_model_pixels(self.image))[0]  # the mode: the mean, as diffusers' argmax
+
+    def guidance_groups(self, guided: bool) -> int:
+        return 3 if guided and self.image_guidance >= 1.0 else 1
 
     def condition(self, cond, uncond):
         cond = {**cond, "picture_latent": self.picture}

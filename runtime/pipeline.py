@@ -411,7 +411,7 @@ class Pipeline:
 
     def _shape(self, batch: int, width: int, height: int, guided: bool, mode, vae_tiling) -> mem.Shape:
         encoders = [encoder["graph"] for encoder in self.manifest.text_encoders]
-        return mem.Shape(batch, width, height, guided, mode.graphs(encoders), vae_tiling)
+        return mem.Shape(batch, width, height, guided, mode.graphs(encoders), vae_tiling, mode.guidance_groups(guided))
 
     def estimate_memory(self, batch: int, width: int, height: int, *, guided: bool = True,
                         img2img: bool = False, vae_tiling: bool | None = None, arena: bool = True) -> mem.Estimate:

@@ -100,3 +100,20 @@ def test_pix2pix_needs_a_picture(pix2pix_export):
         pipe(PROMPT, steps=2)
     with pytest.raises(EdgediffError, match="image guidance must be a number from 0 to 100, not -1"):
         pipe(PROMPT, image=picture(), image_guidance=-1, steps=2)
+
+
+@pytest.mark.parametrize("image_guidance,groups", [(1.5, 3), (0.5, 1)])
+def test_the_memory_plan_sizes_the_unet_for_its_guidance_groups(pix2pix_export, image_guidance, groups):
+    """Image guidance >= 1 runs three groups in one U-Net batch (memory="high"), below 1 one group,
+    as diffusers: the plan's U-Net activations are those of that batch, not of classifier-free
+    guidance's two."""
+    pipe = Pipeline.load(pix2pix_export, provider="cpu", memory="high")
+    pipe(PROMPT, image=picture(), steps=2, guidance=GUIDANCE, image_guidance=image_guidance, sampler="euler", seed=1)
+    stages, context = pipe.planner.stages(pipe._shape(1, 32, 32, True, pipe._mode_for(False), None))
+    f = pipe.manifest.vae_scale_factor
+    sized = {}
+    for batch in (1, 2, 3):  # activations, and the CPU arena's second score matrix (memory.estimate)
+        activations, _, scratch = pipe.planner.profiles["unet"].activation_bytes(batch, 32 // f, 32 // f, context)
+        sized[batch] = activations + scratch
+    assert len(set(sized.values())) == 3  # the batch changes the estimate
+    assert pipe.memory_plan.activations["unet"] == sized[groups]
