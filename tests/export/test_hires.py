@@ -128,3 +128,38 @@ def test_hires_with_a_picture_is_refused(pipe):
 def test_bad_hires_flags_are_one_line(tmp_path, flags, message):
     run = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(tmp_path / "none"), *flags])
     assert_one_line_error(run.exit_code, run.stderr, message)
+
+
+def a1111_cover(width, height, resize_x, resize_y, opt_f):
+    """A1111's calculate_target_resolution with both hr_resize_x and hr_resize_y, as written there:
+    (hr_upscale_to_x, hr_upscale_to_y, truncate_x, truncate_y)."""
+    if width / height < resize_x / resize_y:
+        to_x, to_y = resize_x, resize_x * height // width
+    else:
+        to_x, to_y = resize_y * width // height, resize_y
+    return to_x, to_y, (to_x - resize_x) // opt_f, (to_y - resize_y) // opt_f
+
+
+@pytest.mark.parametrize("size", [(64, 32), (40, 48)])  # wider: rows are cut; taller: columns
+def test_both_resize_sides_cover_then_crop_the_centre_as_a1111(pipe, size):
+    f = pipe.manifest.vae_scale_factor
+    to_x, to_y, cut_x, cut_y = a1111_cover(32, 24, *size, f)
+    assert cut_x + cut_y > 0 and (to_x, to_y) != size
+    result = pipe(PROMPT, NEGATIVE, hires=dict(width=size[0], height=size[1], steps=3, strength=0.5), **FIRST)
+    assert result.images[0].size == size
+    first = pipe(PROMPT, NEGATIVE, **FIRST)
+    latent = interpolate(first.latents, (to_y // f, to_x // f), "bilinear", False)
+    latent = latent[:, :, cut_y // 2:latent.shape[2] - (cut_y + 1) // 2, cut_x // 2:latent.shape[3] - (cut_x + 1) // 2]
+    second = pipe.generate(GenerationRequest(PROMPT, NEGATIVE, **{**FIRST, "steps": 3, "width": size[0],
+                                                                  "height": size[1]}, strength=0.5,
+                                             start_latent=np.ascontiguousarray(latent)))
+    np.testing.assert_array_equal(result.pixels, second.pixels)
+    assert f"Hires resize: {size[0]}x{size[1]}" in metadata.result_infotext(result)
+
+    # A pixel upscaler: the picture upscaled to cover, cropped by the same offsets, then img2img.
+    result = pipe(PROMPT, NEGATIVE, hires=dict(width=size[0], height=size[1], strength=0.5, upscaler="lanczos"),
+                  **FIRST)
+    left, top = f * (cut_x // 2), f * (cut_y // 2)
+    picture = first.images[0].resize((to_x, to_y), Image.LANCZOS).crop((left, top, left + size[0], top + size[1]))
+    second = pipe(PROMPT, NEGATIVE, **{**FIRST, "width": size[0], "height": size[1]}, image=picture, strength=0.5)
+    np.testing.assert_array_equal(result.pixels, second.pixels)
