@@ -2,7 +2,10 @@
 
 A job names what to draw (``prompt``, ``negative``, ``seed``, ``steps``, ``sampler``, ``schedule``,
 ``width``, ``height``, ``guidance``) and may carry an ``id``; missing fields take the batch's
-defaults. Every problem is reported as ``FILE:LINE: what is wrong``.
+defaults. Optional fields, passed as given to the request: ``hires`` (the hires fix's dict, as
+``pipe(hires=...)``), ``image`` (a picture file, relative to the jobs file's folder: img2img, or
+the picture an InstructPix2Pix model edits) and ``image_guidance``. Every problem is reported as
+``FILE:LINE: what is wrong``.
 
 A job without a seed gets one derived from the job itself (a hash of its fields after defaults,
 its id, and how many identical seedless jobs came before it), so a re-run, a run on Ray and a run
@@ -26,6 +29,8 @@ from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
 from edgediff.runtime.samplers import make_plan, resolve_sampler
 
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
+# Fields a job has only when its line gives them: jobs without them keep their keys and derived seeds.
+OPTIONAL = ("hires", "image", "image_guidance")
 DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
                             "width": None, "height": None, "guidance": 7.5}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -41,7 +46,7 @@ class Job:
 
     line: int
     id: str | None
-    params: dict[str, Any]  # prompt, negative, seed, steps, sampler, schedule, width, height, guidance
+    params: dict[str, Any]  # prompt, negative, seed, steps, sampler, schedule, width, height, guidance (+ OPTIONAL)
     key: str  # hash of params, id and the model: names the output and proves it complete
 
     @property
@@ -54,13 +59,13 @@ def read_jobs(source: str | Path | Iterable[dict], defaults: dict[str, Any] | No
     seeds resolved, still independent of any model. Raises JobsFileError naming the line."""
     defaults = check_defaults(defaults or {})
     if isinstance(source, (str, Path)):
-        label, rows = str(source), _lines(Path(source))
+        label, rows, folder = str(source), _lines(Path(source)), Path(source).parent
     else:
-        label, rows = "jobs", ((number, raw) for number, raw in enumerate(source, 1))
+        label, rows, folder = "jobs", ((number, raw) for number, raw in enumerate(source, 1)), Path()
     jobs, seen = [], {}
     for number, raw in rows:
         try:
-            job = _check_job(raw, defaults)
+            job = _check_job(raw, defaults, folder)
         except JobsFileError as error:
             raise JobsFileError(f"{label}:{number}: {error}") from None
         if job["seed"] is None:  # the n-th identical seedless job gets the n-th derived seed
@@ -80,7 +85,7 @@ def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_finger
     Jobs with the same key (same params, id and model) are one output: the first line wins."""
     planned, keys, checked_plans = [], set(), set()
     for raw in jobs:
-        params = {name: raw[name] for name in FIELDS if name != "id"}
+        params = {name: raw[name] for name in (*FIELDS, *OPTIONAL) if name != "id" and name in raw}
         try:
             checked = to_request(params).check(manifest)  # the model's rules: size multiple, step limit
             params["width"], params["height"] = checked.width, checked.height
@@ -91,7 +96,8 @@ def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_finger
                 checked_plans.add(plan_key)
         except EdgediffError as error:
             raise JobsFileError(f"{label}:{raw['line']}: {error}") from None
-        key = _digest({"params": params, "id": raw["id"], "model": model_fingerprint})[:16]
+        keyed = {**params, "image": _file_digest(params["image"])} if "image" in params else params  # its content
+        key = _digest({"params": keyed, "id": raw["id"], "model": model_fingerprint})[:16]
         if key not in keys:
             keys.add(key)
             planned.append(Job(line=raw["line"], id=raw["id"], params=params, key=key))
@@ -145,17 +151,23 @@ def _lines(path: Path) -> Iterable[tuple[int, Any]]:
             raise JobsFileError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
 
 
-def _check_job(raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+def _check_job(raw: Any, defaults: dict[str, Any], folder: Path = Path()) -> dict[str, Any]:
     """The jobs-file format (an object of known fields, one prompt as a string, an id that names a
-    file) here; every value rule is the request's."""
+    file, a picture as a file name) here; every value rule is the request's."""
     if not isinstance(raw, dict):
         raise JobsFileError(f"a job must be a JSON object, not {type(raw).__name__}")
-    unknown = [name for name in raw if name not in FIELDS]
+    unknown = [name for name in raw if name not in (*FIELDS, *OPTIONAL)]
     if unknown:
-        raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join(FIELDS)}")
+        raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join((*FIELDS, *OPTIONAL))}")
     if "prompt" not in raw:
         raise JobsFileError("the job has no 'prompt'")
     job = {name: raw.get(name, defaults.get(name)) for name in FIELDS}
+    job.update((name, raw[name]) for name in OPTIONAL if raw.get(name) is not None)
+    if "image" in job:
+        _text("image", job["image"])
+        job["image"] = str((folder / job["image"]).resolve())
+        if not Path(job["image"]).is_file():
+            raise JobsFileError(f"image file not found: {job['image']}")
     job["id"] = None if job["id"] is None else _id(job["id"])
     for name in ("prompt", "negative"):
         _text(name, job[name])
@@ -185,7 +197,12 @@ def _id(value):
 
 
 def _canonical(job: dict) -> str:
-    return json.dumps({name: job[name] for name in FIELDS if name != "seed"}, sort_keys=True)
+    return json.dumps({name: job[name] for name in (*FIELDS, *OPTIONAL) if name != "seed" and name in job},
+                      sort_keys=True)
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _digest(value: Any) -> str:
