@@ -130,8 +130,11 @@ def generate(pipe, request):
     """Both passes of a checked request with ``hires``; the Result of the second, carrying the
     request (with ``hires``) and the first pass's seeds, so its infotext records both."""
     h = request.hires
-    first = pipe.generate(dataclasses.replace(request, hires=None))
     width, height = h.target
+    if request.check_memory:  # the larger second pass is refused before the first pass runs
+        pipe.check_memory(len(request.prompt), width, height, guided=request.guidance > 1.0, img2img=not h.latent,
+                          vae_tiling=request.vae_tiling)
+    first = pipe.generate(dataclasses.replace(request, hires=None))
     second = dataclasses.replace(
         request, hires=None, steps=h.steps or request.steps, strength=h.strength, width=width, height=height,
         latents=None, seed=first.seeds or first.seed, original_image=None, original_size=None, target_size=None)

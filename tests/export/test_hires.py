@@ -163,3 +163,15 @@ def test_both_resize_sides_cover_then_crop_the_centre_as_a1111(pipe, size):
     picture = first.images[0].resize((to_x, to_y), Image.LANCZOS).crop((left, top, left + size[0], top + size[1]))
     second = pipe(PROMPT, NEGATIVE, **{**FIRST, "width": size[0], "height": size[1]}, image=picture, strength=0.5)
     np.testing.assert_array_equal(result.pixels, second.pixels)
+
+
+def test_a_second_pass_too_large_for_memory_is_refused_before_the_first_runs(pipe, monkeypatch):
+    from edgediff.runtime import memory
+
+    first_passes = []
+    generate = pipe.generate
+    monkeypatch.setattr(pipe, "generate", lambda request: first_passes.append(request) or generate(request))
+    monkeypatch.setattr(memory, "available_bytes", lambda: (1 << 20, "a test's 1 MiB"))
+    with pytest.raises(EdgediffError, match=r"^a 256x192 generation needs about .* but 0.0 GB is free \(a test's 1 MiB\)"):
+        pipe(PROMPT, hires=dict(scale=8), **FIRST)
+    assert len(first_passes) == 1 and first_passes[0].hires is not None  # only the call itself: no pass ran
