@@ -43,8 +43,9 @@ print(json.dumps({"upscale_s": time.perf_counter() - started, "size": list(y.sha
 """
 
 
-def run(command: list[str]) -> tuple[dict | str, float, float]:
-    """(the last stdout line, parsed when JSON; wall seconds; peak RSS GiB) of a fresh process."""
+def run(command: list[str]) -> tuple[dict | str, float, float, float]:
+    """(the last stdout line, parsed when JSON; wall seconds; peak RSS GiB; CPU seconds, user +
+    system: on a loaded shared machine the steadier figure) of a fresh process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _, status, usage = os.wait4(process.pid, 0)
@@ -56,7 +57,7 @@ def run(command: list[str]) -> tuple[dict | str, float, float]:
         last = json.loads(last)
     except ValueError:
         pass
-    return last, time.perf_counter() - started, usage.ru_maxrss * 1024 / GIB
+    return last, time.perf_counter() - started, usage.ru_maxrss * 1024 / GIB, usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> None:
@@ -78,13 +79,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     save_file({k: v.contiguous() for k, v in RRDBNet().state_dict().items()}, str(weights))
     rows = {"cpu": platform.processor() or platform.machine(), "loadavg_before": os.getloadavg()}
-    _, rows["export_s"], rows["export_peak_gib"] = run(
+    _, rows["export_s"], rows["export_peak_gib"], rows["export_cpu_s"] = run(
         [sys.executable, "-m", "edgediff", "export", str(weights), str(folder), "--overwrite"])
-    result, wall, peak = run([sys.executable, "-c", UPSCALE, str(folder), str(a.size), str(a.tile), str(a.overlap)])
-    rows.update(upscale=result, upscale_wall_s=wall, upscale_peak_gib=peak)
+    result, wall, peak, cpu = run([sys.executable, "-c", UPSCALE, str(folder), str(a.size), str(a.tile),
+                                   str(a.overlap)])
+    rows.update(upscale=result, upscale_wall_s=wall, upscale_peak_gib=peak, upscale_cpu_s=cpu)
     if a.torch:
-        result, _, peak = run([sys.executable, "-c", TORCH, str(weights), str(a.size)])
-        rows.update(torch_upscale=result, torch_peak_gib=peak)
+        result, _, peak, cpu = run([sys.executable, "-c", TORCH, str(weights), str(a.size)])
+        rows.update(torch_upscale=result, torch_peak_gib=peak, torch_cpu_s=cpu)
     rows["loadavg_after"] = os.getloadavg()
     print(json.dumps(rows, indent=2))
 
