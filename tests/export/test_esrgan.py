@@ -225,3 +225,19 @@ def test_hires_with_an_esrgan_folder_is_img2img_of_the_network_upscaled_picture(
     lanczos = pipe("a blue square", hires=dict(scale=2, strength=0.5, upscaler="lanczos"), **first_pass)
     assert np.abs(lanczos.pixels - result.pixels).max() > 1e-2  # the network's picture is another
     assert "Hires upscaler: x4" in metadata.result_infotext(result)
+
+
+def test_the_runtime_upscales_without_torch(exported):
+    import subprocess
+    import textwrap
+
+    from torch_blocker import BLOCK_TORCH
+
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from PIL import Image
+        from edgediff.runtime.pixel_upscaler import PixelUpscaler
+        print(PixelUpscaler.load({str(exported["x2-unshuffle"][2])!r}, provider="cpu")(Image.new("RGB", (21, 14))).size)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "(42, 28)"
