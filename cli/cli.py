@@ -59,7 +59,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
 def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
-    """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT."""
+    """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT; an ESRGAN
+    weights file (.safetensors, or .pth with --allow-pickle) becomes a pixel upscaler for --hires-upscaler."""
     try:
         from edgediff.exporter.export import export_model
     except ImportError as error:
