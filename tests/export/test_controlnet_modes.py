@@ -54,10 +54,12 @@ def ours(pipe, exported, unit=None, **kwargs):
                 control=control, **kwargs).pixels
 
 
-@pytest.mark.parametrize("unit,kwargs", [({}, {}), ({"scale": 0.5, "start": 0.2, "end": 0.8},
-                                                   {"controlnet_conditioning_scale": 0.5, "control_guidance_start": 0.2,
-                                                    "control_guidance_end": 0.8}),
-                                         ({"guess_mode": True}, {"guess_mode": True})])
+# diffusers' img2img and inpaint ControlNet pipelines default to scales 0.8 and 0.5: always given here.
+@pytest.mark.parametrize("unit,kwargs", [({}, {"controlnet_conditioning_scale": 1.0}),
+                                         ({"scale": 0.5, "start": 0.2, "end": 0.8},
+                                          {"controlnet_conditioning_scale": 0.5, "control_guidance_start": 0.2,
+                                           "control_guidance_end": 0.8}),
+                                         ({"guess_mode": True}, {"guess_mode": True, "controlnet_conditioning_scale": 1.0})])
 def test_img2img_matches_diffusers(tiny_sources, tiny_exports, net, monkeypatch, unit, kwargs):
     expected_pipe = reference("StableDiffusionControlNetImg2ImgPipeline", tiny_sources["sd1"], net[0])
     feed_numpy_noise(monkeypatch, 3, MODULE + "img2img")
@@ -82,7 +84,7 @@ def test_inpaint_matches_diffusers(tiny_sources, tiny_exports, inpaint_source, i
     with torch.no_grad():
         expected = expected_pipe(PROMPT, image=PICTURE, mask_image=mask_image(), control_image=HINT, strength=strength,
                                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32,
-                                 output_type="np").images
+                                 controlnet_conditioning_scale=1.0, output_type="np").images
     pipe = Pipeline.load(exported, provider="cpu")
     picture = dict(image=PICTURE, mask=mask_image(), strength=strength)
     assert np.abs(ours(pipe, net[1], {}, **picture) - expected).max() < TOLERANCE
