@@ -159,3 +159,28 @@ def test_disabled_units_and_other_scripts_change_nothing(setup):
     skipped = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60).json()
     decode = lambda answer: pixels(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))  # noqa: E731
     np.testing.assert_array_equal(decode(plain), decode(skipped))
+
+
+def test_depth_modules_take_the_depth_model(setup, tmp_path):
+    """Any depth* module is the runtime's depth preprocessor, with --control-depth-model's folder."""
+    import asyncio
+
+    from edgediff.server import schemas
+    from edgediff.server.controlnet import ControlNetApi
+
+    _, _, net, title, _ = setup
+    req = schemas.Txt2ImgRequest(prompt="x", alwayson_scripts={"controlnet": {"args": [
+        _unit(title, module="depth_midas", weight=0.7)]}})
+    [unit] = ControlNetApi(net.parent, tmp_path, 32, 10**6).units(req, None)
+    assert (unit["preprocess"], unit["preprocess_model"], unit["scale"]) == ("depth", str(tmp_path), 0.7)
+    [unit] = ControlNetApi(net.parent, None, 32, 10**6).units(req, None)
+    assert unit["preprocess"] == "depth" and "preprocess_model" not in unit
+    modules = asyncio.run(ControlNetApi(net.parent, tmp_path, 32, 10**6).module_list())["module_list"]
+    assert "depth" in modules and "depth_midas" in modules
+
+
+def test_serve_flags_name_missing_folders():
+    for flag in ("--controlnet-dir", "--control-depth-model"):
+        result = CliRunner().invoke(main, ["serve", flag, "no-such-folder"])
+        assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+            f"error: {flag} no-such-folder is not a folder"]
