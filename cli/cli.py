@@ -374,9 +374,13 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder where <lora:name:weight> tags are looked up; the web page lists its LoRAs.")
 @click.option("--open", "open_page", is_flag=True, help="Open the web page in the browser once the server listens.")
+@click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of exported ControlNets: the models of sd-webui-controlnet's API (/controlnet/model_list).")
+@click.option("--control-depth-model", type=click.Path(path_type=Path), default=None,
+              help="Exported depth model that ControlNet units with a depth module run.")
 @user_errors
 def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
-          max_body_mb, lora_dir=None, open_page=False):
+          max_body_mb, lora_dir=None, open_page=False, controlnet_dir=None, control_depth_model=None):
     """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...) and a web page at /; docs at /docs."""
     try:
         from edgediff.server import Limits, serve as run_server
@@ -390,9 +394,13 @@ def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max
         raise EdgediffError("--api-auth wants user:password pairs separated by commas")
     if lora_dir is not None and not lora_dir.is_dir():
         raise EdgediffError(f"--lora-dir {lora_dir} is not a folder")
+    for flag, folder in (("--controlnet-dir", controlnet_dir), ("--control-depth-model", control_depth_model)):
+        if folder is not None and not folder.is_dir():
+            raise EdgediffError(f"{flag} {folder} is not a folder")
     click.echo(f"edgediff serving on http://{host}:{port} (web page at /, API docs at /docs)", err=True)
     run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
-               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page)
+               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page,
+               controlnet_dir=controlnet_dir, control_depth_model=control_depth_model)
 
 
 def _register_bench():

@@ -321,3 +321,29 @@ def test_cli_bad_control_is_one_line(sd1, flag, message):
     result = CliRunner().invoke(main, ["generate", "x", "--model", str(base), "--steps", "2",
                                        "--control", flag.format(cn=nets["a"][1])])
     assert_one_line_error(result.exit_code, result.stderr.strip(), message)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_sdxl_img2img_matches_diffusers(sdxl, monkeypatch, guess_mode):
+    """StableDiffusionXLControlNetImg2ImgPipeline from the same noise (its default scale is 0.8:
+    given here); the picture and the hint are both 32x32, the output's size."""
+    import diffusers
+
+    from helpers import feed_numpy_noise
+
+    source, base, net, exported = sdxl
+    reference = diffusers.StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        source, controlnet=diffusers.ControlNetModel.from_pretrained(net))
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    feed_numpy_noise(monkeypatch, 3, "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img")
+    with torch.no_grad():
+        expected = reference(PROMPT, negative_prompt=NEGATIVE, image=hint(5), control_image=hint(2), strength=0.6,
+                             num_inference_steps=STEPS, guidance_scale=GUIDANCE, controlnet_conditioning_scale=1.0,
+                             guess_mode=guess_mode, output_type="np").images
+    kwargs = dict(image=hint(5), strength=0.6, steps=STEPS, guidance=GUIDANCE, sampler="euler")
+    pipe = Pipeline.load(base, provider="cpu")
+    control = [{"model": exported, "image": hint(2), "guess_mode": guess_mode}]
+    assert np.abs(pipe(PROMPT, NEGATIVE, control=control, rng=np.random.default_rng(3), **kwargs).pixels
+                  - expected).max() < TOLERANCE
+    assert np.abs(pipe(PROMPT, NEGATIVE, rng=np.random.default_rng(3), **kwargs).pixels - expected).max() > MOVED
