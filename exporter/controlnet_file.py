@@ -40,7 +40,10 @@ def file_keys(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]] | No
         except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError):
             raise EdgediffError(f"{path} is not a readable .safetensors file") from None
     if suffix in (".pth", ".pt", ".ckpt", ".bin") and allow_pickle:
-        return {name: tuple(t.shape) for name, t in _read_pickle(path).items()}
+        try:  # tensors only; a checkpoint holding other objects is no ControlNet, the model loader takes it
+            return {name: tuple(t.shape) for name, t in _read_pickle(path).items()}
+        except EdgediffError:
+            return None
     return None
 
 

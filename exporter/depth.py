@@ -74,7 +74,12 @@ def _config_json(source) -> dict | None:
 def is_depth_model(source) -> bool:
     """A transformers depth-estimation folder, told by its config.json's ``architectures``."""
     data = _config_json(source)
-    return bool(data) and any(name in ARCHITECTURES for name in data.get("architectures") or ())
+    names = [str(name) for name in (data or {}).get("architectures") or ()]
+    other = [name for name in names if name.endswith("ForDepthEstimation") and name not in ARCHITECTURES]
+    if other and not set(names) & set(ARCHITECTURES):
+        raise EdgediffError(f"{source} holds a {other[0]}; edgediff exports the depth models "
+                            f"{' and '.join(ARCHITECTURES)}")
+    return bool(set(names) & set(ARCHITECTURES))
 
 
 def processor_constants(folder: Path) -> dict:
