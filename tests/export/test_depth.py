@@ -161,3 +161,17 @@ def test_depth_source_without_processor_config_is_one_line(depth_models, tmp_pat
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert lines[-1].startswith("error: ") and "has no readable preprocessor_config.json" in lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_other_depth_architectures_are_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    (tmp_path / "zoe").mkdir()
+    (tmp_path / "zoe" / "config.json").write_text(json.dumps({"architectures": ["ZoeDepthForDepthEstimation"]}))
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "zoe"), str(tmp_path / "out"), "--precision", "fp32"])
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "holds a ZoeDepthForDepthEstimation; edgediff exports the depth models DPTForDepthEstimation and " \
+           "DepthAnythingForDepthEstimation" in result.stderr
