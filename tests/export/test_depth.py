@@ -175,3 +175,30 @@ def test_other_depth_architectures_are_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "holds a ZoeDepthForDepthEstimation; edgediff exports the depth models DPTForDepthEstimation and " \
            "DepthAnythingForDepthEstimation" in result.stderr
+
+
+def test_depth_runs_without_torch(depth_models, tmp_path):
+    """The depth hint with torch, diffusers and transformers unimportable: the same picture as here."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from torch_blocker import BLOCK_TORCH
+
+    exported = depth_models["depth-anything"][1]
+    picture().save(tmp_path / "picture.png")
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from pathlib import Path
+        from PIL import Image
+        from edgediff.runtime.depth import DepthEstimator, read_depth_manifest
+        from edgediff.runtime.sessions import GraphSession
+        folder = Path({str(exported)!r})
+        manifest = read_depth_manifest(folder)
+        session = GraphSession("depth", folder, manifest.graphs["depth"], "cpu", manifest.optimized_for, print)
+        DepthEstimator(manifest, session)(Image.open({str(tmp_path / "picture.png")!r}).convert("RGB")).save(
+            {str(tmp_path / "hint.png")!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = estimator(exported)(picture())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "hint.png")), np.asarray(expected))
