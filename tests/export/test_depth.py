@@ -202,3 +202,12 @@ def test_depth_runs_without_torch(depth_models, tmp_path):
     assert proc.returncode == 0, proc.stderr
     expected = estimator(exported)(picture())
     assert np.array_equal(np.asarray(Image.open(tmp_path / "hint.png")), np.asarray(expected))
+
+
+def test_depth_folder_as_the_model_is_one_line(depth_models):
+    from edgediff.runtime import Pipeline
+
+    with pytest.raises(EdgediffError, match="^this folder holds a depth model, not a model: pass it as a control "
+                                            "unit's preprocess_model") as error:
+        Pipeline.load(depth_models["dpt"][1])
+    assert "\n" not in str(error.value)
