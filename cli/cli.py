@@ -55,7 +55,8 @@ def main():
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
               help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
-                   "config its keys match].")
+                   "config its keys match]; for a single-file ControlNet, its config.json (or folder) "
+                   "[default: read from its shapes].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
 def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
@@ -147,6 +148,8 @@ def _list_samplers(ctx, param, value):
               help="Fraction of the steps after which they stop.")
 @click.option("--control-guess-mode", is_flag=True,
               help="ControlNets see the conditional half only, weighted 0.1 to 1.0 (diffusers' guess mode).")
+@click.option("--control-preprocess-model", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="The exported depth model (edgediff export DEPTH_SRC DIR) for --control-preprocess depth.")
 @click.option("--t5", type=click.Choice(["on", "off"]), default=None,
               help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
 @click.option("--slg/--no-slg", default=None,
@@ -170,7 +173,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
              allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
-             control_guess_mode, t5, slg, hires_scale, hires_steps, hires_strength,
+             control_guess_mode, control_preprocess_model, t5, slg, hires_scale, hires_steps, hires_strength,
              hires_upscaler, image_guidance):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
@@ -211,7 +214,8 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
         control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,
-                              guess_mode=control_guess_mode) for text in controls] or None)
+                              guess_mode=control_guess_mode, preprocess_model=control_preprocess_model)
+                 for text in controls] or None)
     request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     show = sys.stderr.isatty()

@@ -75,8 +75,8 @@ class Pipeline:
         self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
         self.controlnets = controlnet.ControlNets(
-            lambda folder, entry, optimized_for: GraphSession(
-                controlnet.GRAPH, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
+            lambda folder, entry, optimized_for, name=controlnet.GRAPH: GraphSession(
+                name, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
                 threads=sessions.threads), sessions.memory)
 
     @classmethod
