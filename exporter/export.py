@@ -29,7 +29,8 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 
 from . import optimize as opt
 from .components import Components, used_by
-from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
+from .controlnet import add_zero_defaults, controlnet_source, export_controlnet
+from .depth import export_depth, is_depth_model
 from .esrgan import export_esrgan, is_esrgan
 from . import sd3
 from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
@@ -75,7 +76,10 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     from .target import choose
 
     started = time.perf_counter()
-    if not is_controlnet(source):
+    # A ControlNet or a depth estimator has its own kind of folder (exporter/controlnet.py, depth.py).
+    own = (export_controlnet if controlnet_source(source, allow_pickle) else
+           export_depth if is_depth_model(source) else None)
+    if own is None:
         check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
@@ -83,8 +87,9 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
         return export_esrgan(source, out, precision=precision, allow_pickle=allow_pickle, overwrite=overwrite, log=log)
     precision, target = choose(precision, optimize_for, default_target, log)
     _check_settings(precision, target)
-    if is_controlnet(source):
-        return export_controlnet(source, out, precision=precision, target=target, overwrite=overwrite, log=log)
+    if own is not None:
+        return own(source, out, precision=precision, target=target, overwrite=overwrite, log=log,
+                   allow_pickle=allow_pickle, config=config)
     log(f"loading {source}")
 
     _quiet_libraries()

@@ -242,6 +242,9 @@ def check_manifest_data(data: Any) -> None:
     if data.get("kind") == "controlnet":
         raise ModelFolderError("this folder holds a ControlNet, not a model: pass it as a control unit "
                                "(--control FOLDER:IMAGE, control=[{'model': FOLDER, ...}])")
+    if data.get("kind") == "depth":
+        raise ModelFolderError("this folder holds a depth model, not a model: pass it as a control unit's "
+                               "preprocess_model (--control-preprocess depth --control-preprocess-model FOLDER)")
     if data.get("kind") == "pixel_upscaler":
         raise ModelFolderError("this folder holds a pixel upscaler, not a model: use it as the hires fix's upscaler "
                                "(--hires-upscaler FOLDER, hires={'upscaler': FOLDER})")

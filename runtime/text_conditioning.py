@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import InputError, ModelFolderError
 from .prompts import encode_prompts, parse_prompt_attention
-from .tokenizer import ClipTokenizer
+from .tokenizer import ClipTokenizer, open_tokenizer_json
 
 Stage = Callable[[str], AbstractContextManager]  # graph name -> a session to run it with
 
@@ -41,14 +41,7 @@ class T5Tokenizer:
     ``T5TokenizerFast(..., padding="max_length", truncation=True)``)."""
 
     def __init__(self, path: str | Path, *, max_length: int, pad_token_id: int, eos_token_id: int):
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the tokenizers library raises plain Exception on bad JSON
-            raise ModelFolderError(f"cannot read tokenizer {path}: {error}") from None
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer = open_tokenizer_json(path)
         self.max_length, self.pad_token_id, self.eos_token_id = max_length, pad_token_id, eos_token_id
         self.added_tokens: dict[str, list[int]] = {}  # textual inversion does not apply to T5
 
