@@ -77,13 +77,15 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
 
     started = time.perf_counter()
     # A ControlNet or a depth estimator has its own kind of folder (exporter/controlnet.py, depth.py).
-    own = (export_controlnet if controlnet_source(source, allow_pickle) else
+    # An ESRGAN file is checked first: the ControlNet check refuses files of neither SD's nor its names.
+    esrgan = is_esrgan(source)
+    own = (None if esrgan else export_controlnet if controlnet_source(source, allow_pickle) else
            export_depth if is_depth_model(source) else None)
     if own is None:
         check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
-    if is_esrgan(source):  # a pixel upscaler: one fp32 graph, no target to choose (exporter/esrgan.py)
+    if esrgan:  # a pixel upscaler: one fp32 graph, no target to choose (exporter/esrgan.py)
         return export_esrgan(source, out, precision=precision, allow_pickle=allow_pickle, overwrite=overwrite, log=log)
     precision, target = choose(precision, optimize_for, default_target, log)
     _check_settings(precision, target)
