@@ -510,6 +510,7 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
         text_encoders=text_encoders,
         conditioning=fields.get("conditioning") or _conditioning(pipe),
         alphas_cumprod=fields.get("alphas_cumprod", "alphas_cumprod.npy"),
+        upscale=fields.get("upscale", {}),
         vae_tiling=vae_tiling_rule(_vae_sample_size(pipe), vae_scale_factor),
         graphs=entries,
         precision=precision,

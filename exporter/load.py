@@ -24,6 +24,8 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline": "StableDiffusion3Pipeline",
     "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
+    # The x4 upscaler: recognised from its components (exporter/upscaler.py), not from this name.
+    "StableDiffusionUpscalePipeline": "StableDiffusionUpscalePipeline",
 }
 # Keys that tell original-format checkpoints apart: only OpenCLIP (SD 2.x) text encoders have the
 # first; only SDXL's second text encoder (OpenCLIP bigG, in the "conditioner") has the second.
@@ -49,8 +51,8 @@ def check_source(source: str, *, allow_pickle: bool = False) -> str:
         except ValueError:
             raise EdgediffError(f"{index} is not valid JSON") from None
         if cls not in SUPPORTED_PIPELINES:
-            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x, 2.x, SDXL "
-                                "and SD 3/3.5 pipelines")
+            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x, 2.x, SDXL, "
+                                "SD 3/3.5 and x4 upscaler pipelines")
         return "diffusers-folder"
     if path.is_file():
         suffix = path.suffix.lower()

@@ -299,6 +299,7 @@ class Shape:
     guided: bool
     graphs: list[tuple[str, str]]
     vae_tiling: bool | None = None
+    latent_tile: int | None = None  # the U-Net runs on tiles of at most this side (runtime/upscale.py)
 
 
 class MemoryPlanner:
@@ -321,7 +322,8 @@ class MemoryPlanner:
         split = self.memory == "low"  # the guidance halves run one at a time (make_denoiser)
         doubled = 2 * shape.batch if shape.guided else shape.batch
         sizes = {"text": (doubled, 0, 0), "pixels": (shape.batch, vae_h, vae_w),
-                 "latent": (shape.batch if split else doubled, h // f, w // f),
+                 "latent": (shape.batch if split else doubled, *(min(side // f, shape.latent_tile or side)
+                                                                 for side in (h, w))),
                  "decode": (shape.batch, vae_h // f, vae_w // f)}
         stages = [(graph, *sizes[kind]) for graph, kind in shape.graphs]
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),

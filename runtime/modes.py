@@ -238,6 +238,10 @@ def overlay(pixels: np.ndarray, mask: Mask, image: Image.Image | None) -> np.nda
 def choose_mode(request, manifest, unet_channels: int):
     """The mode for a checked request; None when an all-black mask leaves nothing to repaint."""
     m = manifest
+    if m.upscale:  # the x4 upscaler (runtime/upscale.py); request.check required its picture
+        from .upscale import Upscale
+
+        return Upscale(request.image, request.noise_level, m.upscale, m.latent_multiple)
     kind = unet_kind(unet_channels, m.latent_channels)
     inpainting_unet = kind == "inpainting"
     if request.image_guidance is not None and kind != "instruct-pix2pix":
