@@ -114,9 +114,11 @@ def test_tiles_covering_everything_equal_the_untiled_run(upscaler_export):
     untiled = pipe(PROMPT, **kwargs).pixels
     pipe.manifest.upscale.update(tile_latent=64, tile_overlap=16)
     np.testing.assert_array_equal(pipe(PROMPT, **kwargs).pixels, untiled)
-    difference = np.abs(whole - untiled)
-    assert 0 < difference.mean() < 0.02 and difference.max() < 0.25, (difference.mean(), difference.max())
-    assert pipe.memory_plan is not None
+    # Smaller tiles change the picture (each tile's attention and GroupNorm see that tile), but far
+    # less than another seed does (random weights: no trained prior to keep tiles consistent).
+    another_seed = pipe(PROMPT, **{**kwargs, "seed": SEED + 1}).pixels
+    tiled, unrelated = np.abs(whole - untiled).mean(), np.abs(another_seed - untiled).mean()
+    assert 0 < tiled < 0.25 * unrelated, (tiled, unrelated)
 
 
 def test_cli_upscales_a_picture(upscaler_export, tmp_path, monkeypatch):
@@ -127,7 +129,7 @@ def test_cli_upscales_a_picture(upscaler_export, tmp_path, monkeypatch):
                                     "--seed", "3"])
     assert run.exit_code == 0, run.output
     pipe = Pipeline.load(upscaler_export, provider="cpu", memory="low")
-    expected = pipe(PROMPT, image=picture(), noise_level=30, steps=3, guidance=5, seed=3).images[0]
+    expected = pipe(PROMPT, image=picture(), noise_level=30, steps=3, guidance=5, seed=3, sampler="ddim").images[0]
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (128, 128)
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
@@ -139,8 +141,7 @@ def test_generate_with_an_upscaler_model_is_one_line(upscaler_export):
 
 
 @pytest.mark.parametrize("level, message", [(351, "noise_level must be from 0 to 350"),
-                                            (-1, "noise_level must be a whole number >= 0"),
-                                            (2.5, "noise_level must be a whole number >= 0")])
+                                            (-1, "noise_level must be a whole number >= 0")])
 def test_noise_level_out_of_range_is_one_line(upscaler_export, tmp_path, level, message):
     picture().save(tmp_path / "in.png")
     run = CliRunner().invoke(main, ["upscale", str(tmp_path / "in.png"), "--model", str(upscaler_export),
@@ -152,19 +153,38 @@ def test_noise_level_out_of_range_is_one_line(upscaler_export, tmp_path, level, 
 def test_a_picture_too_large_for_the_memory_estimate_is_one_line(upscaler_export, tmp_path, monkeypatch):
     from edgediff.runtime import memory
 
-    monkeypatch.setattr(memory, "available_bytes", lambda: (memory.resident_bytes() // 2, "MemAvailable"))
+    monkeypatch.setattr(memory, "available_bytes", lambda: (2**20, "MemAvailable"))
     picture(64).save(tmp_path / "in.png")
     run = CliRunner().invoke(main, ["upscale", str(tmp_path / "in.png"), "--model", str(upscaler_export),
                                     "-o", str(tmp_path / "out.png"), "--steps", "1"])
     assert_one_line_error(run.exit_code, run.stderr, "a 256x256 generation needs about", "is free")
+    assert not (tmp_path / "out.png").exists()
 
 
-def test_python_errors(upscaler_export, tiny_exports):
+def test_the_memory_plan_sizes_the_unet_tile(upscaler_export):
+    """The plan sizes the U-Net at its tile: the untiled U-Net's activations grow with the picture,
+    the tiled ones stay those of one tile."""
+    from edgediff.runtime import memory
+
+    pipe = Pipeline.load(upscaler_export, provider="cpu", memory="low")
+    graphs = [("text_encoder", "text"), ("unet", "latent"), ("vae_decoder", "decode")]
+
+    def unet_bytes(side, tile):
+        shape = memory.Shape(1, side, side, True, graphs, True, tile)
+        return pipe.planner.estimate(shape, set()).activations["unet"]
+
+    assert unet_bytes(512, None) > 3 * unet_bytes(256, None)
+    assert unet_bytes(512, 32) == unet_bytes(256, 32) == unet_bytes(128, None)
+
+
+def test_python_errors(upscaler_export):
     pipe = Pipeline.load(upscaler_export, provider="cpu")
     with pytest.raises(EdgediffError, match="give it the picture to upscale"):
         pipe(PROMPT, steps=1)
+    with pytest.raises(EdgediffError, match="noise_level must be a whole number >= 0, not 2.5"):
+        pipe(PROMPT, image=picture(), noise_level=2.5, steps=1)
     with pytest.raises(EdgediffError, match="takes no mask"):
         pipe(PROMPT, image=picture(), mask=picture(), steps=1)
-    plain = Pipeline.load(tiny_exports["sd1", "fp32"], provider="cpu")
+    plain = Pipeline.load(None, provider="cpu")  # the shipped default model
     with pytest.raises(EdgediffError, match="noise_level is for x4 upscaler models"):
         plain(PROMPT, noise_level=20, steps=1)
