@@ -127,6 +127,8 @@ class Manifest:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
+        if not data["upscale"]:  # only the x4 upscaler has one; other manifests stay as they were
+            del data["upscale"]
         return data
 
     @classmethod
