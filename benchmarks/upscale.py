@@ -4,6 +4,7 @@ each in a fresh process (time, peak RSS = VmHWM).
 
     python -m edgediff.benchmarks.upscale --steps 2 --out upscale.jsonl
     python -m edgediff.benchmarks.upscale --only edgediff:512 --steps 1
+    python -m edgediff.benchmarks.upscale --estimate --sizes 128,512   # the memory plan only
 
 Full-size runs need several GiB: run under a lock on a shared machine. diffusers runs under an
 address-space limit (``--diffusers-limit-gib``, RLIMIT_AS) so an allocation it cannot make fails in
@@ -68,6 +69,26 @@ def run_diffusers(folder: Path, side: int, steps: int, guidance: float) -> dict:
             "output": list(image.size)}
 
 
+def estimates(export: Path, sides: list[int], guidance: float) -> list[dict]:
+    """The memory plan's peak (memory="low") per input side: as edgediff runs it (U-Net in tiles, VAE in
+    tiles where automatic), and untiled (the U-Net on the whole latent, the VAE decoding whole), which
+    is what an untiled pipeline such as diffusers' must hold at least."""
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime import memory
+
+    pipe = Pipeline.load(export, provider="cpu", memory="low")
+    m, graphs = pipe.manifest, [("text_encoder", "text"), ("unet", "latent"), ("vae_decoder", "decode")]
+    rows = []
+    for side in sides:
+        out = side * m.vae_scale_factor
+        for label, tile, vae in (("edgediff (tiled)", m.upscale["tile_latent"], None), ("untiled", None, False)):
+            vae = memory.tiling(m, vae, out, out)
+            plan = pipe.planner.estimate(memory.Shape(1, out, out, guidance > 1, graphs, vae, tile), set())
+            rows.append({"estimate": label, "input": side, "output_side": out, "peak_gib": round(plan.peak_bytes / GIB, 2),
+                         "stage": plan.stage, "what": plan.what})
+    return rows
+
+
 def worker(args) -> None:
     if args.runner == "export":
         from edgediff.exporter.export import export_model
@@ -124,6 +145,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="128,512", help="input sides (output: 4x)")
     parser.add_argument("--only", nargs="*", default=None, help="runner:side pairs, e.g. edgediff:512 diffusers:128")
     parser.add_argument("--diffusers-limit-gib", type=float, default=14.0)
+    parser.add_argument("--estimate", action="store_true", help="print the memory plan's peaks; run nothing")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per measurement")
     parser.add_argument("--cache", type=Path, default=default_cache())
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per measurement")
@@ -137,6 +159,10 @@ def main(argv=None) -> None:
         return worker(args)
     folder = ensure_model(str(CONFIG), args.cache)
     export = export_folder(folder, "fp32", "cpu")
+    if args.estimate:
+        for row in estimates(export, [int(side) for side in args.sizes.split(",")], args.guidance):
+            print(json.dumps(row), flush=True)
+        return
     plan = [("export", 0)] if not (export / "manifest.json").is_file() else []
     sides = [int(s) for s in args.sizes.split(",")]
     plan += [(runner, side) for side in sides for runner in ("edgediff", "diffusers")]
