@@ -56,9 +56,12 @@ def main():
 @click.option("--config", type=click.Path(path_type=Path), default=None,
               help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
                    "config its keys match].")
+@click.option("--text-encoders", type=click.Path(path_type=Path), default=None,
+              help="SD 3/3.5 single file without its text encoders: a diffusers SD3 folder to take them from "
+                   "(text_encoder, text_encoder_2, and text_encoder_3 for T5).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
-def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
+def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite, text_encoders):
     """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT."""
     try:
         from edgediff.exporter.export import export_model
@@ -66,7 +69,7 @@ def export(source, out, precision, optimize_for, allow_pickle, prediction_type, 
         raise EdgediffError(f"the exporter needs the export extra ({error.name} is missing): "
                             "pip install 'edgediff[export]'") from None
     export_model(source, out, precision=precision, optimize_for=optimize_for, allow_pickle=allow_pickle,
-                 prediction_type=prediction_type, config=config, overwrite=overwrite)
+                 prediction_type=prediction_type, config=config, overwrite=overwrite, text_encoders=text_encoders)
 
 
 def _list_samplers(ctx, param, value):
