@@ -36,7 +36,7 @@ def shipped_config(keys: set[str]) -> str:
     """The shipped config folder an SD3 file's keys match: MMDiT-X's dual attention is SD 3.5 Medium."""
     if any(".x_block.attn2." in key for key in keys):
         return "sd35m"
-    blocks = {int(key.split(".")[2]) for key in keys if key.startswith("model.diffusion_model.joint_blocks.")}
+    blocks = {int(key.split(".")[3]) for key in keys if key.startswith("model.diffusion_model.joint_blocks.")}
     return "sd35l" if len(blocks) == 38 else "sd3m"
 
 

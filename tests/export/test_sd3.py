@@ -85,17 +85,6 @@ def build_sd3(kind: str, seed: int = 0):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """{kind: (diffusers folder, fp32 export)}."""
-    root = tmp_path_factory.mktemp("sd3")
-    models = {}
-    for kind in ("sd35m", "sd3"):
-        build_sd3(kind).save_pretrained(root / kind)
-        models[kind] = root / kind, export_with_cli(root / kind, root / f"{kind}-fp32", "--precision", "fp32")
-    return models
-
-
 _REFERENCES: dict = {}
 
 
