@@ -95,6 +95,14 @@ def check_layout(rule: dict) -> None:
         raise fail("switches")
 
 
+def context_tokens(rule: dict, encoders: list[dict]) -> int:
+    """The transformer context's length for one prompt chunk: each part's tokenizer window (or its
+    ``absent_tokens`` of zeros) stacked on the sequence axis; SD 3: 77 CLIP + 256 T5 tokens."""
+    windows = {encoder["graph"]: encoder["tokenizer"]["max_length"] for encoder in encoders}
+    return sum(max((windows[g] for g in part["encoders"] if g in windows), default=part.get("absent_tokens", 0))
+               for part in rule["context"])
+
+
 def switched_on(rule: dict, encoders: list[dict], **switches) -> list[str]:
     """The encoder graphs this call runs. ``rule["switches"]`` names the encoders a call may turn
     off ({"t5": "text_encoder_3"}); None leaves one on where the export has it. Asking for an
