@@ -243,10 +243,11 @@ def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], co
             raise LoraError(f"{lora.path.name} names SD 3 layers in the original layout (joint_blocks, fused qkv), "
                             "which edgediff does not map: use a LoRA in diffusers/PEFT names "
                             "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight)")
+        kind = _lora_kind(lora)
+        other = model is not None and kind is not None and ("U-Net" in kind) != ("U-Net" in model)  # SD 3 vs U-Nets
         raise LoraError(f"{lora.path.name}: none of its {len(unmatched)} layers match this model (e.g. {unmatched[0]}): "
-                        f"{_lora_kind(lora)} on a model whose denoiser is {model}" if model else
-                        f"{lora.path.name}: none of its {len(unmatched)} layers match this model "
-                        f"(e.g. {unmatched[0]}): a LoRA for another architecture?")
+                        + (f"{kind} on a model whose denoiser is {model}" if other else
+                           "a LoRA for another architecture?"))
     if unmatched:
         warn(f"{lora.path.name}: {len(unmatched)} of {len(lora.layers)} LoRA layers match nothing in this "
              f"model and are ignored (e.g. {', '.join(unmatched[:3])})")
@@ -261,13 +262,13 @@ def _denoiser_kind(modules) -> str | None:
         else "a U-Net (SD 1.x/2.x/SDXL)"
 
 
-def _lora_kind(lora: LoraFile) -> str:
+def _lora_kind(lora: LoraFile) -> str | None:
     names = [f"{layer.component}.{layer.module}" for layer in lora.layers]
     if any(n.startswith("transformer.transformer_blocks") for n in names):
         return "an SD 3 LoRA (MMDiT transformer layers)"
     if any(n.startswith("unet.") for n in names):
         return "a U-Net LoRA (SD 1.x/2.x/SDXL)"
-    return "a LoRA for another architecture"
+    return None
 
 
 def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[str, str]) -> None:
