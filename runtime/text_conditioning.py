@@ -69,8 +69,9 @@ def load_tokenizer(model_dir: Path, spec: dict):
 
 
 def plain_text(prompt: str) -> str:
-    """The prompt as words, without A1111's brackets, weights and BREAK."""
-    return "".join(text for text, weight in parse_prompt_attention(prompt) if weight is not None)
+    """The prompt as words, without A1111's brackets, weights and BREAK (a BREAK keeps the words
+    around it apart: the parser strips the spaces beside it)."""
+    return "".join(" " if weight is None else text for text, weight in parse_prompt_attention(prompt))
 
 
 def check_layout(rule: dict) -> None:

@@ -108,3 +108,12 @@ def test_turbo_shaped_model_matches_diffusers(sd3, tmp_path):
     np.testing.assert_array_equal(negative, actual)
     shift3 = Pipeline.load(folder, provider="cpu")(PROMPT, steps=4, guidance=0.0, sampler="euler", latents=latents)
     assert np.abs(shift3.pixels - expected).max() > 5 * FP32_TOLERANCE  # the shift matters
+
+
+def test_t5_reads_the_words_without_markup():
+    """T5 gets the prompt without A1111's brackets and weights; a BREAK (whose spaces the parser
+    strips) still keeps the words around it apart."""
+    from edgediff.runtime.text_conditioning import plain_text
+
+    assert plain_text("a (red:1.3) circle BREAK on [white] background") == "a red circle on white background"
+    assert plain_text(PROMPT) == PROMPT
