@@ -54,8 +54,8 @@ def main():
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
-              help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
-                   "config its keys match].")
+              help="Diffusers config folder for a single-file checkpoint [default: the shipped config its "
+                   "keys match: sd15, sd21, sdxl, sd35m].")
 @click.option("--text-encoders", type=click.Path(path_type=Path), default=None,
               help="SD 3/3.5 single file without its text encoders: a diffusers SD3 folder to take them from "
                    "(text_encoder, text_encoder_2, and text_encoder_3 for T5).")
