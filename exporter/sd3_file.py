@@ -194,7 +194,38 @@ def from_sd3_file(path: Path, config_dir: Path, text_encoders: Path | None, pred
             return _load_module(classes[name], Path(sources[name])).eval()
         return load_from_file(path, name, classes[name], getattr(configs.meta, name).config)
 
-    return Components(configs.meta, load, sizes)
+    components = Components(configs.meta, load, sizes)
+    # T5 read one tensor at a time where the export streams it (branch sd3big's ``Components.tensors``):
+    # its single-file conversion is a pure prefix strip, so the file's keys serve under diffusers' names.
+    components.tensors = lambda name: _t5_tensors(path, sources) if name == "text_encoder_3" and name in sources else None
+    return components
+
+
+class PrefixedTensors:
+    """Tensors of safetensors ``files`` under diffusers' names (the file's keys less ``prefix``),
+    each read when asked for."""
+
+    def __init__(self, files: list[Path], prefix: str):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(file), framework="pt") for file in files]
+        self._where = {key[len(prefix):]: (handle, key) for handle in self._handles for key in handle.keys()
+                       if key.startswith(prefix)}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        handle, key = self._where[name]
+        return handle.get_tensor(key)
+
+
+def _t5_tensors(path: Path, sources: dict) -> PrefixedTensors | None:
+    source = sources["text_encoder_3"]
+    if source == "file":
+        return PrefixedTensors([path], PREFIXES["text_encoder_3"])
+    files = sorted(Path(source).glob("*.safetensors"))
+    return PrefixedTensors(files, "") if files else None
 
 
 def _classes(folder: Path) -> dict:

@@ -84,3 +84,19 @@ def test_config_is_chosen_from_the_keys(files):
     """Dual-attention blocks mean SD 3.5 Medium; the file's name is never read."""
     assert shipped_config(set(header(files["sd35m"]))) == "sd35m"
     assert shipped_config(set(header(files["sd3-bare"]))) == "sd3m"
+
+
+def test_t5_tensors_under_diffusers_names(sd3, files):
+    """T5's tensors in the file, read one at a time under diffusers' names (for a streamed T5 export),
+    equal the folder's T5."""
+    from pathlib import Path
+
+    import torch
+    from transformers import T5EncoderModel
+
+    from edgediff.exporter.sd3_file import _t5_tensors
+
+    tensors = _t5_tensors(Path(files["sd35m"]), {"text_encoder_3": "file"})
+    state = T5EncoderModel.from_pretrained(sd3["sd35m"][0] / "text_encoder_3").state_dict()
+    stored = [name for name in state if name != "encoder.embed_tokens.weight"]  # tied to shared.weight
+    assert all(name in tensors and torch.equal(tensors[name], state[name]) for name in stored)
