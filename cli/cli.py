@@ -54,12 +54,15 @@ def main():
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
-              help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
-                   "config its keys match]; for a single-file ControlNet, its config.json (or folder) "
-                   "[default: read from its shapes].")
+              help="Diffusers config folder for a single-file checkpoint [default: the shipped config its "
+                   "keys match: sd15, sd21, sdxl, sd35m]; for a single-file ControlNet, its config.json (or "
+                   "folder) [default: read from its shapes].")
+@click.option("--text-encoders", type=click.Path(path_type=Path), default=None,
+              help="SD 3/3.5 single file without its text encoders: a diffusers SD3 folder to take them from "
+                   "(text_encoder, text_encoder_2, and text_encoder_3 for T5).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
-def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
+def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite, text_encoders):
     """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT."""
     try:
         from edgediff.exporter.export import export_model
@@ -67,7 +70,7 @@ def export(source, out, precision, optimize_for, allow_pickle, prediction_type, 
         raise EdgediffError(f"the exporter needs the export extra ({error.name} is missing): "
                             "pip install 'edgediff[export]'") from None
     export_model(source, out, precision=precision, optimize_for=optimize_for, allow_pickle=allow_pickle,
-                 prediction_type=prediction_type, config=config, overwrite=overwrite)
+                 prediction_type=prediction_type, config=config, overwrite=overwrite, text_encoders=text_encoders)
 
 
 def _list_samplers(ctx, param, value):

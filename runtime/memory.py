@@ -342,6 +342,10 @@ class MemoryPlanner:
             stages.append((graph, *sizes[kind]))
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
+        if m.conditioning.get("text"):  # several encoders stacked on the sequence axis (SD 3: 77 + 256)
+            from .text_conditioning import context_tokens
+
+            context = context_tokens(m.conditioning["text"], m.text_encoders)
         return stages, context
 
     def _controlnets(self, shape: Shape) -> list[str]:
