@@ -23,9 +23,13 @@ from edgediff.runtime.arguments import is_whole
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import Manifest
 from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
-from edgediff.runtime.samplers import make_plan, resolve_sampler
+from edgediff.runtime.flow import make_model_plan
+from edgediff.runtime.samplers import resolve_sampler
 
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
+# SD 3/3.5 switches ("on"/"off"; true/false or a settings object): in a job only where given, so the
+# keys and derived seeds of jobs without them stay what they were.
+OPTIONAL = ("t5", "skip_layer_guidance")
 DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
                             "width": None, "height": None, "guidance": 7.5}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -80,14 +84,16 @@ def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_finger
     Jobs with the same key (same params, id and model) are one output: the first line wins."""
     planned, keys, checked_plans = [], set(), set()
     for raw in jobs:
-        params = {name: raw[name] for name in FIELDS if name != "id"}
+        params = {name: raw[name] for name in (*FIELDS, *OPTIONAL) if name != "id" and name in raw}
         try:
             checked = to_request(params).check(manifest)  # the model's rules: size multiple, step limit
             params["width"], params["height"] = checked.width, checked.height
             plan_key = (params["sampler"], params["schedule"], params["steps"])
             if plan_key not in checked_plans:
-                make_plan(params["sampler"], alphas_cumprod, manifest.scheduler, params["steps"],
-                          schedule=params["schedule"])
+                make_model_plan(manifest, alphas_cumprod, params["sampler"], params["steps"],
+                                schedule=params["schedule"], strength=1.0,
+                                latent_size=(checked.height // manifest.vae_scale_factor,
+                                             checked.width // manifest.vae_scale_factor))
                 checked_plans.add(plan_key)
         except EdgediffError as error:
             raise JobsFileError(f"{label}:{raw['line']}: {error}") from None
@@ -150,12 +156,13 @@ def _check_job(raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
     file) here; every value rule is the request's."""
     if not isinstance(raw, dict):
         raise JobsFileError(f"a job must be a JSON object, not {type(raw).__name__}")
-    unknown = [name for name in raw if name not in FIELDS]
+    unknown = [name for name in raw if name not in FIELDS + OPTIONAL]
     if unknown:
-        raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join(FIELDS)}")
+        raise JobsFileError(f"unknown field {unknown[0]!r}; a job has {', '.join(FIELDS + OPTIONAL)}")
     if "prompt" not in raw:
         raise JobsFileError("the job has no 'prompt'")
     job = {name: raw.get(name, defaults.get(name)) for name in FIELDS}
+    job.update({name: raw[name] for name in OPTIONAL if raw.get(name) is not None})
     job["id"] = None if job["id"] is None else _id(job["id"])
     for name in ("prompt", "negative"):
         _text(name, job[name])
@@ -185,7 +192,8 @@ def _id(value):
 
 
 def _canonical(job: dict) -> str:
-    return json.dumps({name: job[name] for name in FIELDS if name != "seed"}, sort_keys=True)
+    return json.dumps({name: job[name] for name in (*FIELDS, *OPTIONAL) if name != "seed" and name in job},
+                      sort_keys=True)
 
 
 def _digest(value: Any) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .unet_step import feed_for
+from .unet_step import feed_for, interleaved_rounds
 
 
 def residual_free_twin(folder: Path, into: Path) -> Path:
@@ -73,7 +73,6 @@ def residual_adds_seconds(entry, latent: int, batch: int, threads: int, repeats:
     """The work the residual inputs add to a plain U-Net call, alone: one Add per residual of its
     activation with the zero default [1, C, 1, 1], in one ONNX Runtime graph at the step's shapes
     (median seconds per call). Load from other jobs hardly touches a measurement this short."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -180,13 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             calls.append(_diffusers_call(args.diffusers, args.diffusers_controlnet, feed, args.size))
         for call in calls:
             call()  # warm-up: first-run allocations
-        times = [[] for _ in calls]
-        for _ in range(args.rounds):
-            for call, record in zip(calls, times):
-                started = time.perf_counter()
-                call()
-                record.append(time.perf_counter() - started)
-    # Each round's calls run back to back, so a round's ratio sees nearly the same load on both sides.
+        times = interleaved_rounds(calls, args.rounds)
     for name, record in zip(names, times):
         ratios = [a / b for a, b in zip(record, times[1])]
         plain = [a / b for a, b in zip(record, times[0])]

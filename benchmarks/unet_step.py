@@ -69,6 +69,18 @@ def _diffusers_unet(unet, feed: dict[str, np.ndarray], autocast: bool):
     return call
 
 
+def interleaved_rounds(calls: list, rounds: int) -> list[list[float]]:
+    """Seconds of each call per round. A round runs every call back to back, so the ratio of two
+    calls within a round sees nearly the same machine load (these machines are shared)."""
+    times = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, record in zip(calls, times):
+            started = time.perf_counter()
+            call()
+            record.append(time.perf_counter() - started)
+    return times
+
+
 def gemm_gflops(threads: int, side: int = 4096, repeats: int = 5) -> float:
     """Best fp32 GEMM rate of torch here (GFLOP/s): the ceiling fp32 convolutions and MatMuls share."""
     import torch
@@ -137,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             call()  # warm-up
             names.append(f"diffusers {'bf16 autocast' if autocast else 'fp32'}")
             calls.append(call)
-    times = [[] for _ in calls]
-    for _ in range(args.rounds):
-        for call, record in zip(calls, times):
-            started = time.perf_counter()
-            call()
-            record.append(time.perf_counter() - started)
+    times = interleaved_rounds(calls, args.rounds)
     medians = [statistics.median(record) for record in times]
     for name, record, median in zip(names, times, medians):
         print(f"{name}: {args.size}x{args.size} batch {args.batch} step median {median:.3f} s, "

@@ -82,7 +82,7 @@ def estimates(export: Path, sides: list[int], guidance: float) -> list[dict]:
         out = side * m.vae_scale_factor
         for label, tile, vae in (("edgediff (tiled)", m.upscale["tile_latent"], None), ("untiled", None, False)):
             vae = memory.tiling(m, vae, out, out)
-            plan = pipe.planner.estimate(memory.Shape(1, out, out, guidance > 1, graphs, vae, tile), set())
+            plan = pipe.planner.estimate(memory.Shape(1, out, out, guidance > 1, graphs, vae, latent_tile=tile), set())
             rows.append({"estimate": label, "input": side, "output_side": out, "peak_gib": round(plan.peak_bytes / GIB, 2),
                          "stage": plan.stage, "what": plan.what})
     return rows

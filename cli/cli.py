@@ -54,11 +54,15 @@ def main():
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
-              help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
-                   "config its keys match].")
+              help="Diffusers config folder for a single-file checkpoint [default: the shipped config its "
+                   "keys match: sd15, sd21, sdxl, sd35m]; for a single-file ControlNet, its config.json (or "
+                   "folder) [default: read from its shapes].")
+@click.option("--text-encoders", type=click.Path(path_type=Path), default=None,
+              help="SD 3/3.5 single file without its text encoders: a diffusers SD3 folder to take them from "
+                   "(text_encoder, text_encoder_2, and text_encoder_3 for T5).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
-def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
+def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite, text_encoders):
     """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT."""
     try:
         from edgediff.exporter.export import export_model
@@ -66,7 +70,7 @@ def export(source, out, precision, optimize_for, allow_pickle, prediction_type, 
         raise EdgediffError(f"the exporter needs the export extra ({error.name} is missing): "
                             "pip install 'edgediff[export]'") from None
     export_model(source, out, precision=precision, optimize_for=optimize_for, allow_pickle=allow_pickle,
-                 prediction_type=prediction_type, config=config, overwrite=overwrite)
+                 prediction_type=prediction_type, config=config, overwrite=overwrite, text_encoders=text_encoders)
 
 
 def _list_samplers(ctx, param, value):
@@ -147,6 +151,8 @@ def _list_samplers(ctx, param, value):
               help="Fraction of the steps after which they stop.")
 @click.option("--control-guess-mode", is_flag=True,
               help="ControlNets see the conditional half only, weighted 0.1 to 1.0 (diffusers' guess mode).")
+@click.option("--control-preprocess-model", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="The exported depth model (edgediff export DEPTH_SRC DIR) for --control-preprocess depth.")
 @click.option("--t5", type=click.Choice(["on", "off"]), default=None,
               help="SD 3/3.5: run the T5 text encoder, or feed zeros in its place [default: on where exported].")
 @click.option("--slg/--no-slg", default=None,
@@ -170,7 +176,7 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
              provider, memory, image, strength, noise, no_memory_check, no_metadata, from_png, mask, mask_blur,
              mask_invert, n_images, batch_size, loras, lora_dir, embeddings, embedding_dir,
              allow_pickle, prompt_syntax, vae_tiling, controls, control_preprocess, control_start, control_end,
-             control_guess_mode, t5, slg, hires_scale, hires_steps, hires_strength,
+             control_guess_mode, control_preprocess_model, t5, slg, hires_scale, hires_steps, hires_strength,
              hires_upscaler, image_guidance):
     """Generate an image for PROMPT."""
     from edgediff.runtime import Pipeline
@@ -211,7 +217,8 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         loras=[_lora_spec(text) for text in loras], lora_dir=lora_dir, allow_pickle=allow_pickle,
         embeddings=[*embeddings, *_embedding_files(embedding_dir, allow_pickle)],
         control=[control_flag(text, preprocess=control_preprocess, start=control_start, end=control_end,
-                              guess_mode=control_guess_mode) for text in controls] or None)
+                              guess_mode=control_guess_mode, preprocess_model=control_preprocess_model)
+                 for text in controls] or None)
     request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
     if pipe.manifest.upscale:
@@ -429,9 +436,13 @@ def batch(jobs, out, model, ray_address, workers, cpus_per_worker, gpus_per_work
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder where <lora:name:weight> tags are looked up; the web page lists its LoRAs.")
 @click.option("--open", "open_page", is_flag=True, help="Open the web page in the browser once the server listens.")
+@click.option("--controlnet-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of exported ControlNets: the models of sd-webui-controlnet's API (/controlnet/model_list).")
+@click.option("--control-depth-model", type=click.Path(path_type=Path), default=None,
+              help="Exported depth model that ControlNet units with a depth module run.")
 @user_errors
 def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max_side, max_steps, max_images,
-          max_body_mb, lora_dir=None, open_page=False):
+          max_body_mb, lora_dir=None, open_page=False, controlnet_dir=None, control_depth_model=None):
     """Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, ...) and a web page at /; docs at /docs."""
     try:
         from edgediff.server import Limits, serve as run_server
@@ -445,9 +456,13 @@ def serve(model, host, port, provider, memory, api_key, api_auth, max_queue, max
         raise EdgediffError("--api-auth wants user:password pairs separated by commas")
     if lora_dir is not None and not lora_dir.is_dir():
         raise EdgediffError(f"--lora-dir {lora_dir} is not a folder")
+    for flag, folder in (("--controlnet-dir", controlnet_dir), ("--control-depth-model", control_depth_model)):
+        if folder is not None and not folder.is_dir():
+            raise EdgediffError(f"{flag} {folder} is not a folder")
     click.echo(f"edgediff serving on http://{host}:{port} (web page at /, API docs at /docs)", err=True)
     run_server(model, host=host, port=port, provider=provider, memory=memory, api_key=api_key,
-               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page)
+               api_auth=credentials, limits=limits, lora_dir=lora_dir, open_page=open_page,
+               controlnet_dir=controlnet_dir, control_depth_model=control_depth_model)
 
 
 def _register_bench():

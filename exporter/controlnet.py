@@ -49,14 +49,52 @@ def add_zero_defaults(model: onnx.ModelProto, names: frozenset[str]) -> onnx.Mod
     return model
 
 
-def export_controlnet(source, out, *, precision: str, target: str, overwrite: bool = False,
-                      log: Callable[[str], None] | None = None) -> ControlNetManifest:
-    """Export one ControlNet; staging, resume and the atomic finish work as for a model."""
+def controlnet_source(source, allow_pickle: bool = False) -> bool:
+    """A ControlNet to export: a diffusers ControlNet folder, or one file in either layout
+    (controlnet_file.py); a file neither a checkpoint nor a ControlNet is one line here."""
+    from .controlnet_file import file_keys, layout
+
+    path = Path(str(source))
+    if path.is_dir() or not path.is_file():
+        return is_controlnet(path)
+    keys = file_keys(path, allow_pickle)
+    if keys is None:
+        return False
+    if layout(keys) is None and not any("diffusion_model." in key for key in keys):
+        raise EdgediffError(f"{path} is neither a Stable Diffusion checkpoint nor a ControlNet (none of its "
+                            f"{len(keys)} weights has either's names); LoRAs and embeddings are applied when "
+                            "generating (--lora, --embedding)")
+    return layout(keys) is not None
+
+
+def _open_source(source, allow_pickle: bool, config):
+    """(config, loader, float32 bytes, origin) of a ControlNet folder or single file."""
     from diffusers import ControlNetModel
 
+    from .components import _config, _guard, _load_module
+    from .controlnet_file import load_controlnet
+    from .memory import folder_weight_bytes, module_weight_bytes
+
+    path = Path(str(source))
+    if path.is_dir():
+        settings = _guard(path, lambda: _config(ControlNetModel, path))
+        return (settings, lambda name: _guard(path, lambda: _load_module(ControlNetModel, path).eval()),
+                folder_weight_bytes(path), {"kind": "diffusers-controlnet", "path": str(path.resolve())})
+    model, settings = load_controlnet(path, allow_pickle, Path(config) if config else None)
+    holder = [model]  # handed out once: the export frees it after tracing
+
+    return (settings, lambda name: holder.pop(), module_weight_bytes(model),
+            {"kind": "single-file-controlnet", "path": str(path.resolve()),
+             "config": str(Path(config).resolve()) if config else "inferred from its shapes"})
+
+
+def export_controlnet(source, out, *, precision: str, target: str, overwrite: bool = False,
+                      log: Callable[[str], None] | None = None, allow_pickle: bool = False,
+                      config=None) -> ControlNetManifest:
+    """Export one ControlNet; staging, resume and the atomic finish work as for a model."""
     from . import export as ex
-    from .components import Components, _config, _guard, _load_module
-    from .memory import GIB, check_memory, folder_weight_bytes, peak_rss_bytes
+    from .components import Components
+    from .memory import GIB, check_memory, peak_rss_bytes
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
@@ -64,16 +102,14 @@ def export_controlnet(source, out, *, precision: str, target: str, overwrite: bo
     ex._check_output(out, overwrite)
     log(f"loading {source}")
     ex._quiet_libraries()
-    config = _guard(folder, lambda: _config(ControlNetModel, folder))
+    config, load, weight_bytes, origin = _open_source(source, allow_pickle, config)
     if getattr(config, "global_pool_conditions", False):
         raise EdgediffError(f"{folder} pools its residuals (global_pool_conditions, a shuffle ControlNet); "
                             "edgediff does not export those yet")
-    components = Components(SimpleNamespace(controlnet=SimpleNamespace(config=config)),
-                            lambda name: _guard(folder, lambda: _load_module(ControlNetModel, folder).eval()),
-                            {"controlnet": folder_weight_bytes(folder)})
+    components = Components(SimpleNamespace(controlnet=SimpleNamespace(config=config)), load,
+                            {"controlnet": weight_bytes})
     check_memory([components.weight_bytes["controlnet"]], str(source))
     staging = ex._prepare_folders(out, overwrite)
-    origin = {"kind": "diffusers-controlnet", "path": str(folder.resolve())}
     ex._reset_if_stale(staging, {"precision": precision, "optimize_for": target, "opset": ex.OPSET, "source": origin})
     done = staging / CONTROLNET.name / "done.json"
     if done.is_file():

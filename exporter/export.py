@@ -29,7 +29,8 @@ from edgediff.runtime.manifest import (GraphEntry, Manifest, read_manifest, sha2
 
 from . import optimize as opt
 from .components import Components, used_by
-from .controlnet import add_zero_defaults, export_controlnet, is_controlnet
+from .controlnet import add_zero_defaults, controlnet_source, export_controlnet
+from .depth import export_depth, is_depth_model
 from . import sd3
 from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
                      size_rule)
@@ -62,7 +63,7 @@ def float_dtype(precision: str, target: str) -> str:
 def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
-                 log: Callable[[str], None] | None = None) -> Manifest:
+                 log: Callable[[str], None] | None = None, text_encoders: str | Path | None = None) -> Manifest:
     """Export ``source`` into ``out`` and return the manifest written there.
 
     ``precision=None`` and ``optimize_for=None``: the export that fits this machine (target.py),
@@ -74,19 +75,23 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     from .target import choose
 
     started = time.perf_counter()
-    if not is_controlnet(source):
+    # A ControlNet or a depth estimator has its own kind of folder (exporter/controlnet.py, depth.py).
+    own = (export_controlnet if controlnet_source(source, allow_pickle) else
+           export_depth if is_depth_model(source) else None)
+    if own is None:
         check_source(source, allow_pickle=allow_pickle)
     out = Path(out)
     _check_output(out, overwrite)
     precision, target = choose(precision, optimize_for, default_target, log)
     _check_settings(precision, target)
-    if is_controlnet(source):
-        return export_controlnet(source, out, precision=precision, target=target, overwrite=overwrite, log=log)
+    if own is not None:
+        return own(source, out, precision=precision, target=target, overwrite=overwrite, log=log,
+                   allow_pickle=allow_pickle, config=config)
     log(f"loading {source}")
 
     _quiet_libraries()
     components, origin = load_components(source, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                                          config=config)
+                                          config=config, text_encoders=text_encoders, log=log)
     specs = graphs_for(components.meta)
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}

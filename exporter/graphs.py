@@ -388,6 +388,7 @@ SD3_GRAPHS = (
         optimizer_type="mmdit",
         tolerance=TOLERANCE,
         quantizable=True,
+        lora_patched=True,  # PEFT/kohya LoRAs name the transformer's linears (runtime/lora.py)
         examples={"timestep": mid_timestep, "skip_layers": half_skip},
     ),
     *VAE_GRAPHS,

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import InputError, ModelFolderError
 from .manifest import MANIFEST_NAME, GraphEntry, Manifest
+from .depth import GRAPH as DEPTH_GRAPH, DepthEstimator, read_depth_manifest
 from .preprocess import hint_tensor, preprocess
 
 CONTROLNET_KIND = "controlnet"
@@ -102,6 +103,7 @@ class ControlUnit:
     end: float = 1.0
     guess_mode: bool = False
     preprocess: str = "none"
+    preprocess_model: str | os.PathLike | None = None  # an exported depth model, for preprocess="depth"
 
 
 def control_units(control) -> list[ControlUnit]:
@@ -126,6 +128,9 @@ def control_units(control) -> list[ControlUnit]:
         if not (number(unit.start) and number(unit.end) and 0.0 <= unit.start < unit.end <= 1.0):
             raise InputError(f"control unit {index}: start and end must satisfy 0 <= start < end <= 1, "
                              f"not {unit.start!r}, {unit.end!r}")
+        if unit.preprocess_model is not None and unit.preprocess != "depth":
+            raise InputError(f"control unit {index}: preprocess_model is the depth model of preprocess='depth', "
+                             f"not of {unit.preprocess!r}")
         units.append(unit)
     return units
 
@@ -232,6 +237,7 @@ class ControlNets:
     def __init__(self, open_session: Callable[[Path, GraphEntry, str], Any], memory: str):
         self._open, self.memory = open_session, memory
         self._cache: dict[Path, tuple[ControlNetManifest, Any]] = {}
+        self._estimators: dict[Path, DepthEstimator] = {}
 
     def manifest(self, folder) -> ControlNetManifest:
         folder = Path(folder)
@@ -246,6 +252,24 @@ class ControlNets:
         if key not in self._cache:
             self._cache[key] = (manifest, self._open(key, manifest.graphs[GRAPH], manifest.optimized_for))
         return self._cache[key][1]
+
+    def estimator(self, folder) -> DepthEstimator:
+        """The depth model of ``preprocess="depth"`` (runtime/depth.py), opened once per folder."""
+        key = Path(folder).resolve()
+        if key not in self._estimators:
+            if not Path(folder).is_dir():
+                raise InputError(f"depth model folder not found: {folder}")
+            manifest = read_depth_manifest(folder)
+            self._estimators[key] = DepthEstimator(manifest, self._open(key, manifest.graphs[DEPTH_GRAPH],
+                                                                        manifest.optimized_for, DEPTH_GRAPH))
+        return self._estimators[key]
+
+    def release_estimators(self) -> None:
+        """memory="low": the depth models go once the hints are made, before the U-Net loads."""
+        if self.memory == "low":
+            for estimator in self._estimators.values():
+                estimator.close()
+            self._estimators.clear()
 
     @contextmanager
     def resident(self):
@@ -266,16 +290,20 @@ def prepare(units: list[ControlUnit], nets: ControlNets, model: Manifest, width:
         raise InputError("ControlNet does not run on --provider openvino yet (OpenVINO reads the U-Net's residual "
                          "inputs as constants); use --provider cpu")
     prepared = []
-    for index, unit in enumerate(units):
-        manifest = nets.manifest(unit.model)
-        check_fits(manifest, unit.model, model)
-        picture = preprocess(unit.image, unit.preprocess, f"control image {index}")
-        prepared.append((unit, manifest, hint_tensor(picture, width, height)))
+    try:
+        for index, unit in enumerate(units):
+            manifest = nets.manifest(unit.model)
+            check_fits(manifest, unit.model, model)
+            estimator = nets.estimator(unit.preprocess_model) if unit.preprocess == "depth" and unit.preprocess_model else None
+            picture = preprocess(unit.image, unit.preprocess, f"control image {index}", estimator)
+            prepared.append((unit, manifest, hint_tensor(picture, width, height)))
+    finally:
+        nets.release_estimators()
     return prepared
 
 
 def control_flag(text: str, *, preprocess: str = "none", start: float = 0.0, end: float = 1.0,
-                 guess_mode: bool = False) -> ControlUnit:
+                 guess_mode: bool = False, preprocess_model: str | None = None) -> ControlUnit:
     """The CLI's ``--control FOLDER:IMAGE[:SCALE]``; a path may hold ':' itself (``C:\\...``): the
     folder is the longest prefix that is a folder."""
     parts, scale = text.split(":"), 1.0
@@ -288,7 +316,8 @@ def control_flag(text: str, *, preprocess: str = "none", start: float = 0.0, end
         raise InputError(f"--control takes FOLDER:IMAGE[:SCALE], not {text!r}")
     cut = next((cut for cut in range(len(parts) - 1, 0, -1) if Path(":".join(parts[:cut])).is_dir()), 1)
     return ControlUnit(model=":".join(parts[:cut]), image=":".join(parts[cut:]), scale=scale, start=start, end=end,
-                       guess_mode=guess_mode, preprocess=preprocess)
+                       guess_mode=guess_mode, preprocess=preprocess,
+                       preprocess_model=preprocess_model)
 
 
 def infotext_fields(units: list[ControlUnit] | None) -> dict[str, str]:

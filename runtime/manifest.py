@@ -247,6 +247,9 @@ def check_manifest_data(data: Any) -> None:
     if data.get("kind") == "controlnet":
         raise ModelFolderError("this folder holds a ControlNet, not a model: pass it as a control unit "
                                "(--control FOLDER:IMAGE, control=[{'model': FOLDER, ...}])")
+    if data.get("kind") == "depth":
+        raise ModelFolderError("this folder holds a depth model, not a model: pass it as a control unit's "
+                               "preprocess_model (--control-preprocess depth --control-preprocess-model FOLDER)")
     version = data.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         newer = type(version) is int and version > SCHEMA_VERSION

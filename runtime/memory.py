@@ -175,14 +175,18 @@ class Estimate:
 
 def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int, int]], memory: str,
              resident: set[str], base_bytes: int, context_tokens: int,
-             held: dict[str, int] | None = None, without_arena: frozenset[str] = frozenset()) -> Estimate:
+             held: dict[str, int] | None = None, without_arena: frozenset[str] = frozenset(),
+             beside: dict[str, str] | None = None) -> Estimate:
     """Peak memory of running ``stages`` [(graph, batch, height, width)] in order.
 
     ``height``/``width`` are the graph's spatial input size; ``resident`` graphs are already in
     ``base_bytes`` (the process's resident memory now), with the activation bytes ``held`` gives
     for them in their arenas (measured: 512x512 ``high`` ran 2.2 GB over a per-stage maximum).
     ``without_arena`` graphs run without ONNX Runtime's CPU arena: no second score matrix, and
-    nothing held after their stage."""
+    nothing held after their stage. ``beside``: {graph: the graph it stays loaded beside} (ControlNets
+    beside the U-Net): in ``"low"`` such a group's weights are resident together, and the arenas of
+    those that ran already hold their activations."""
+    beside = beside or {}
     best = Estimate(base_bytes, "none", "nothing")
     loaded = set(resident)
     largest: dict[str, tuple[int, str]] = {}  # graph: (its largest run's activations, what they are)
@@ -190,8 +194,10 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
     for graph, batch, height, width in stages:
         profile = profiles[graph]
         loaded.add(graph)
+        anchor = beside.get(graph, graph)
+        group = {anchor} | {g for g, a in beside.items() if a == anchor}  # resident together (low)
         weights = sum(profiles[g].weight_bytes for g in loaded - resident) if memory == "high" else (
-            0 if graph in resident else profile.weight_bytes)
+            sum(profiles[g].weight_bytes for g in group - resident))
         activations, what, scratch = profile.activation_bytes(batch, height, width, context_tokens)
         if graph in without_arena:
             no_arena.add(graph)  # its buffers go back to the system after each run
@@ -200,6 +206,8 @@ def estimate(profiles: dict[str, GraphProfile], stages: list[tuple[str, int, int
         if activations >= largest.get(graph, (-1, ""))[0]:
             largest[graph] = activations, what
         stage, held_now = graph, activations
+        if memory == "low":  # the group's arenas that ran already keep their largest run
+            held_now += sum(largest[g][0] for g in group - {graph} if g in largest and g not in no_arena)
         if memory == "high":  # arenas keep what they grew to; a resident one only grows past its own
             growth = {g: max(0, size - (held or {}).get(g, 0)) if g in resident else size
                       for g, (size, _) in largest.items() if g == graph or g not in no_arena}
@@ -299,6 +307,9 @@ class Shape:
     guided: bool
     graphs: list[tuple[str, str]]
     vae_tiling: bool | None = None
+    # ControlNets (name, folder, graph entry): they run before each U-Net call, on its input, and
+    # stay loaded beside it while it samples (runtime/controlnet.py), in both memory modes
+    controlnets: tuple = ()
     latent_tile: int | None = None  # the U-Net runs on tiles of at most this side (runtime/upscale.py)
 
 
@@ -310,6 +321,7 @@ class MemoryPlanner:
         self.model_dir, self.manifest, self.memory = model_dir, manifest, memory
         self.profiles: dict[str, GraphProfile] = {}  # read on the first check
         self.held: dict[str, int] = {}
+        self._folders: dict[str, Path] = {}  # ControlNet profile name: the folder it was read from
 
     def stages(self, shape: Shape) -> tuple[list[Stage], int]:
         """The graphs one generation runs at their input sizes; and the context length."""
@@ -325,15 +337,31 @@ class MemoryPlanner:
                  "latent": (shape.batch if split else doubled, *(min(side // f, shape.latent_tile or side)
                                                                  for side in (h, w))),
                  "decode": (shape.batch, vae_h // f, vae_w // f)}
-        stages = [(graph, *sizes[kind]) for graph, kind in shape.graphs]
+        stages = []
+        for graph, kind in shape.graphs:
+            if graph == "unet":  # each call runs the ControlNets first
+                stages += [(name, *sizes["latent"]) for name in self._controlnets(shape)]
+            stages.append((graph, *sizes[kind]))
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
+        if m.conditioning.get("text"):  # several encoders stacked on the sequence axis (SD 3: 77 + 256)
+            from .text_conditioning import context_tokens
+
+            context = context_tokens(m.conditioning["text"], m.text_encoders)
         return stages, context
+
+    def _controlnets(self, shape: Shape) -> list[str]:
+        """The ControlNet graphs' names, their profiles read once per folder."""
+        for name, folder, entry in shape.controlnets:
+            if self._folders.get(name) != Path(folder):
+                self.profiles[name], self._folders[name] = load_profile(Path(folder), name, entry), Path(folder)
+        return [name for name, _, _ in shape.controlnets]
 
     def estimate(self, shape: Shape, resident: set[str], arena: bool = True) -> Estimate:
         stages, context = self.stages(shape)
         without = frozenset() if arena else scratch_heavy(self.profiles, stages, context)
-        found = estimate(self.profiles, stages, self.memory, resident, resident_bytes(), context, self.held, without)
+        found = estimate(self.profiles, stages, self.memory, resident, resident_bytes(), context, self.held, without,
+                         beside={name: "unet" for name, _, _ in shape.controlnets})
         found.without_arena = without
         return found
 

@@ -75,8 +75,8 @@ class Pipeline:
         self.memory_plan: mem.Estimate | None = None  # what the last memory check accepted
         self.adapters = Adapters(model_dir, manifest, sessions._warn_once)
         self.controlnets = controlnet.ControlNets(
-            lambda folder, entry, optimized_for: GraphSession(
-                controlnet.GRAPH, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
+            lambda folder, entry, optimized_for, name=controlnet.GRAPH: GraphSession(
+                name, folder, entry, sessions.provider, optimized_for, sessions._warn_once,
                 threads=sessions.threads), sessions.memory)
 
     @classmethod
@@ -182,7 +182,7 @@ class Pipeline:
             return self._unchanged(request, len(prompts), started)
         run = self._prepare(request, prompts, timings, mode.takes_strength)   # 4. plan, noise, guidance
         control = self._control(request, run)                                 #    ControlNet units, checked
-        tile, arena = self._plan_memory(request, mode, run)                   # 5. the memory plan
+        tile, arena = self._plan_memory(request, mode, run, control)          # 5. the memory plan
         with self._stage("vae_encoder", timings, arena, mode.encodes) as vae_encoder:
             mode.encode(self._vae_encoder(vae_encoder, run.batch, request, tile))  # 6. encode the picture
         x = mode.start(run.draw, run.sample_latent, run.plan)                 # 7. the starting latent
@@ -233,13 +233,14 @@ class Pipeline:
         return Run(plan, shape, rng, seed, seeds, guided, unet_inputs, r.latents, self._latent_sample, r.guidance,
                    text_encoders(m, r.t5), skip_layers(m, r.skip_layer_guidance))
 
-    def _plan_memory(self, request: GenerationRequest, mode, run: "Run") -> tuple[bool, frozenset[str]]:
+    def _plan_memory(self, request: GenerationRequest, mode, run: "Run", control=None) -> tuple[bool, frozenset[str]]:
         """(whether the VAE runs in tiles, the graphs that run without the CPU arena)."""
         tile = mem.tiling(self.manifest, request.vae_tiling, request.width, request.height)
         if not request.check_memory or self.sessions.provider != "cpu":
             return tile, frozenset()  # on GPUs the activations live in memory this process cannot see cheaply
-        shape = self._shape(run.batch, request.width, request.height, run.guided, mode, request.vae_tiling)
-        tile, need = self.planner.check(shape, self.sessions.resident)
+        shape = self._shape(run.batch, request.width, request.height, run.guided, mode, request.vae_tiling,
+                            [unit.model for unit in control.units] if control else ())
+        tile, need = self.planner.check(shape, self._resident(shape))
         if need is not None:
             self.memory_plan = need
         return tile, need.without_arena if need is not None else frozenset()
@@ -413,20 +414,33 @@ class Pipeline:
     def _tile_plan(self, width: int, height: int) -> dict:
         return mem.tile_plan(self.manifest, width, height)
 
-    def _shape(self, batch: int, width: int, height: int, guided: bool, mode, vae_tiling) -> mem.Shape:
+    def _shape(self, batch: int, width: int, height: int, guided: bool, mode, vae_tiling,
+               controlnets=()) -> mem.Shape:
+        """``controlnets``: the ControlNet folders a generation runs (one graph each)."""
         encoders = [encoder["graph"] for encoder in self.manifest.text_encoders]
-        return mem.Shape(batch, width, height, guided, mode.graphs(encoders), vae_tiling,
-                         getattr(mode, "latent_tile", None))
+        folders = list(dict.fromkeys(Path(folder) for folder in controlnets))
+        nets = tuple((f"controlnet {index}", folder, self.controlnets.manifest(folder).graphs[controlnet.GRAPH])
+                     for index, folder in enumerate(folders))
+        return mem.Shape(batch, width, height, guided, mode.graphs(encoders), vae_tiling, nets,
+                         latent_tile=getattr(mode, "latent_tile", None))
+
+    def _resident(self, shape: mem.Shape) -> set[str]:
+        """The graphs already loaded: the model's, and ControlNets kept open (memory="high")."""
+        open_nets = {name for name, folder, _ in shape.controlnets if folder.resolve() in self.controlnets._cache}
+        return self.sessions.resident | open_nets
 
     def estimate_memory(self, batch: int, width: int, height: int, *, guided: bool = True,
-                        img2img: bool = False, vae_tiling: bool | None = None, arena: bool = True) -> mem.Estimate:
+                        img2img: bool = False, vae_tiling: bool | None = None, arena: bool = True,
+                        control=None) -> mem.Estimate:
         """Estimated peak memory (bytes, whole process) of one generation at this size; a tiled VAE
         (``vae_tiling`` as for ``__call__``) runs at the size of one tile. ``arena=False``: the
         graphs with a score matrix of ``memory.ARENA_SCRATCH_LIMIT`` or more run without ONNX
-        Runtime's CPU arena, as ``check_memory`` decides when the arena would not fit."""
+        Runtime's CPU arena, as ``check_memory`` decides when the arena would not fit.
+        ``control``: ControlNet units as for ``__call__`` (their graphs stay loaded beside the U-Net)."""
         tile = self._tiling(vae_tiling, width, height)
-        shape = self._shape(batch, width, height, guided, self._mode_for(img2img), tile)
-        return self.planner.estimate(shape, self.sessions.resident, arena)
+        folders = [unit.model for unit in controlnet.control_units(control)]
+        shape = self._shape(batch, width, height, guided, self._mode_for(img2img), tile, folders)
+        return self.planner.estimate(shape, self._resident(shape), arena)
 
     def check_memory(self, batch: int, width: int, height: int, *, guided: bool = True, img2img: bool = False,
                      vae_tiling: bool | None = None) -> bool:

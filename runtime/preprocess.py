@@ -2,11 +2,13 @@
 
 ``none``: the picture is the hint already. ``canny``: OpenCV's Canny edges (Canny 1986) with
 sd-webui-controlnet's default thresholds, white edges on black in three channels, as diffusers'
-ControlNet examples build them. ``depth`` needs an exported depth model, which this version cannot
-make yet. The hint is then resized and scaled as diffusers' ControlNet image processor does
+ControlNet examples build them. ``depth``: an exported depth model (runtime/depth.py: DPT or Depth
+Anything, exported with ``edgediff export DEPTH_SRC DIR``) run by ONNX Runtime. The hint is then resized and scaled as diffusers' ControlNet image processor does
 (``VaeImageProcessor(do_convert_rgb=True, do_normalize=False)``): RGB, Lanczos, values in [0, 1].
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -29,17 +31,21 @@ def canny(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> I
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 
-def depth(image: Image.Image) -> Image.Image:
-    raise InputError("depth preprocessor needs an exported depth model: this version of edgediff cannot "
-                     "export one yet; give a ready depth map with preprocess='none'")
+NO_DEPTH_MODEL = ("the depth preprocessor needs an exported depth model: export a transformers DPT or Depth "
+                  "Anything folder with `edgediff export DEPTH_SRC DIR` and give DIR as the unit's preprocess_model "
+                  "(CLI: --control-preprocess-model DIR), or give a ready depth map with preprocess='none'")
 
 
-def preprocess(image, name: str, label: str = "control image") -> Image.Image:
-    """The hint picture for ``image`` after preprocessor ``name``; unreadable input is one InputError."""
+def preprocess(image, name: str, label: str = "control image",
+               estimator: Callable[[Image.Image], Image.Image] | None = None) -> Image.Image:
+    """The hint picture for ``image`` after preprocessor ``name``; unreadable input is one InputError.
+    ``estimator``: the depth model (runtime/depth.py ``DepthEstimator``) for ``depth``."""
     if name not in PREPROCESSORS:
         raise InputError(f"unknown control preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}")
+    if name == "depth" and estimator is None:
+        raise InputError(NO_DEPTH_MODEL)
     image = to_rgb(image, label)
-    return image if name == "none" else canny(image) if name == "canny" else depth(image)
+    return image if name == "none" else canny(image) if name == "canny" else estimator(image)
 
 
 def hint_tensor(image: Image.Image, width: int, height: int) -> np.ndarray:

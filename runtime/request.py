@@ -175,8 +175,6 @@ class GenerationRequest:
             image = image.resize((width // scale, height // scale), Image.LANCZOS)  # as diffusers' image processor
         text_encoders(manifest, request.t5)
         skip_layers(manifest, request.skip_layer_guidance)
-        if request.mask is not None and manifest.prediction_type == "flow":
-            raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
         hires = request.hires if request.hires is None else dataclasses.replace(
             request.hires, target=target_size(request.hires, width, height, manifest.size_multiple))
         noise_level = request.noise_level if not manifest.upscale or request.noise_level is not None \

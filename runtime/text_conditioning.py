@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import InputError, ModelFolderError
 from .prompts import encode_prompts, parse_prompt_attention
-from .tokenizer import ClipTokenizer
+from .tokenizer import ClipTokenizer, open_tokenizer_json
 
 Stage = Callable[[str], AbstractContextManager]  # graph name -> a session to run it with
 
@@ -41,14 +41,7 @@ class T5Tokenizer:
     ``T5TokenizerFast(..., padding="max_length", truncation=True)``)."""
 
     def __init__(self, path: str | Path, *, max_length: int, pad_token_id: int, eos_token_id: int):
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the tokenizers library raises plain Exception on bad JSON
-            raise ModelFolderError(f"cannot read tokenizer {path}: {error}") from None
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer = open_tokenizer_json(path)
         self.max_length, self.pad_token_id, self.eos_token_id = max_length, pad_token_id, eos_token_id
         self.added_tokens: dict[str, list[int]] = {}  # textual inversion does not apply to T5
 
@@ -69,8 +62,9 @@ def load_tokenizer(model_dir: Path, spec: dict):
 
 
 def plain_text(prompt: str) -> str:
-    """The prompt as words, without A1111's brackets, weights and BREAK."""
-    return "".join(text for text, weight in parse_prompt_attention(prompt) if weight is not None)
+    """The prompt as words, without A1111's brackets, weights and BREAK (a BREAK keeps the words
+    around it apart: the parser strips the spaces beside it)."""
+    return "".join(" " if weight is None else text for text, weight in parse_prompt_attention(prompt))
 
 
 def check_layout(rule: dict) -> None:
@@ -93,6 +87,14 @@ def check_layout(rule: dict) -> None:
         raise fail("pooled")
     if not isinstance(rule.get("switches", {}), dict):
         raise fail("switches")
+
+
+def context_tokens(rule: dict, encoders: list[dict]) -> int:
+    """The transformer context's length for one prompt chunk: each part's tokenizer window (or its
+    ``absent_tokens`` of zeros) stacked on the sequence axis; SD 3: 77 CLIP + 256 T5 tokens."""
+    windows = {encoder["graph"]: encoder["tokenizer"]["max_length"] for encoder in encoders}
+    return sum(max((windows[g] for g in part["encoders"] if g in windows), default=part.get("absent_tokens", 0))
+               for part in rule["context"])
 
 
 def switched_on(rule: dict, encoders: list[dict], **switches) -> list[str]:

@@ -15,17 +15,23 @@ import numpy as np
 from .errors import ModelFolderError
 
 
+def open_tokenizer_json(path: str | Path):
+    """A ``tokenizers`` tokenizer with padding and truncation off: callers pad and cut themselves."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises plain Exception on bad JSON
+        raise ModelFolderError(f"cannot read tokenizer {path}: {error}") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 class ClipTokenizer:
     def __init__(self, path: str | Path, *, max_length: int, pad_token_id: int, bos_token_id: int,
                  eos_token_id: int):
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the tokenizers library raises plain Exception on bad JSON
-            raise ModelFolderError(f"cannot read tokenizer {path}: {error}") from None
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer = open_tokenizer_json(path)
         self.max_length = max_length
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id

@@ -32,6 +32,7 @@ from edgediff.runtime.samplers import SAMPLERS
 from edgediff.runtime.schedules import SCHEDULES
 
 from . import schemas
+from .controlnet import ControlNetApi
 from .guard import Guard
 from .images import BadImage, decode_image, encode_png, image_bytes, latent_preview
 from .page import PageFront, mount_page, open_when_started
@@ -64,11 +65,13 @@ def hires_settings(req: schemas.Txt2ImgRequest) -> dict:
 # only translates (GenerationRequest does the checks). Splitting them into a router module is the next step.
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
-               limits: Limits | None = None, lora_dir: str | Path | None = None):
+               limits: Limits | None = None, lora_dir: str | Path | None = None,
+               controlnet_dir: str | Path | None = None, control_depth_model: str | Path | None = None):
     """The ASGI app. ``pipe``: an already loaded Pipeline; otherwise ``model`` (None: the shipped
     default model) is loaded with ``provider`` and ``memory``. ``api_key``/``api_auth``
     ("user:password" strings) protect every endpoint but ``/health`` (and the web page's static
-    files, page.py); ``<lora:name:weight>`` tags in prompts are looked up in ``lora_dir``."""
+    files, page.py); ``<lora:name:weight>`` tags in prompts are looked up in ``lora_dir``; ControlNet
+    units (sd-webui-controlnet's API, server/controlnet.py) name folders in ``controlnet_dir``."""
     limits = limits or Limits()
     pipe = pipe if pipe is not None else Pipeline.load(model, provider=provider, memory=memory)
     worker = Worker(pipe, limits.max_queue)
@@ -85,6 +88,9 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
     app = FastAPI(title="edgediff", version=__version__, docs_url="/docs", lifespan=lifespan,
                   description="AUTOMATIC1111's `/sdapi/v1` API subset, served by edgediff's torch-free runtime.")
     app.state.worker = worker
+    controlnets = ControlNetApi(controlnet_dir, control_depth_model, pipe.manifest.default_size,
+                                limits.max_input_pixels)
+    app.include_router(controlnets.router)
 
     def bad(detail: str, status: int = 422):
         raise HTTPException(status, detail)
@@ -104,7 +110,8 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             req.prompt, req.negative_prompt, steps=req.steps, guidance=req.cfg_scale,
             sampler=req.sampler_name or req.sampler_index or DEFAULT_SAMPLER, schedule=req.scheduler,
             width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
-            lora_dir=lora_dir,
+            lora_dir=lora_dir, control=controlnets.units(req, image) or None,
+            t5=req.t5, skip_layer_guidance=req.skip_layer_guidance,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
             **(dict(hires=hires_settings(req)) if req.enable_hr and image is None else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))
@@ -294,13 +301,14 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 7860, provider: str = "auto",
           memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
           limits: Limits | None = None, log_level: str = "info", lora_dir: str | Path | None = None,
-          open_page: bool = False) -> None:
+          open_page: bool = False, controlnet_dir: str | Path | None = None,
+          control_depth_model: str | Path | None = None) -> None:
     """Load the model and serve the API and the web page until interrupted (blocking);
     ``open_page``: open the page in the browser once the server listens."""
     import uvicorn
 
     app = create_app(model=model, provider=provider, memory=memory, api_key=api_key, api_auth=api_auth, limits=limits,
-                     lora_dir=lora_dir)
+                     lora_dir=lora_dir, controlnet_dir=controlnet_dir, control_depth_model=control_depth_model)
     if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or api_auth):
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)

@@ -134,3 +134,52 @@ def build_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
 def save_sdxl_pipeline(kind: str, folder: Path, seed: int = 0) -> Path:
     build_sdxl_pipeline(kind, seed).save_pretrained(folder)
     return folder
+
+
+DEPTH_PROCESSORS = {  # as the models' own preprocessor_config.json files set them, at tiny sizes
+    "dpt": {"size": {"height": 64, "width": 64}, "keep_aspect_ratio": False, "ensure_multiple_of": 1,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    "depth-anything": {"size": {"height": 70, "width": 70}, "keep_aspect_ratio": True, "ensure_multiple_of": 14,
+                       "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+}
+
+
+def save_depth_model(kind: str, folder: Path) -> Path:
+    """A tiny transformers depth estimator (``dpt``: DPTForDepthEstimation, ViT backbone;
+    ``depth-anything``: DepthAnythingForDepthEstimation, DINOv2 backbone) and its
+    preprocessor_config.json. Weights are re-drawn at fan-in scale: the default initialisation
+    predicts depths of 1e-8, which no comparison could tell apart."""
+    import json
+
+    import torch
+    from transformers import (DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTConfig,
+                              DPTForDepthEstimation)
+
+    torch.manual_seed(0)
+    if kind == "dpt":
+        model = DPTForDepthEstimation(DPTConfig(
+            image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 16, 32],
+            fusion_hidden_size=16, head_in_index=-1))
+    else:
+        backbone = Dinov2Config(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=37, out_features=["stage1", "stage2", "stage3", "stage4"],
+                                reshape_hidden_states=False, apply_layernorm=True)
+        model = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+            backbone_config=backbone, patch_size=14, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 16, 32],
+            fusion_hidden_size=16, head_hidden_size=8))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                fan_in = module.weight.shape[0] if isinstance(module, torch.nn.ConvTranspose2d) else module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in ** 0.5)
+                if module.bias is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator) + 0.1)
+                if isinstance(module, torch.nn.Conv2d) and module.out_channels == 1:
+                    module.bias.fill_(1.0)  # the last convolution: most depths above the final ReLU's zero
+    model.save_pretrained(folder)
+    processor = {"image_processor_type": "DPTImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": False, **DEPTH_PROCESSORS[kind]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder

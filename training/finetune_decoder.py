@@ -21,7 +21,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_vae import WORK, foreground_weight, log, shapes, to_tensor  # noqa: E402
+from train_vae import WORK, foreground_weight, log, to_tensor  # noqa: E402
 
 
 def main(argv=None):

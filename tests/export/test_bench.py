@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,7 +16,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("psutil")
 
 from edgediff.benchmarks import flops, hardware, runner  # noqa: E402
-from edgediff.benchmarks.report import markdown, summarize, write_outputs  # noqa: E402
+from edgediff.benchmarks.report import summarize, write_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -1,7 +1,6 @@
 """Bad input: one clear line on stderr, a non-zero exit, never a traceback, never a half-written model."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -321,3 +321,99 @@ def test_cli_bad_control_is_one_line(sd1, flag, message):
     result = CliRunner().invoke(main, ["generate", "x", "--model", str(base), "--steps", "2",
                                        "--control", flag.format(cn=nets["a"][1])])
     assert_one_line_error(result.exit_code, result.stderr.strip(), message)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_sdxl_img2img_matches_diffusers(sdxl, monkeypatch, guess_mode):
+    """StableDiffusionXLControlNetImg2ImgPipeline from the same noise (its default scale is 0.8:
+    given here); the picture and the hint are both 32x32, the output's size."""
+    import diffusers
+
+    from helpers import feed_numpy_noise
+
+    source, base, net, exported = sdxl
+    reference = diffusers.StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        source, controlnet=diffusers.ControlNetModel.from_pretrained(net))
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    feed_numpy_noise(monkeypatch, 3, "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img")
+    with torch.no_grad():
+        expected = reference(PROMPT, negative_prompt=NEGATIVE, image=hint(5), control_image=hint(2), strength=0.6,
+                             num_inference_steps=STEPS, guidance_scale=GUIDANCE, controlnet_conditioning_scale=1.0,
+                             guess_mode=guess_mode, output_type="np").images
+    kwargs = dict(image=hint(5), strength=0.6, steps=STEPS, guidance=GUIDANCE, sampler="euler")
+    pipe = Pipeline.load(base, provider="cpu")
+    control = [{"model": exported, "image": hint(2), "guess_mode": guess_mode}]
+    assert np.abs(pipe(PROMPT, NEGATIVE, control=control, rng=np.random.default_rng(3), **kwargs).pixels
+                  - expected).max() < TOLERANCE
+    assert np.abs(pipe(PROMPT, NEGATIVE, rng=np.random.default_rng(3), **kwargs).pixels - expected).max() > MOVED
+
+
+# --- the depth preprocessor in a generation (exporter/depth.py, runtime/depth.py; tests/export/test_depth.py
+# checks the depth maps themselves against transformers)
+
+@pytest.fixture(scope="module")
+def depth_model(tmp_path_factory):
+    """(transformers folder, its export) of a tiny Depth Anything."""
+    from tiny_models import save_depth_model
+
+    root = tmp_path_factory.mktemp("depth")
+    source = save_depth_model("depth-anything", root / "depth-anything")
+    return source, export_with_cli(source, root / "depth-fp32", "--precision", "fp32")
+
+
+def test_depth_unit_matches_diffusers_fed_transformers_depth(sd1, depth_model):
+    """preprocess="depth" with an exported depth model: diffusers' ControlNet pipeline fed the depth
+    image transformers' depth-estimation pipeline makes (as diffusers' ControlNet depth example does)."""
+    from transformers import AutoModelForDepthEstimation, DPTImageProcessorPil, pipeline
+
+    source, base, nets = sd1
+    depth_source, depth_folder = depth_model
+    picture = hint(5, side=40)
+    estimate = pipeline("depth-estimation", model=AutoModelForDepthEstimation.from_pretrained(depth_source),
+                        image_processor=DPTImageProcessorPil.from_pretrained(depth_source))
+    depth_image = estimate(picture)["depth"].convert("RGB")
+    expected = diffusers_image(source, [nets["a"][0]], [depth_image], height=32, width=32)
+    for memory in ("high", "low"):
+        actual = ours(base, [ControlUnit(nets["a"][1], picture, preprocess="depth", preprocess_model=depth_folder)],
+                      memory=memory)
+        assert np.abs(actual - expected).max() < TOLERANCE
+    assert np.abs(ours(base, [ControlUnit(nets["a"][1], picture)]) - expected).max() > MOVED
+
+
+@pytest.mark.parametrize("unit,message", [
+    ({"preprocess": "depth"}, "the depth preprocessor needs an exported depth model: export a transformers DPT or "
+                              "Depth Anything folder with `edgediff export DEPTH_SRC DIR`"),
+    ({"preprocess": "depth", "preprocess_model": "nowhere"}, "depth model folder not found: nowhere"),
+    ({"preprocess": "depth", "preprocess_model": "{cn}"}, "holds a controlnet, not a depth model"),
+    ({"preprocess": "none", "preprocess_model": "{cn}"}, "preprocess_model is the depth model of preprocess='depth'"),
+])
+def test_bad_depth_units_are_one_line(sd1, unit, message):
+    _, base, nets = sd1
+    unit = {k: str(nets["a"][1]) if v == "{cn}" else v for k, v in unit.items()}
+    with pytest.raises(EdgediffError) as error:
+        ours(base, [{"model": nets["a"][1], "image": hint(2), **unit}])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_depth_flags(sd1, depth_model, tmp_path):
+    """--control-preprocess depth --control-preprocess-model DIR gives the Python image; without the
+    model it is one line naming the export and the flag."""
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+    from helpers import assert_one_line_error
+
+    _, base, nets = sd1
+    hint(5, side=40).save(tmp_path / "picture.png")
+    args = ["generate", PROMPT, "--model", str(base), "--steps", "3", "--seed", "4", "--sampler", "euler",
+            "--control", f"{nets['a'][1]}:{tmp_path / 'picture.png'}", "--control-preprocess", "depth"]
+    result = CliRunner().invoke(main, args)
+    assert_one_line_error(result.exit_code, result.stderr.strip(), "edgediff export DEPTH_SRC DIR",
+                          "--control-preprocess-model DIR")
+    result = CliRunner().invoke(main, [*args, "--control-preprocess-model", str(depth_model[1]),
+                                       "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 0, result.output
+    expected = Pipeline.load(base, provider="cpu")(PROMPT, steps=3, seed=4, sampler="euler", control=[ControlUnit(
+        nets["a"][1], tmp_path / "picture.png", preprocess="depth", preprocess_model=depth_model[1])]).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(expected))

@@ -170,7 +170,7 @@ def test_the_memory_plan_sizes_the_unet_tile(upscaler_export):
     graphs = [("text_encoder", "text"), ("unet", "latent"), ("vae_decoder", "decode")]
 
     def unet_bytes(side, tile):
-        shape = memory.Shape(1, side, side, True, graphs, True, tile)
+        shape = memory.Shape(1, side, side, True, graphs, True, latent_tile=tile)
         return pipe.planner.estimate(shape, set()).activations["unet"]
 
     assert unet_bytes(512, None) > 3 * unet_bytes(256, None)
