@@ -26,11 +26,14 @@ from edgediff.runtime.arguments import is_whole
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import Manifest
 from edgediff.runtime.request import DEFAULT_SAMPLER, GenerationRequest
-from edgediff.runtime.samplers import make_plan, resolve_sampler
+from edgediff.runtime.flow import make_model_plan
+from edgediff.runtime.samplers import resolve_sampler
 
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
-# Fields a job has only when its line gives them: jobs without them keep their keys and derived seeds.
-OPTIONAL = ("hires", "image", "image_guidance")
+# SD 3/3.5 switches ("on"/"off"; true/false or a settings object): in a job only where given, so the
+# keys and derived seeds of jobs without them stay what they were.
+OPTIONAL = ("t5", "skip_layer_guidance", "hires", "image", "image_guidance")
+# hires, image (a file, relative to the jobs file; its content keys the output), image_guidance: likewise.
 DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
                             "width": None, "height": None, "guidance": 7.5}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -91,8 +94,10 @@ def plan_jobs(jobs: list[dict], manifest: Manifest, alphas_cumprod, model_finger
             params["width"], params["height"] = checked.width, checked.height
             plan_key = (params["sampler"], params["schedule"], params["steps"])
             if plan_key not in checked_plans:
-                make_plan(params["sampler"], alphas_cumprod, manifest.scheduler, params["steps"],
-                          schedule=params["schedule"])
+                make_model_plan(manifest, alphas_cumprod, params["sampler"], params["steps"],
+                                schedule=params["schedule"], strength=1.0,
+                                latent_size=(checked.height // manifest.vae_scale_factor,
+                                             checked.width // manifest.vae_scale_factor))
                 checked_plans.add(plan_key)
         except EdgediffError as error:
             raise JobsFileError(f"{label}:{raw['line']}: {error}") from None

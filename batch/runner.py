@@ -73,7 +73,7 @@ def run_batch(jobs: str | Path | Iterable[dict], out: str | Path, *, model: str 
         path, precision = resolve_model(model, runner.gpu)
         manifest = read_manifest(path)
         model_ref = ModelRef(path, model_fingerprint(path), precision, model_identity(path, manifest))
-        alphas = np.load(model_ref.path / manifest.alphas_cumprod)
+        alphas = np.load(model_ref.path / manifest.alphas_cumprod) if manifest.alphas_cumprod else None  # flow: none
         planned = plan_jobs(checked, manifest, alphas, model_ref.fingerprint, label)
         with OutputFolder(Path(out)) as folder:
             todo = [job for job in planned if not folder.done(job)]

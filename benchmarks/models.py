@@ -87,7 +87,7 @@ def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], No
     index = json.loads((config / "model_index.json").read_text())
     entries = {name: entry for name, entry in index.items()
                if not name.startswith("_") and isinstance(entry, list) and None not in entry}
-    unknown = [name for name in entries if name not in WEIGHTED_ORDER and not name.startswith(("tokenizer", "scheduler"))]
+    unknown = [name for name in entries if name not in WEIGHTED_ORDER and not _unweighted(name)]
     order = [name for name in WEIGHTED_ORDER if name in entries] + sorted(unknown)
     torch.manual_seed(seed)
     for name in order:
@@ -106,11 +106,15 @@ def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], No
         if name in order:
             continue
         cls = getattr(importlib.import_module(library), class_name)
-        if name.startswith("scheduler"):
+        if "scheduler" in name:  # the x4 upscaler's low_res_scheduler too
             cls.from_config(cls.load_config(config / name)).save_pretrained(dest / name)
         else:
             cls.from_pretrained(str(config / name)).save_pretrained(str(dest / name))
     shutil.copy(config / "model_index.json", dest / "model_index.json")  # last: the folder is whole
+
+
+def _unweighted(name: str) -> bool:
+    return name.startswith("tokenizer") or "scheduler" in name
 
 
 def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:

@@ -54,12 +54,15 @@ def main():
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Override the model's prediction type (single-file SD 2.x 768 checkpoints need v_prediction).")
 @click.option("--config", type=click.Path(path_type=Path), default=None,
-              help="Diffusers config folder for a single-file checkpoint [default: the shipped sd15/sd21 "
-                   "config its keys match]; for a single-file ControlNet, its config.json (or folder) "
-                   "[default: read from its shapes].")
+              help="Diffusers config folder for a single-file checkpoint [default: the shipped config its "
+                   "keys match: sd15, sd21, sdxl, sd35m]; for a single-file ControlNet, its config.json (or "
+                   "folder) [default: read from its shapes].")
+@click.option("--text-encoders", type=click.Path(path_type=Path), default=None,
+              help="SD 3/3.5 single file without its text encoders: a diffusers SD3 folder to take them from "
+                   "(text_encoder, text_encoder_2, and text_encoder_3 for T5).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds an exported model.")
 @user_errors
-def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite):
+def export(source, out, precision, optimize_for, allow_pickle, prediction_type, config, overwrite, text_encoders):
     """Export SOURCE (diffusers folder, .safetensors file, or hub id) into the model folder OUT; an ESRGAN
     weights file (.safetensors, or .pth with --allow-pickle) becomes a pixel upscaler for --hires-upscaler."""
     try:
@@ -68,7 +71,7 @@ def export(source, out, precision, optimize_for, allow_pickle, prediction_type, 
         raise EdgediffError(f"the exporter needs the export extra ({error.name} is missing): "
                             "pip install 'edgediff[export]'") from None
     export_model(source, out, precision=precision, optimize_for=optimize_for, allow_pickle=allow_pickle,
-                 prediction_type=prediction_type, config=config, overwrite=overwrite)
+                 prediction_type=prediction_type, config=config, overwrite=overwrite, text_encoders=text_encoders)
 
 
 def _list_samplers(ctx, param, value):
@@ -219,6 +222,8 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
                  for text in controls] or None)
     request.check_fields()  # bad values are refused before the model loads
     pipe = Pipeline.load(model, provider=provider, memory=memory)
+    if pipe.manifest.upscale:
+        raise EdgediffError(f"{model} is an x4 upscaler model: use `edgediff upscale IMAGE --model {model} -o OUT`")
     show = sys.stderr.isatty()
 
     def on_step(step, total, latents):
@@ -244,6 +249,59 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
             t = result.timings
             click.echo(f"wrote {path} (seed {image_seed}, {steps} steps, {pipe.provider}, {t['total']:.2f} s: "
                        f"unet {t.get('unet', 0):.2f} s, decode {t.get('vae_decoder', 0):.2f} s)", err=True)
+    if random:
+        click.echo(f"seed: {seed}", err=True)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="An exported x4 upscaler folder.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The upscaled image (4x).")
+@click.option("--prompt", default="", help="What the picture shows (guides the added detail).")
+@click.option("--negative", default="", help="Negative prompt.")
+@click.option("--noise-level", type=int, default=20, show_default=True,
+              help="Noise added to the picture first (0 to the model's max_noise_level, 350): more adds more detail.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance", type=float, default=9.0, show_default=True)
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--seed", type=int, default=None, help="[default: random, printed]")
+@click.option("--noise", type=click.Choice(["numpy", "torch-cpu"]), default="numpy", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "dml", "openvino", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--memory", type=click.Choice(["low", "high"]), default="low", show_default=True)
+@click.option("--vae-tiling/--no-vae-tiling", default=None, help="[default: tiled above the VAE's tile area]")
+@click.option("--no-memory-check", is_flag=True, help="Try even when the estimate exceeds the free memory.")
+@click.option("--no-metadata", is_flag=True, help="Write no A1111 `parameters` text into the image.")
+@user_errors
+def upscale(image, model, output, prompt, negative, noise_level, steps, guidance, sampler, seed, noise, provider,
+            memory, vae_tiling, no_memory_check, no_metadata):
+    """Upscale IMAGE 4x with an x4 upscaler model (runtime/upscale.py)."""
+    from edgediff.runtime import Pipeline, metadata
+    from edgediff.runtime.arguments import resolve_seed
+    from edgediff.runtime.images import open_image
+    from edgediff.runtime.request import GenerationRequest
+
+    _check_writable(output)
+    random = seed is None or seed < 0
+    seed = resolve_seed(seed)
+    request = GenerationRequest(prompt, negative, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+                                image=open_image(image), noise_level=noise_level, noise=noise,
+                                check_memory=not no_memory_check, vae_tiling=vae_tiling).check_fields()
+    pipe = Pipeline.load(model, provider=provider, memory=memory)
+    if not pipe.manifest.upscale:
+        raise EdgediffError(f"{model} is not an x4 upscaler model (its manifest has no upscale entry); "
+                            "use `edgediff generate --image` for img2img")
+    result = pipe.generate(request)
+    text = None if no_metadata else metadata.result_infotext(result, 0, metadata.model_identity(pipe.model_dir,
+                                                                                                pipe.manifest))
+    try:
+        metadata.save_image(result.images[0], output, text)
+    except (OSError, ValueError, KeyError) as error:
+        raise EdgediffError(f"cannot write {output}: {getattr(error, 'strerror', None) or error}") from None
+    t = result.timings
+    click.echo(f"wrote {output} ({result.images[0].width}x{result.images[0].height}, seed {seed}, {steps} steps, "
+               f"{pipe.provider}, {t['total']:.2f} s: unet {t.get('unet', 0):.2f} s, "
+               f"decode {t.get('vae_decoder', 0):.2f} s)", err=True)
     if random:
         click.echo(f"seed: {seed}", err=True)
 

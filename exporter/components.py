@@ -81,7 +81,7 @@ def from_folder(folder: Path, prediction_type: str | None) -> Components:
             raise EdgediffError(f"could not load {folder}: unknown component class {entry[0]}.{entry[1]}") from None
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             classes[name] = cls
-        elif name in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
+        elif name in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "low_res_scheduler"):
             small[name] = _guard(folder, lambda: cls.from_pretrained(folder / name))
     if prediction_type:
         small["scheduler"].register_to_config(prediction_type=prediction_type)
@@ -104,7 +104,8 @@ def from_pipeline(pipe) -> Components:
     modules = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     tokenizers = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
                   if getattr(pipe, name, None)}
-    meta = SimpleNamespace(**tokenizers, scheduler=pipe.scheduler, config=dict(pipe.config),
+    schedulers = {name: getattr(pipe, name) for name in ("scheduler", "low_res_scheduler") if getattr(pipe, name, None)}
+    meta = SimpleNamespace(**tokenizers, **schedulers, config=dict(pipe.config),
                            **{name: SimpleNamespace(config=module.config) for name, module in modules.items()})
     sizes = {name: module_weight_bytes(module) for name, module in modules.items()}
     for name in modules:

@@ -64,7 +64,7 @@ def float_dtype(precision: str, target: str) -> str:
 def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
-                 log: Callable[[str], None] | None = None) -> Manifest:
+                 log: Callable[[str], None] | None = None, text_encoders: str | Path | None = None) -> Manifest:
     """Export ``source`` into ``out`` and return the manifest written there.
 
     ``precision=None`` and ``optimize_for=None``: the export that fits this machine (target.py),
@@ -96,7 +96,7 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
 
     _quiet_libraries()
     components, origin = load_components(source, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                                          config=config)
+                                          config=config, text_encoders=text_encoders, log=log)
     specs = graphs_for(components.meta)
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
@@ -520,6 +520,7 @@ def _manifest(pipe, origin, precision, target, entries) -> Manifest:
         text_encoders=text_encoders,
         conditioning=fields.get("conditioning") or _conditioning(pipe),
         alphas_cumprod=fields.get("alphas_cumprod", "alphas_cumprod.npy"),
+        upscale=fields.get("upscale", {}),
         vae_tiling=vae_tiling_rule(_vae_sample_size(pipe), vae_scale_factor),
         graphs=entries,
         precision=precision,

@@ -6,6 +6,7 @@ Apple's ``VAEDecoder``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from edgediff.runtime.manifest import TensorSpec
 
-from . import sd3
+from . import sd3, upscaler
 
 # Axes that stay symbolic in the exported graph; every other axis is fixed by the model's config.
 # "context": the U-Net's text length, 77 tokens per prompt chunk (long prompts: runtime/prompts.py);
@@ -65,7 +66,8 @@ class UNet(nn.Module):
     """One denoising call; the timestep is float so fractional (Karras) timesteps pass through.
 
     ``extra`` names the conditioning inputs this U-Net takes beyond the text: SDXL's pooled text
-    embedding and size ids (``added_cond_kwargs``), and LCM's guidance embedding (``timestep_cond``).
+    embedding and size ids (``added_cond_kwargs``), LCM's guidance embedding (``timestep_cond``), and
+    the x4 upscaler's noise level (``class_labels``).
     """
 
     def __init__(self, unet, extra: tuple[str, ...]):
@@ -78,7 +80,7 @@ class UNet(nn.Module):
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         down = [named[k] for k in self.extra if k.startswith(DOWN_RESIDUAL) and k in named]  # fed: optional
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
-                         added_cond_kwargs=added or None, down_block_additional_residuals=down or None,
+                         class_labels=named.get("class_labels"), added_cond_kwargs=added or None, down_block_additional_residuals=down or None,
                          mid_block_additional_residual=named.get(MID_RESIDUAL), return_dict=False)[0]
 
 
@@ -146,6 +148,11 @@ def size_ids(shape, dims, generator) -> torch.Tensor:
 def half_skip(shape, dims, generator) -> torch.Tensor:
     """SD3's skip mask with values in [0, 1): validation checks every block's blend, not only 0 or 1."""
     return torch.rand(shape, generator=generator)
+
+
+def noise_level(shape, dims, generator) -> torch.Tensor:
+    """The x4 upscaler's noise level, a class label below its ``max_noise_level``."""
+    return torch.full(shape, 20, dtype=torch.int64)
 
 
 def gaussian(shape, dims, generator) -> torch.Tensor:
@@ -330,6 +337,13 @@ VAE_GRAPHS = (
     ),
 )
 
+# The x4 upscaler's U-Net (exporter/upscaler.py): 7 input channels (the latent, then the noised
+# low-resolution picture, concatenated by the runtime) and the noise level as its class label.
+UPSCALER_UNET = dataclasses.replace(
+    UNET, inputs=(*UNET.inputs, _t("class_labels", "int64", "batch")), residuals=None,
+    examples={**UNET.examples, "class_labels": noise_level})
+
+
 def _sd3_clip(name: str, hidden: str, projection: str) -> GraphSpec:
     """SD3's CLIP-L and CLIP-G: penultimate hidden states and the pooled projection, as SDXL's second."""
     return GraphSpec(
@@ -374,9 +388,20 @@ SD3_GRAPHS = (
         optimizer_type="mmdit",
         tolerance=TOLERANCE,
         quantizable=True,
+        lora_patched=True,  # PEFT/kohya LoRAs name the transformer's linears (runtime/lora.py)
         examples={"timestep": mid_timestep, "skip_layers": half_skip},
     ),
     *VAE_GRAPHS,
+)
+
+SD_TEXT_ENCODER = GraphSpec(
+    "text_encoder",
+    lambda pipe, names: TextEncoder(pipe.text_encoder),
+    inputs=(_t("input_ids", "int32", "batch", "sequence"),),
+    outputs=(_t("last_hidden_state", FLOAT, "batch", "sequence", "hidden"),),
+    optimizer_type="clip",
+    tolerance=TOLERANCE,
+    **TEXT_ENCODER, tokenizer=("tokenizer", "tokenizer"),
 )
 
 # A family is the set of graphs its pipelines are cut into; which family a pipeline belongs to is
@@ -385,15 +410,7 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
     family: {spec.name: spec for spec in specs}
     for family, specs in {
         "sd": (
-            GraphSpec(
-                "text_encoder",
-                lambda pipe, names: TextEncoder(pipe.text_encoder),
-                inputs=(_t("input_ids", "int32", "batch", "sequence"),),
-                outputs=(_t("last_hidden_state", FLOAT, "batch", "sequence", "hidden"),),
-                optimizer_type="clip",
-                tolerance=TOLERANCE,
-                **TEXT_ENCODER, tokenizer=("tokenizer", "tokenizer"),
-            ),
+            SD_TEXT_ENCODER,
             UNET,
             *VAE_GRAPHS,
         ),
@@ -421,6 +438,8 @@ FAMILIES: dict[str, dict[str, GraphSpec]] = {
             *VAE_GRAPHS,
         ),
         "sd3": SD3_GRAPHS,
+        # The x4 upscaler needs no VAE encoder: its picture enters the U-Net as pixels.
+        "upscaler": (SD_TEXT_ENCODER, UPSCALER_UNET, VAE_GRAPHS[0]),
     }.items()
 }
 # Every graph name of every family, in export order (the runtime reads which ones a model has).
@@ -428,10 +447,13 @@ GRAPHS: dict[str, GraphSpec] = {name: spec for specs in FAMILIES.values() for na
 
 
 def family_of(pipe) -> str:
-    """``sd3`` pipelines denoise with a ``transformer``; ``sdxl`` pipelines carry a second text
-    encoder; everything else is cut like SD 1.x/2.x."""
+    """``sd3`` pipelines denoise with a ``transformer``; ``upscaler`` ones noise a picture with a
+    ``low_res_scheduler`` for a U-Net that takes it with a noise-level class label; ``sdxl``
+    pipelines carry a second text encoder; everything else is cut like SD 1.x/2.x."""
     if getattr(pipe, "transformer", None) is not None:
         return "sd3"
+    if upscaler.is_upscaler(pipe):
+        return "upscaler"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
@@ -528,6 +550,7 @@ def _unet_default_size(pipe) -> int:
 _UNET_RULES = {"dims": _unet_dims, "size_rule": _unet_size_rule, "default_size": _unet_default_size}
 # Per family, how its configs give the graphs' axes, the size rule and the default size.
 FAMILY_RULES = {"sd": _UNET_RULES, "sdxl": _UNET_RULES,
+                "upscaler": {**_UNET_RULES, "manifest": upscaler.manifest_fields},
                 "sd3": {"dims": sd3.model_dims, "size_rule": sd3.size_rule, "default_size": sd3.default_size,
                         "manifest": sd3.manifest_fields}}
 

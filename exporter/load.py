@@ -24,6 +24,8 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline": "StableDiffusion3Pipeline",
     "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
+    # The x4 upscaler: recognised from its components (exporter/upscaler.py), not from this name.
+    "StableDiffusionUpscalePipeline": "StableDiffusionUpscalePipeline",
 }
 # Keys that tell original-format checkpoints apart: only OpenCLIP (SD 2.x) text encoders have the
 # first; only SDXL's second text encoder (OpenCLIP bigG, in the "conditioner") has the second.
@@ -49,8 +51,8 @@ def check_source(source: str, *, allow_pickle: bool = False) -> str:
         except ValueError:
             raise EdgediffError(f"{index} is not valid JSON") from None
         if cls not in SUPPORTED_PIPELINES:
-            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x, 2.x, SDXL "
-                                "and SD 3/3.5 pipelines")
+            raise EdgediffError(f"{path} holds a {cls}; edgediff exports Stable Diffusion 1.x, 2.x, SDXL, "
+                                "SD 3/3.5 and x4 upscaler pipelines")
         return "diffusers-folder"
     if path.is_file():
         suffix = path.suffix.lower()
@@ -168,13 +170,45 @@ def _checkpoint_keys(path: Path) -> set[str]:
 
 
 def load_components(source: str, *, allow_pickle: bool = False, prediction_type: str | None = None,
-                    config: str | Path | None = None):
-    """The model's parts and a description of its source; a diffusers folder's weights are read
-    component by component when a graph needs them, other sources are loaded whole."""
+                    config: str | Path | None = None, text_encoders: str | Path | None = None,
+                    log=None):
+    """The model's parts and a description of its source; a diffusers folder's weights (and an SD3
+    single file's) are read component by component when a graph needs them, other sources are
+    loaded whole. ``text_encoders``: a diffusers SD3 folder for text encoders an SD3 file lacks."""
     from .components import from_folder, from_pipeline
 
-    if check_source(source, allow_pickle=allow_pickle) == "diffusers-folder":
-        path = Path(source)
+    kind = check_source(source, allow_pickle=allow_pickle)
+    path = Path(source)
+    if kind == "diffusers-folder":
         return from_folder(path, prediction_type), {"kind": "diffusers-folder", "path": str(path.resolve())}
+    if kind == "single-file" and path.suffix.lower() == ".safetensors":
+        from . import sd3_file
+
+        keys = _checkpoint_keys(path)
+        if sd3_file.is_sd3_file(keys):
+            return _sd3_components(path, keys, prediction_type, config, text_encoders, log), \
+                {"kind": kind, "path": str(path.resolve())}
+    if text_encoders is not None:
+        raise EdgediffError(f"--text-encoders is for SD 3/3.5 single files; {source} is not one")
     pipe, origin = load_pipeline(source, allow_pickle=allow_pickle, prediction_type=prediction_type, config=config)
     return from_pipeline(pipe), origin
+
+
+def _sd3_components(path: Path, keys: set[str], prediction_type, config, text_encoders, log):
+    from . import sd3_file
+
+    if config is None:
+        name = sd3_file.shipped_config(keys)
+        config = _configs_dir() / name
+        if not (config / "model_index.json").is_file():
+            raise EdgediffError(f"{path.name} looks like {name} (from its keys), for which edgediff ships no config: "
+                                "pass --config with a diffusers folder of that model (its configs are enough)")
+    config = Path(config)
+    if not (config / "model_index.json").is_file():
+        raise EdgediffError(f"--config {config} is not a diffusers config folder (no model_index.json)")
+    if text_encoders is not None and not Path(text_encoders).is_dir():
+        raise EdgediffError(f"--text-encoders {text_encoders} is not a folder (a diffusers SD3 folder is expected)")
+    with tempfile.TemporaryDirectory() as tmp:
+        return sd3_file.from_sd3_file(path, config, Path(text_encoders) if text_encoders else None, prediction_type,
+                                      _configs_dir().parent / "clip_tokenizer", Path(tmp) / "config",
+                                      log or (lambda line: None))

@@ -126,7 +126,7 @@ def _runs(first_row, rows_count, dtype, windows, rows):
 
 # The graphs LoRAs and embeddings patch, as their declarations say (``GraphSpec.lora_patched``: the
 # U-Net and every CLIP text encoder, SDXL's second included); the others' maps would be dead weight.
-# A name any family declares patched (SD3's "unet" is not; SD 1.x's and SDXL's are).
+# A name any family declares patched (the denoiser "unet" of every family, SD3's transformer included).
 WEIGHT_MAPPED = tuple(dict.fromkeys(name for specs in FAMILIES.values() for name, spec in specs.items()
                                     if spec.lora_patched))
 FLOAT_PRECISIONS = ("fp32", "fp16")

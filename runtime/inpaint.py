@@ -92,10 +92,14 @@ def masked_pixels(pixels: np.ndarray, mask: Mask) -> np.ndarray:
 
 
 def keep_known(denoise: Callable[[np.ndarray, float], np.ndarray], mask: np.ndarray, x0: np.ndarray,
-               noise: np.ndarray, sigma_start: float) -> Callable[[np.ndarray, float], np.ndarray]:
+               noise: np.ndarray, sigma_start: float,
+               noised: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None = None,
+               ) -> Callable[[np.ndarray, float], np.ndarray]:
     """For U-Nets without mask inputs: before every model call after the first, the known region
     of the latent becomes the picture's latent noised to the current sigma,
-    ``x = mask * x + (1 - mask) * (x0 + sigma * noise)``, with the same noise the run started from.
+    ``x = mask * x + (1 - mask) * noised(x0, noise, sigma)`` (``x0 + sigma * noise``; flow models pass
+    their forward process, diffusers' ``scale_noise`` in ``StableDiffusion3InpaintPipeline``), with
+    the same noise the run started from.
 
     This is the blend diffusers does after each scheduler step, moved to the model's input so that
     samplers stay pure: the model sees exactly diffusers' latent, and the samplers' updates are
@@ -106,7 +110,8 @@ def keep_known(denoise: Callable[[np.ndarray, float], np.ndarray], mask: np.ndar
 
     def denoise_known(x: np.ndarray, sigma: float) -> np.ndarray:
         if sigma < sigma_start:  # the first call sees the start latent, as diffusers' first step
-            x = mask * x + keep * (x0 + np.float32(sigma) * noise)
+            known = x0 + np.float32(sigma) * noise if noised is None else noised(x0, noise, sigma)
+            x = mask * x + keep * known
         return denoise(x, sigma)
 
     return denoise_known

@@ -23,8 +23,8 @@ from .manifest import GraphEntry
 from .onnx_weights import TensorLocation
 from .tensor_files import read_tensors
 
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                   "lora_te2_": "text_encoder_2"}
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
+                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 _PEFT_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
                (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 _OLD_PROCESSOR = {"processor.to_q_lora": "to_q", "processor.to_k_lora": "to_k", "processor.to_v_lora": "to_v",
@@ -92,9 +92,10 @@ class LoraFile:
 
 
 def component_graphs(manifest) -> dict[str, str]:
-    """LoRA component -> the graph it patches: the U-Net, and the text encoders in manifest order
-    under the names LoRA files give them (diffusers' ``text_encoder``, ``text_encoder_2``)."""
-    graphs = {"unet": "unet"}
+    """LoRA component -> the graph it patches: the denoiser (a U-Net's ``unet``, SD 3's
+    ``transformer``: the module names in the weight map tell them apart), and the text encoders in
+    manifest order under the names LoRA files give them (diffusers' ``text_encoder``, ``text_encoder_2``)."""
+    graphs = {"unet": "unet", "transformer": "unet"}
     for position, encoder in enumerate(manifest.text_encoders):
         graphs["text_encoder" if position == 0 else f"text_encoder_{position + 1}"] = encoder["graph"]
     return graphs
@@ -237,12 +238,37 @@ def lora_deltas(lora: LoraFile, weight: float, graphs: dict[str, GraphEntry], co
                             f"(a LoRA for another architecture: SD 1.x, SD 2.x and SDXL LoRAs do not mix)") from None
         deltas.setdefault(graph, []).append((key, np.float32(weight * layer.scale) * delta))
     if unmatched and len(unmatched) == len(lora.layers):
-        raise LoraError(f"{lora.path.name}: none of its {len(unmatched)} layers match this model "
-                        f"(e.g. {unmatched[0]}): a LoRA for another architecture?")
+        model = _denoiser_kind(tables.get("unet", (None, {}))[1])
+        if any(layer.module.startswith(("joint_blocks", "joint_blocks_")) for layer in lora.layers):
+            raise LoraError(f"{lora.path.name} names SD 3 layers in the original layout (joint_blocks, fused qkv), "
+                            "which edgediff does not map: use a LoRA in diffusers/PEFT names "
+                            "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight)")
+        kind = _lora_kind(lora)
+        other = model is not None and kind is not None and ("U-Net" in kind) != ("U-Net" in model)  # SD 3 vs U-Nets
+        raise LoraError(f"{lora.path.name}: none of its {len(unmatched)} layers match this model (e.g. {unmatched[0]}): "
+                        + (f"{kind} on a model whose denoiser is {model}" if other else
+                           "a LoRA for another architecture?"))
     if unmatched:
         warn(f"{lora.path.name}: {len(unmatched)} of {len(lora.layers)} LoRA layers match nothing in this "
              f"model and are ignored (e.g. {', '.join(unmatched[:3])})")
     return deltas
+
+
+def _denoiser_kind(modules) -> str | None:
+    """What the weight map's module names say the denoiser is (None: no map)."""
+    if not modules:
+        return None
+    return "an MMDiT transformer (SD 3/3.5)" if any(m.startswith("transformer_blocks.") for m in modules) \
+        else "a U-Net (SD 1.x/2.x/SDXL)"
+
+
+def _lora_kind(lora: LoraFile) -> str | None:
+    names = [f"{layer.component}.{layer.module}" for layer in lora.layers]
+    if any(n.startswith("transformer.transformer_blocks") for n in names):
+        return "an SD 3 LoRA (MMDiT transformer layers)"
+    if any(n.startswith("unet.") for n in names):
+        return "a U-Net LoRA (SD 1.x/2.x/SDXL)"
+    return None
 
 
 def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[str, str]) -> None:

@@ -106,6 +106,9 @@ class Manifest:
     # which tiling is automatic; filled with the same rule for exports made before it existed.
     vae_tiling: dict[str, Any] = field(default_factory=dict)
     alphas_cumprod: str = "alphas_cumprod.npy"
+    # The x4 upscaler (runtime/upscale.py): noise levels, the low-resolution schedule, the U-Net tile;
+    # empty for every other model.
+    upscale: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     optimized_for: str = "none"
     source: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +127,8 @@ class Manifest:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
+        if not data["upscale"]:  # only the x4 upscaler has one; other manifests stay as they were
+            del data["upscale"]
         return data
 
     @classmethod
@@ -180,7 +185,7 @@ FIELDS = {
     "graphs": _table,
 }
 OPTIONAL_FIELDS = {"alphas_cumprod": _text, "precision": _text, "optimized_for": _text, "source": _table,
-                   "vae_tiling": _table, "conditioning": _table}
+                   "vae_tiling": _table, "conditioning": _table, "upscale": _table}
 VAE_TILING_FIELDS = {"tile_latent": _int(1), "tile_pixels": _int(1), "auto_above_pixels": _int(0),
                      "overlap": lambda v: None if type(v) in (int, float) and 0 <= v < 1 else "a number in [0, 1)"}
 TOKENIZER_FIELDS = {"path": _text, "max_length": _int(3), "pad_token_id": _int(0), "bos_token_id": _int(0),

@@ -311,6 +311,7 @@ class Shape:
     # stay loaded beside it while it samples (runtime/controlnet.py), in both memory modes
     controlnets: tuple = ()
     groups: int = 0  # guidance groups in one U-Net batch (InstructPix2Pix: 3); 0: 2 when guided, else 1
+    latent_tile: int | None = None  # the U-Net runs on tiles of at most this side (runtime/upscale.py)
 
 
 class MemoryPlanner:
@@ -335,7 +336,8 @@ class MemoryPlanner:
         doubled = 2 * shape.batch if shape.guided else shape.batch  # the prompts and the negatives
         groups = shape.groups or (2 if shape.guided else 1)
         sizes = {"text": (doubled, 0, 0), "pixels": (shape.batch, vae_h, vae_w),
-                 "latent": (shape.batch if split else groups * shape.batch, h // f, w // f),
+                 "latent": (shape.batch if split else groups * shape.batch, *(min(side // f, shape.latent_tile or side)
+                                                                          for side in (h, w))),
                  "decode": (shape.batch, vae_h // f, vae_w // f)}
         stages = []
         for graph, kind in shape.graphs:
@@ -344,6 +346,10 @@ class MemoryPlanner:
             stages.append((graph, *sizes[kind]))
         context = next((s.shape[1] for s in m.graphs["unet"].inputs if len(s.shape) == 3 and isinstance(s.shape[1], int)),
                        m.tokenizer["max_length"])
+        if m.conditioning.get("text"):  # several encoders stacked on the sequence axis (SD 3: 77 + 256)
+            from .text_conditioning import context_tokens
+
+            context = context_tokens(m.conditioning["text"], m.text_encoders)
         return stages, context
 
     def _controlnets(self, shape: Shape) -> list[str]:

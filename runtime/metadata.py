@@ -101,6 +101,7 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Model hash": p.get("model_hash"),
         "Model": p.get("model_name"),
         "Denoising strength": p.get("strength"),
+        "Noise level": p.get("noise_level"),  # the x4 upscaler's (edgediff's own field)
         **_hires_fields(p.get("hires")),
         "Lora hashes": lora_hashes or None,
         "Loras": ", ".join(f"{name}: {w:g}" for name, w, _ in loras) or None,
@@ -158,7 +159,8 @@ def request_infotext(request: Any, image: Image.Image, index: int, seed: int | N
     return infotext(dict(prompt=r.prompt[index], negative_prompt=r.negatives[index], steps=r.steps,
                          guidance=r.guidance, sampler=r.sampler, schedule=r.schedule, seed=seed,
                          width=r.width if hires else image.width, height=r.height if hires else image.height,
-                         strength=hires.strength if hires else r.strength if r.image is not None else None,
+                         strength=hires.strength if hires else r.strength if r.image is not None and
+                         getattr(r, "noise_level", None) is None else None, noise_level=getattr(r, "noise_level", None),
                          hires=hires, loras=loras,
                          prompt_syntax=r.prompt_syntax, control=_control_fields(r), **(identity or {})))
 

@@ -138,10 +138,11 @@ class LatentImg2Img(Txt2Img):
 class BlendInpaint(Img2Img):
     """Inpainting with a U-Net that has no mask inputs: the known region is put back, noised to
     the current sigma, before every model call (inpaint.keep_known), and is the picture's own
-    latent at the end; a blurred mask blends the result over the picture."""
+    latent at the end; a blurred mask blends the result over the picture. Flow models noise the
+    known region with flow's forward process (diffusers' ``StableDiffusion3InpaintPipeline``)."""
 
-    def __init__(self, image: Image.Image, mask: Mask, strength: float):
-        super().__init__(image)
+    def __init__(self, image: Image.Image, mask: Mask, strength: float, prediction_type: str = "epsilon"):
+        super().__init__(image, prediction_type)
         self.mask, self.full_strength = mask, strength == 1.0
 
     def start(self, draw, sample_latent, plan) -> np.ndarray:
@@ -149,7 +150,8 @@ class BlendInpaint(Img2Img):
         return self.noise * np.float32(plan.init_noise_sigma) if self.full_strength else x
 
     def steer(self, denoise: Denoise, plan) -> Denoise:
-        return keep_known(denoise, self.mask.latent, self.x0, self.noise, float(plan.sigmas[0]))
+        forward = lambda x0, noise, sigma: noised(x0, noise, sigma, self.prediction_type)  # noqa: E731
+        return keep_known(denoise, self.mask.latent, self.x0, self.noise, float(plan.sigmas[0]), forward)
 
     def finish_latent(self, x: np.ndarray) -> np.ndarray:  # as diffusers' last step
         return self.mask.latent * x + (np.float32(1.0) - self.mask.latent) * self.x0
@@ -245,6 +247,10 @@ def overlay(pixels: np.ndarray, mask: Mask, image: Image.Image | None) -> np.nda
 def choose_mode(request, manifest, unet_channels: int):
     """The mode for a checked request; None when an all-black mask leaves nothing to repaint."""
     m = manifest
+    if m.upscale:  # the x4 upscaler (runtime/upscale.py); request.check required its picture
+        from .upscale import Upscale
+
+        return Upscale(request.image, request.noise_level, m.upscale, m.latent_multiple)
     kind = unet_kind(unet_channels, m.latent_channels)
     inpainting_unet = kind == "inpainting"
     if request.image_guidance is not None and kind != "instruct-pix2pix":
@@ -278,5 +284,5 @@ def choose_mode(request, manifest, unet_channels: int):
     if inpainting_unet:
         return InpaintUNet(image, mask, request.strength, size)
     if mask is not None:
-        return BlendInpaint(image, mask, request.strength)
+        return BlendInpaint(image, mask, request.strength, m.prediction_type)
     return Img2Img(image, m.prediction_type) if image is not None else Txt2Img()

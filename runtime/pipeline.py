@@ -120,7 +120,8 @@ class Pipeline:
                  allow_pickle: bool = False, vae_tiling: bool | None = None, prompt_syntax: str = "a1111",
                  control: Sequence[controlnet.ControlUnit | dict] | None = None,
                  t5: str | None = None, skip_layer_guidance: bool | dict | None = None,
-                 hires: dict | None = None, image_guidance: float | None = None) -> Result:
+                 hires: dict | None = None, image_guidance: float | None = None,
+                 noise_level: int | None = None) -> Result:
         """Generate one image per prompt.
 
         ``latents``: unit-variance starting noise (batch, channels, height/f, width/f); it is scaled
@@ -154,6 +155,9 @@ class Pipeline:
         upscaled size (``width``/``height`` in it instead of ``scale``: that size).
         ``image_guidance`` (InstructPix2Pix models, with ``image``; default 1.5): how closely the edit
         keeps to the picture; ``guidance`` is then the instruction's weight (runtime/modes.py).
+        ``noise_level`` (x4 upscaler models, with ``image``; default 20, up to the model's
+        ``max_noise_level``): how much noise the picture gets before the U-Net sees it; the output is
+        4x the picture (``width``/``height``: the output size), runtime/upscale.py.
         ``control``: ControlNet units (dicts or ``ControlUnit``: model, image, scale, start, end,
         guess_mode, preprocess), runtime/controlnet.py.
         ``t5``: "on" or "off" for models with an optional T5 encoder (SD 3/3.5; None: on where the
@@ -418,7 +422,8 @@ class Pipeline:
         nets = tuple((f"controlnet {index}", folder, self.controlnets.manifest(folder).graphs[controlnet.GRAPH])
                      for index, folder in enumerate(folders))
         return mem.Shape(batch, width, height, guided, mode.graphs(encoders), vae_tiling, nets,
-                         mode.guidance_groups(guided))
+                         groups=mode.guidance_groups(guided) if hasattr(mode, "guidance_groups") else 0,
+                         latent_tile=getattr(mode, "latent_tile", None))
 
     def _resident(self, shape: mem.Shape) -> set[str]:
         """The graphs already loaded: the model's, and ControlNets kept open (memory="high")."""
@@ -477,8 +482,11 @@ class Run:
     def batch(self) -> int:
         return self.shape[0]
 
-    def draw(self) -> np.ndarray:
-        """The unit starting noise: the caller's ``latents``, else drawn from the generator."""
+    def draw(self, channels: int | None = None) -> np.ndarray:
+        """The unit starting noise: the caller's ``latents``, else drawn from the generator.
+        ``channels``: other unit noise at the latent's size from the generator (the x4 upscaler's picture)."""
+        if channels is not None:
+            return self.rng.standard_normal((self.shape[0], channels, *self.shape[2:]), dtype=np.float32)
         noise = self.rng.standard_normal(self.shape, dtype=np.float32) if self.latents is None else self.latents
         return np.asarray(noise, dtype=np.float32)
 

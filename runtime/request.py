@@ -22,6 +22,7 @@ from .conditioning import check_size_pair
 from .errors import InputError
 from .hires import check_hires, target_size
 from .noise import NOISE_SOURCES
+from .upscale import DEFAULT_NOISE_LEVEL
 
 DEFAULT_SAMPLER = "dpmpp_2m_karras"
 PROMPT_SYNTAXES = ("a1111", "plain")
@@ -84,6 +85,7 @@ class GenerationRequest:
     skip_layer_guidance: bool | dict | None = None  # SD 3.5 (runtime/flow.py)
     hires: Any = None  # dict (runtime/hires.py HiresFix's fields) or HiresFix; check makes it a HiresFix
     image_guidance: float | None = None  # InstructPix2Pix: the picture's guidance (None: 1.5)
+    noise_level: int | None = None  # the x4 upscaler: noise added to the picture (None: 20)
     # Set by the hires fix's second pass (runtime/hires.py): img2img from this sampler-space latent.
     start_latent: np.ndarray | None = field(default=None, repr=False)
     # Filled by check(): the prompts as lists, the picture as given (before resizing).
@@ -144,6 +146,8 @@ class GenerationRequest:
             if not args.is_real(image_guidance) or not math.isfinite(image_guidance) or not 0 <= image_guidance <= 100:
                 raise InputError(f"image guidance must be a number from 0 to 100, not {args.short(image_guidance)}")
             image_guidance = float(image_guidance)
+        if self.noise_level is not None and (not args.is_whole(self.noise_level) or self.noise_level < 0):
+            raise InputError(f"noise_level must be a whole number >= 0, not {args.short(self.noise_level)}")
         return dataclasses.replace(self, prompt=prompts, negatives=negatives, steps=int(self.steps),
                                    guidance=guidance, schedule=schedule, hires=hires,
                                    control=control_units(self.control) or None,
@@ -160,25 +164,50 @@ class GenerationRequest:
         image = to_rgb(request.image) if request.image is not None else None
         # A request checked before keeps the picture as first given (the mask's aspect is checked on it).
         original = request.original_image if request.original_image is not None else image
-        width = request.width if request.width is not None or image is None else image.width
-        height = request.height if request.height is not None or image is None else image.height
+        # An x4 upscaler's size is its output's: the picture enters at 1/scale of it (the latent's size).
+        scale = check_upscale(request, manifest)
+        width = request.width if request.width is not None or image is None else image.width * scale
+        height = request.height if request.height is not None or image is None else image.height * scale
         width, height = (args.check_side(label, manifest.default_size if value is None else value,
                                          manifest.size_multiple)
                          for label, value in (("width", width), ("height", height)))
-        if image is not None and image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)  # as diffusers' image processor
+        if image is not None and image.size != (width // scale, height // scale):
+            image = image.resize((width // scale, height // scale), Image.LANCZOS)  # as diffusers' image processor
         text_encoders(manifest, request.t5)
         skip_layers(manifest, request.skip_layer_guidance)
-        if request.mask is not None and manifest.prediction_type == "flow":
-            raise InputError("inpainting is not available for flow-matching models (SD 3/3.5) yet")
         hires = request.hires if request.hires is None else dataclasses.replace(
             request.hires, target=target_size(request.hires, width, height, manifest.size_multiple))
+        noise_level = request.noise_level if not manifest.upscale or request.noise_level is not None \
+            else DEFAULT_NOISE_LEVEL
         return dataclasses.replace(request, image=image, original_image=original, width=width, height=height,
-                                   hires=hires)
+                                   hires=hires, noise_level=noise_level)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``Pipeline.__call__`` that make this request."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in REQUEST_FIELDS}
+
+
+def check_upscale(request, manifest) -> int:
+    """How many output pixels a picture pixel becomes (1 but on an x4 upscaler), with the rules
+    only an upscaler has: a picture, a noise level within its schedule, and nothing it cannot take."""
+    if not manifest.upscale:
+        if request.noise_level is not None:
+            raise InputError("noise_level is for x4 upscaler models (a U-Net fed the noised picture); "
+                             "this model has none")
+        return 1
+    if request.image is None:
+        raise InputError("this is an x4 upscaler model: give it the picture to upscale "
+                         "(edgediff upscale IMAGE --model DIR, or image=)")
+    highest = int(manifest.upscale.get("max_noise_level", 0))
+    if request.noise_level is not None and request.noise_level > highest:
+        raise InputError(f"noise_level must be from 0 to {highest} (the model's max_noise_level), "
+                         f"not {request.noise_level}")
+    unsupported = [name for name, value in (("mask", request.mask), ("hires", request.hires),
+                                            ("image_guidance", request.image_guidance),
+                                            ("control", request.control)) if value]
+    if unsupported:
+        raise InputError(f"an x4 upscaler model takes no {unsupported[0]}")
+    return manifest.vae_scale_factor
 
 
 def text_encoders(manifest, t5) -> list[str]:

@@ -62,8 +62,9 @@ def load_tokenizer(model_dir: Path, spec: dict):
 
 
 def plain_text(prompt: str) -> str:
-    """The prompt as words, without A1111's brackets, weights and BREAK."""
-    return "".join(text for text, weight in parse_prompt_attention(prompt) if weight is not None)
+    """The prompt as words, without A1111's brackets, weights and BREAK (a BREAK keeps the words
+    around it apart: the parser strips the spaces beside it)."""
+    return "".join(" " if weight is None else text for text, weight in parse_prompt_attention(prompt))
 
 
 def check_layout(rule: dict) -> None:
@@ -86,6 +87,14 @@ def check_layout(rule: dict) -> None:
         raise fail("pooled")
     if not isinstance(rule.get("switches", {}), dict):
         raise fail("switches")
+
+
+def context_tokens(rule: dict, encoders: list[dict]) -> int:
+    """The transformer context's length for one prompt chunk: each part's tokenizer window (or its
+    ``absent_tokens`` of zeros) stacked on the sequence axis; SD 3: 77 CLIP + 256 T5 tokens."""
+    windows = {encoder["graph"]: encoder["tokenizer"]["max_length"] for encoder in encoders}
+    return sum(max((windows[g] for g in part["encoders"] if g in windows), default=part.get("absent_tokens", 0))
+               for part in rule["context"])
 
 
 def switched_on(rule: dict, encoders: list[dict], **switches) -> list[str]:

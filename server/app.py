@@ -115,6 +115,7 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             sampler=req.sampler_name or req.sampler_index or DEFAULT_SAMPLER, schedule=req.scheduler,
             width=req.width, height=req.height, image=image, mask=mask, prompt_syntax=req.prompt_syntax,
             lora_dir=lora_dir, control=controlnets.units(req, image) or None,
+            t5=req.t5, skip_layer_guidance=req.skip_layer_guidance,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
             **(dict(hires=hires_settings(req, upscaler_dir and Path(upscaler_dir))) if req.enable_hr and image is None
                else {}),

@@ -34,6 +34,12 @@ class Txt2ImgRequest(_Open):
     send_images: bool = True
     prompt_syntax: str = Field("a1111", description="edgediff's extension: a1111 (emphasis weights, BREAK, long "
                                                     "prompts) or plain (the prompt read literally, as diffusers)")
+    # edgediff's SD 3/3.5 extensions (runtime/text_conditioning.py, runtime/flow.py); other models refuse them
+    t5: Optional[str] = Field(None, description='SD 3/3.5: "on" or "off" (zeros in T5\'s place); default: on '
+                                                "where the model has T5")
+    skip_layer_guidance: Optional[bool | dict[str, Any]] = Field(
+        None, description="SD 3.5: true for the model's recommended skip-layer guidance, or {layers, scale, start, "
+                          "stop}; default off")
     # A1111's hires fix (txt2img only; ranges are the runtime's, runtime/hires.py)
     enable_hr: bool = False
     hr_scale: float = Field(2.0, **_FINITE)

@@ -36,3 +36,17 @@ def inpaint_source(tmp_path_factory):
 def inpaint_export(inpaint_source, tmp_path_factory):
     """The 9-channel inpainting model, exported in fp32."""
     return export(inpaint_source, tmp_path_factory.mktemp("exports") / "sd1-inpaint-fp32", "--precision", "fp32")
+
+
+@pytest.fixture(scope="session")
+def sd3(tmp_path_factory):
+    """Tiny SD 3.5 Medium- and SD 3-shaped pipelines (test_sd3.build_sd3): {kind: (diffusers folder,
+    fp32 export)}, shared by the SD3 test modules."""
+    from test_sd3 import build_sd3
+
+    root = tmp_path_factory.mktemp("sd3")
+    models = {}
+    for kind in ("sd35m", "sd3"):
+        build_sd3(kind).save_pretrained(root / kind)
+        models[kind] = root / kind, export(root / kind, root / f"{kind}-fp32", "--precision", "fp32")
+    return models

@@ -85,17 +85,6 @@ def build_sd3(kind: str, seed: int = 0):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """{kind: (diffusers folder, fp32 export)}."""
-    root = tmp_path_factory.mktemp("sd3")
-    models = {}
-    for kind in ("sd35m", "sd3"):
-        build_sd3(kind).save_pretrained(root / kind)
-        models[kind] = root / kind, export_with_cli(root / kind, root / f"{kind}-fp32", "--precision", "fp32")
-    return models
-
-
 _REFERENCES: dict = {}
 
 
@@ -118,8 +107,8 @@ def run_diffusers(pipe, latents=None, **kwargs) -> np.ndarray:
     with torch.no_grad():
         if latents is not None:
             kwargs["latents"] = torch.from_numpy(latents)
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, output_type="np",
-                    **kwargs).images
+        kwargs.setdefault("output_type", "np")
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, **kwargs).images
 
 
 def test_manifest_describes_sd3_as_data(sd3):
@@ -209,6 +198,43 @@ def test_img2img_matches_diffusers(sd3, monkeypatch, steps):
     actual = pipe(PROMPT, NEGATIVE, steps=steps, guidance=GUIDANCE, sampler="euler", image=picture, strength=0.6,
                   seed=3).pixels
     assert np.abs(actual - expected).max() < FP32_TOLERANCE
+
+
+def decode_like_txt2img(pipe, latents) -> np.ndarray:
+    """diffusers' SD3 inpaint pipeline decodes ``latents / scaling_factor`` without adding the VAE's
+    shift factor (its text-to-image and img2img pipelines add it): the reference decodes the
+    inpainting's final latent as those do."""
+    config = pipe.vae.config
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_matches_diffusers(sd3, monkeypatch, strength):
+    """Blend inpainting on a flow model: the known region noised with flow's forward process before
+    every transformer call, as ``StableDiffusion3InpaintPipeline`` (16-channel transformer)."""
+    from helpers import feed_numpy_noise as feed_noise
+
+    source, folder = sd3["sd35m"]
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:16] = 255
+    mask = Image.fromarray(mask)
+    feed_noise(monkeypatch, 3, "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint")
+    reference_pipe = reference(source, "StableDiffusion3InpaintPipeline")
+    latents = run_diffusers(reference_pipe, image=picture, mask_image=mask, strength=strength, num_inference_steps=6,
+                            height=32, width=32, output_type="latent")
+    expected = decode_like_txt2img(reference_pipe, latents)
+    pipe = Pipeline.load(folder, provider="cpu")
+    actual = pipe(PROMPT, NEGATIVE, steps=6, guidance=GUIDANCE, sampler="euler", image=picture, mask=mask,
+                  strength=strength, seed=3).pixels
+    assert np.abs(actual - expected).max() < FP32_TOLERANCE
+    outside = np.asarray(mask) == 0  # the known region stays the picture's (through the VAE)
+    assert np.abs(actual[0][outside] - expected[0][outside]).max() < FP32_TOLERANCE
+    other = pipe(PROMPT, NEGATIVE, steps=6, guidance=GUIDANCE, sampler="euler", image=picture,
+                 mask=Image.new("L", (32, 32), 255), strength=strength, seed=3).pixels
+    assert np.abs(other - expected).max() > 5 * FP32_TOLERANCE  # the mask matters
 
 
 def test_flow_sigmas_match_the_scheduler():
