@@ -16,9 +16,10 @@ from typing import Callable
 
 from edgediff.runtime.errors import EdgediffError
 
-KNOWN_MODELS = ("sd15", "sd21", "sdxl")
-COMPONENT_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+KNOWN_MODELS = ("sd15", "sd21", "sdxl", "sd35m")
+COMPONENT_CONFIGS = ("model_index.json", "vae/config.json", "text_encoder/config.json",
                      "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
+DENOISERS = ("unet/config.json", "transformer/config.json")  # one of them
 # Graphs the benchmark needs (the VAE encoder is for img2img; not measured).
 BENCH_GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # those the model has
 
@@ -28,13 +29,15 @@ def default_cache() -> Path:
 
 
 def config_source(model: str) -> Path:
-    """``sd15``/``sd21``/``sdxl`` name a shipped config; anything else is a folder laid out the same way."""
+    """``sd15``/``sd21``/``sdxl``/``sd35m`` name a shipped config; anything else is a folder laid out the same way."""
     from edgediff.models import configs_dir
 
     folder = configs_dir() / model if model in KNOWN_MODELS else Path(model)
     if not folder.is_dir():
-        raise EdgediffError(f"unknown model {model!r}: give sd15, sd21, sdxl or a diffusers config folder")
+        raise EdgediffError(f"unknown model {model!r}: give sd15, sd21, sdxl, sd35m or a diffusers config folder")
     missing = [name for name in COMPONENT_CONFIGS if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in DENOISERS):
+        missing.append(" or ".join(DENOISERS))
     if missing:
         raise EdgediffError(f"{folder} is not a diffusers config folder (missing {', '.join(missing)})")
     return folder
@@ -55,17 +58,45 @@ def model_key(model: str, seed: int) -> str:
 
 
 def copy_config(model: str, dest: Path) -> Path:
-    """The config folder plus the CLIP BPE files in every tokenizer folder, as the exporter's
-    single-file loader prepares it."""
+    """The config folder plus the CLIP BPE files in every CLIP tokenizer folder, as the exporter's
+    single-file loader prepares it, and a synthetic vocabulary in a T5 tokenizer folder (T5's own
+    SentencePiece model cannot be downloaded here; the transformer sees a fixed 256-token window,
+    so the benchmark's cost does not depend on which pieces a prompt becomes)."""
     from edgediff.models import clip_tokenizer_dir
 
     source = config_source(model)
     shutil.copytree(source, dest)
     for tokenizer in sorted(dest.glob("tokenizer*")):
+        settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+        if settings.get("tokenizer_class", "").startswith("T5"):
+            if not any((tokenizer / name).exists() for name in ("tokenizer.json", "spiece.model")):
+                synthetic_t5_tokenizer(tokenizer, settings)
+            continue
         for name in ("vocab.json", "merges.txt"):
             if not (tokenizer / name).exists():
                 shutil.copy(clip_tokenizer_dir() / name, tokenizer / name)
     return dest
+
+
+T5_PIECES = 32000  # T5 v1.1's SentencePiece vocabulary; its tokenizer adds 100 <extra_id_N>
+
+
+def synthetic_t5_tokenizer(folder: Path, settings: dict) -> None:
+    """A Unigram vocabulary of T5's size (pad 0, eos 1, unk 2 as in T5) over characters and letter
+    groups, saved as tokenizer.json with the folder's own settings."""
+    import itertools
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("\u2581" + c, -4.0) for c in chars]
+    groups = itertools.chain.from_iterable(itertools.product(string.ascii_lowercase, repeat=n) for n in (2, 3, 4))
+    vocab += [("\u2581" + "".join(g), -1.0 - len(g)) for g in itertools.islice(groups, T5_PIECES - len(vocab))]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=int(settings.get("extra_ids", 100)),
+                            model_max_length=int(settings.get("model_max_length", 512)))
+    tokenizer.save_pretrained(str(folder))
 
 
 # Weighted components in the order their random weights are drawn from one seeded generator (the
