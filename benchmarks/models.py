@@ -51,10 +51,10 @@ def config_digest(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def model_key(model: str, seed: int) -> str:
+def model_key(model: str, seed: int, half: tuple[str, ...] = ()) -> str:
     folder = config_source(model)
     name = model if model in KNOWN_MODELS else folder.name
-    return f"{name}-{config_digest(folder)}-seed{seed}"
+    return f"{name}-{config_digest(folder)}-seed{seed}" + ("-fp16-" + "-".join(sorted(half)) if half else "")
 
 
 def copy_config(model: str, dest: Path) -> Path:
@@ -102,13 +102,19 @@ def synthetic_t5_tokenizer(folder: Path, settings: dict) -> None:
 # Weighted components in the order their random weights are drawn from one seeded generator (the
 # SD 1.x/2.x order of the first version, so those cached models keep their weights).
 WEIGHTED_ORDER = ("unet", "vae", "text_encoder", "text_encoder_2")
-SHARD = "1GB"  # save_pretrained's shard size: the builder's peak is one module plus about this
+SHARD = "1GB"
+# Components stored in fp16 by default, per shipped model: SD 3.5's T5-XXL encoder (19 GB in fp32)
+# and MMDiT (9.9 GB) are distributed in 16 bits; fp32 copies would not fit beside an export here.
+HALF_STORED = {"sd35m": ("transformer", "text_encoder_3")}  # save_pretrained's shard size: the builder's peak is one module plus about this
 
 
-def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> None:
+def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], None] | None = None,
+                half: tuple[str, ...] = ()) -> None:
     """A diffusers folder with seeded random float32 weights from a config folder, whatever pipeline its
     model_index.json names: each component is built, saved and freed before the next, so the peak is
-    the largest module (the SDXL U-Net: 10.3 GB) rather than the whole pipeline."""
+    the largest module (the SDXL U-Net: 10.3 GB) rather than the whole pipeline. Components in ``half``
+    are built and saved in fp16, as such models are distributed (T5-XXL: 19 GB in fp32, 9.5 GB in
+    fp16); the exporter reads them back a block at a time."""
     import gc
     import importlib
 
@@ -123,16 +129,21 @@ def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], No
     torch.manual_seed(seed)
     for name in order:
         cls = getattr(importlib.import_module(entries[name][0]), entries[name][1])
-        with torch.no_grad():
-            if hasattr(cls, "load_config"):  # diffusers
-                module = cls.from_config(cls.load_config(config / name))
-            else:  # transformers
-                module = cls(cls.config_class.from_pretrained(config / name))
+        torch.set_default_dtype(torch.float16 if name in half else torch.float32)
+        try:
+            with torch.no_grad():
+                if hasattr(cls, "load_config"):  # diffusers
+                    module = cls.from_config(cls.load_config(config / name))
+                else:  # transformers
+                    module = cls(cls.config_class.from_pretrained(config / name))
+        finally:
+            torch.set_default_dtype(torch.float32)
         module.eval().save_pretrained(dest / name, safe_serialization=True, max_shard_size=SHARD)
         count = sum(p.numel() for p in module.parameters())
         del module
         gc.collect()
-        log(f"  {name}: {entries[name][1]}, {count / 1e6:.1f} M parameters saved")
+        log(f"  {name}: {entries[name][1]}, {count / 1e6:.1f} M parameters saved"
+            + (" (fp16)" if name in half else ""))
     for name, (library, class_name) in entries.items():
         if name in order:
             continue
@@ -144,10 +155,13 @@ def build_model(config: Path, dest: Path, seed: int = 0, log: Callable[[str], No
     shutil.copy(config / "model_index.json", dest / "model_index.json")  # last: the folder is whole
 
 
-def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
-    """The diffusers folder of ``model`` with random weights, built once into ``cache``."""
+def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], None] | None = None,
+                 half: tuple[str, ...] | None = None) -> Path:
+    """The diffusers folder of ``model`` with random weights, built once into ``cache``; ``half``:
+    the components stored in fp16 (default: those the model's HALF_STORED entry names)."""
     log = log or _stderr
-    folder = Path(cache) / model_key(model, seed) / "diffusers"
+    half = HALF_STORED.get(model, ()) if half is None else tuple(half)
+    folder = Path(cache) / model_key(model, seed, half) / "diffusers"
     if (folder / "model_index.json").is_file() and (folder / ".complete").is_file():
         return folder
     partial = folder.with_name("diffusers.partial")
@@ -157,7 +171,7 @@ def ensure_model(model: str, cache: Path, seed: int = 0, log: Callable[[str], No
     shutil.rmtree(partial.with_name("config"), ignore_errors=True)
     config = copy_config(model, partial.with_name("config"))
     try:
-        build_model(config, partial, seed, log)
+        build_model(config, partial, seed, log, half=half)
     finally:
         shutil.rmtree(config, ignore_errors=True)
     (partial / ".complete").write_text(json.dumps({"model": model, "seed": seed}))

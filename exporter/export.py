@@ -380,9 +380,11 @@ def _fp16_steps(model, job: GraphJob) -> list[tuple[list[str] | None, str]]:
         component, flag = spec.force_fp32_flag
         return [(None, f"whole graph (the {component.upper()} config sets {flag})")]
     attention = opt.attention_score_nodes(model)
-    escalation = {"attention": (attention, "attention scores and softmax (fp16 overflow)"),
+    islands, why = spec.fp16_islands(model) if spec.fp16_islands else ([], "")
+    escalation = {"attention": (attention + islands, "attention scores and softmax (fp16 overflow)"),
                   "graph": (None, "whole graph (fp16 overflow)")}
-    first = (attention if job.upcast else [], "attention scores and softmax (upcast_attention)")
+    first = ((attention if job.upcast else []) + islands,
+             "attention scores and softmax (upcast_attention)" if job.upcast else why)
     return [first, *(escalation[step] for step in spec.fp16_escalation)]
 
 

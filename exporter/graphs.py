@@ -174,6 +174,9 @@ class GraphSpec:
     # fp16 escalation when an output overflows, in order: "attention" (scores and softmax in fp32),
     # then "graph" (everything fp32).
     fp16_escalation: tuple[str, ...] = ("attention", "graph")
+    # fp16: nodes kept fp32 from the first try, chosen from the graph (model -> (node names, why)):
+    # T5's overflowing residual stream (sd3.t5_fp16_islands).
+    fp16_islands: Callable[[object], tuple[list[str], str]] | None = None
     # Example values per input name (default: gaussian).
     examples: dict[str, Example] = field(default_factory=dict)
     # (pipeline attribute, folder) of the tokenizer that feeds this text encoder, or None.
@@ -355,6 +358,9 @@ SD3_GRAPHS = (
         outputs=(_t("last_hidden_state", FLOAT, "batch", "t5_sequence", "t5_hidden"),),
         optimizer_type="t5",
         tolerance=TOLERANCE,
+        # int4 covers T5's MatMuls as the transformer's (--precision int4); fp16 keeps its islands fp32.
+        quantizable=True,
+        fp16_islands=sd3.t5_fp16_islands,
         examples={"input_ids": token_ids},
         tokenizer=("tokenizer_3", "tokenizer_3"),
         optional="text_encoder_3",

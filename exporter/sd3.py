@@ -7,6 +7,8 @@ SD 3.5 Medium's MMDiT-X (dual attention layers, RMS q/k norm) needs nothing here
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -16,6 +18,16 @@ SKIP_LAYER_GUIDANCE = {"layers": [7, 8, 9], "scale": 2.8, "start": 0.01, "stop":
 # diffusers' ``max_sequence_length``: T5 reads one window of this many tokens.
 T5_TOKENS = 256
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+# T5 v1.1 overflows fp16 (its feed-forward outputs grow past 65504 in trained weights). ONNX Runtime's
+# SD 3.x / Flux tooling (onnxruntime/python/tools/transformers/models/stable_diffusion/
+# optimize_pipeline.py, ``flux_node_block_list["text_encoder_2"]``, reused for SD3's text_encoder_3)
+# keeps, from node statistics of the trained t5-v1_1-xxl, these nodes fp32: the feed-forward output
+# MatMuls (``DenseReluDense/wo``) of blocks 10 and 23, and SkipLayerNorm_20 to _46, which in its
+# numbering (one per residual add after the first) are the residual adds, with the RMS norms that read
+# them, from block 10's feed-forward to the last. Stated here by structure, not by the fusion's node
+# numbers (which change with export settings); a T5 with fewer blocks clamps the block numbers.
+T5_FP16_ISLANDS = {"residual_from": (10, 1), "feed_forward_out": (10, 23), "blocks": 24}
+_BLOCK = re.compile(r"block\.(\d+)/layer\.(\d+)/")
 
 
 class T5Encoder(nn.Module):
@@ -65,6 +77,42 @@ def _skip_hook(transformer, index: int):
             context_out = context_out + keep * (kwargs["encoder_hidden_states"] - context_out)
         return context_out, hidden_out
     return hook
+
+
+def t5_fp16_islands(model) -> tuple[list[str], str]:
+    """The T5 graph's nodes that stay fp32 in an fp16 export (``T5_FP16_ISLANDS``), and why.
+
+    A node's place is (block, layer) from its name (``.../block.B/layer.L/...``); a fused
+    SkipSimplifiedLayerNormalization is placed by its skip input, the sublayer output it adds.
+    """
+    producers = {out: node.name for node in model.graph.node for out in node.output}
+    places = [_place(n.input[1] if n.op_type.startswith("Skip") and len(n.input) > 1 else n.name, producers)
+              for n in model.graph.node]
+    last = max((p[0] for p in places if p is not None), default=0)
+    start = (min(T5_FP16_ISLANDS["residual_from"][0], last), T5_FP16_ISLANDS["residual_from"][1])
+    ff_blocks = {min(b, last) for b in T5_FP16_ISLANDS["feed_forward_out"]}
+    kept = []
+    for node, place in zip(model.graph.node, places):
+        residual = place is not None and place >= start and _is_residual(node)
+        final = "final_layer_norm" in node.name or (node.op_type.startswith("Skip") and place == (last, 1))
+        ff_out = place is not None and place[0] in ff_blocks and node.name.endswith("DenseReluDense/wo/MatMul")
+        if residual or final or ff_out:
+            kept.append(node.name)
+    why = (f"T5 residual stream from block {start[0]}'s feed-forward and the feed-forward outputs of blocks "
+           f"{', '.join(map(str, sorted(ff_blocks)))} (ONNX Runtime's SD3 list)")
+    return kept, why
+
+
+def _place(name: str, producers: dict) -> tuple[int, int] | None:
+    match = _BLOCK.search(producers.get(name, name))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _is_residual(node) -> bool:
+    """A residual add (``.../layer.L/Add``), fused or not, or a norm reading the residual stream."""
+    return (node.op_type in ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+            or (node.op_type == "Add" and re.search(r"layer\.\d+/Add$", node.name) is not None)
+            or "/layer_norm/" in node.name)
 
 
 def model_dims(pipe) -> dict:
