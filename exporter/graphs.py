@@ -188,6 +188,10 @@ class GraphSpec:
     residuals: str | None = None
     # A component the pipeline may lack (SD3's T5): without it, the graph is not exported.
     optional: str | None = None
+    # (component, class) for a module too big to hold in fp32 (T5-XXL, 19 GB): traced with one block's
+    # weights, each block's own written from the checkpoint (sd3.StreamedT5), where the source is a
+    # folder whose tensors can be read one at a time.
+    streamed: tuple[str, type] | None = None
 
     def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
         """The specs this model has: optional conditioning inputs exist only where the config sizes them;
@@ -361,6 +365,7 @@ SD3_GRAPHS = (
         # int4 covers T5's MatMuls as the transformer's (--precision int4); fp16 keeps its islands fp32.
         quantizable=True,
         fp16_islands=sd3.t5_fp16_islands,
+        streamed=("text_encoder_3", sd3.StreamedT5),
         examples={"input_ids": token_ids},
         tokenizer=("tokenizer_3", "tokenizer_3"),
         optional="text_encoder_3",

@@ -169,3 +169,125 @@ def manifest_fields(pipe) -> dict:
 def t5_tokenizer_spec(tokenizer, folder: str) -> dict:
     return {"path": f"{folder}/tokenizer.json", "kind": "t5", "max_length": T5_TOKENS,
             "pad_token_id": int(tokenizer.pad_token_id), "eos_token_id": int(tokenizer.eos_token_id)}
+
+
+class StreamedT5:
+    """T5-XXL's encoder traced and checked without ever holding it whole (19 GB in fp32).
+
+    The traced module is the real T5EncoderModel whose blocks all share block 0's parameters
+    (one block of fp32 weights in memory): the tracer writes each shared weight once, and
+    ``unshare`` then gives every node of a later block its own block's weight, read one tensor at a
+    time from the checkpoint and appended to the graph's work folder. The reference outputs run the
+    same module with each block's own weights swapped in just before it runs and out after.
+    """
+
+    def __init__(self, config, tensors):
+        from transformers import T5EncoderModel
+
+        self.tensors = tensors  # checkpoint name -> tensor, read on demand
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        embedding = nn.Parameter(self._read("encoder.embed_tokens.weight", "shared.weight"), requires_grad=False)
+        model.shared.weight = model.encoder.embed_tokens.weight = embedding
+        model.encoder.final_layer_norm.weight = self._param("encoder.final_layer_norm.weight")
+        blocks = model.encoder.block
+        self.shared = {name: self._param(f"encoder.block.0.{name}") for name, _ in blocks[0].named_parameters()}
+        for block in blocks:
+            _assign(block, {name: p for name, p in self.shared.items() if _has(block, name)})
+        self.model = model.eval()
+
+    def module(self) -> nn.Module:
+        return T5Encoder(self.model)
+
+    def reference(self, inputs) -> list:
+        """The encoder's output on ``inputs`` with every block's own weights, one block at a time."""
+        hooks = []
+        for index, block in enumerate(self.model.encoder.block[1:], 1):
+            hooks.append(block.register_forward_pre_hook(lambda b, args, i=index: _assign(b, self._block(i, b))))
+            hooks.append(block.register_forward_hook(lambda b, args, out: _assign(b, {
+                name: p for name, p in self.shared.items() if _has(b, name)})))
+        try:
+            with torch.no_grad():
+                out = T5Encoder(self.model)(*inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [out.numpy().astype("float64")]
+
+    def unshare(self, model, folder, spill_name: str) -> int:
+        """Point every node of blocks 1.. at its own block's weights (appended to ``folder/spill_name``);
+        returns how many tensors were written. A node's scope names its module (``/block.3/layer.1/
+        DenseReluDense/wo/MatMul`` reads ``encoder.block.3.layer.1.DenseReluDense.wo.weight``)."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        from .weights import spill_tensor
+
+        shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        for node in model.graph.node:  # the tracer hands a shared weight on through Identity nodes
+            if node.op_type == "Identity" and node.input[0] in shapes:
+                shapes[node.output[0]] = shapes[node.input[0]]
+        written = 0
+        with open(folder / spill_name, "ab") as out:
+            for node in model.graph.node:
+                match = re.search(r"/encoder/block\.(\d+)/(.+)/[^/]+$", node.name)
+                if match is None or match[1] == "0":
+                    continue
+                name = f"encoder.block.{match[1]}.{match[2].replace('/', '.')}.weight"
+                if name not in self.tensors:
+                    continue
+                weight = self.tensors[name].float()
+                if node.op_type == "MatMul" and weight.dim() == 2:
+                    weight = weight.t()  # the tracer folded Linear's transpose into the MatMul's weight
+                for slot, source in enumerate(node.input):
+                    if shapes.get(source) != tuple(weight.shape):
+                        continue
+                    tensor = numpy_helper.from_array(np.ascontiguousarray(weight.numpy()), f"{name}:{node.name}")
+                    spill_tensor(tensor, out, spill_name)
+                    model.graph.initializer.append(tensor)
+                    node.input[slot] = tensor.name
+                    written += 1
+                    break
+        _drop_unused_initializers(model)
+        return written
+
+    def _read(self, *names):
+        for name in names:
+            if name in self.tensors:
+                return self.tensors[name].float()
+        raise KeyError(f"none of {names} in the T5 checkpoint")
+
+    def _param(self, name):
+        return nn.Parameter(self._read(name), requires_grad=False)
+
+    def _block(self, index, block):
+        return {name: self._param(f"encoder.block.{index}.{name}") for name in self.shared if _has(block, name)}
+
+
+def _has(module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _assign(module, params: dict) -> None:
+    for name, param in params.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, leaf, param)
+
+
+def _drop_unused_initializers(model) -> None:
+    outputs = {o.name for o in model.graph.output}
+    while True:  # Identity nodes that handed on a shared weight nobody reads now
+        used = {name for node in model.graph.node for name in node.input} | outputs
+        unused = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+        if not unused:
+            break
+        for node in unused:
+            model.graph.node.remove(node)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used or t.name in {o.name for o in model.graph.output}]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
