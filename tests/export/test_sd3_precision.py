@@ -92,3 +92,16 @@ def test_int4_covers_transformer_and_t5_and_runs(plain):
         assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= 2e-1
         ops = [node.op_type for node in onnx.load(str(folder / entry["path"])).graph.node]
         assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation MatMuls stay float
+
+
+def test_export_of_the_denoiser_alone_reads_back(plain):
+    """A manifest of only some graphs (the benchmarks' transformer-only exports, which
+    benchmarks/unet_step.py reads) lists no text encoder it lacks, so it reads back: it used to gain
+    a default ``text_encoder`` entry when written, which its own check then refused."""
+    from edgediff.runtime.manifest import Manifest
+
+    data = json.loads((_export(plain, "int4", "int4", graphs=("text_encoder_3", "unet")) / "manifest.json").read_text())
+    data["graphs"] = {"unet": data["graphs"]["unet"]}
+    data["text_encoders"] = []
+    written = json.loads(json.dumps(Manifest.from_dict(data).to_dict()))  # as write_manifest writes it
+    assert Manifest.from_dict(written).text_encoders == []
