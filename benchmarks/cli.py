@@ -13,7 +13,7 @@ from .runner import ALL_PROVIDERS, MEMORY_MODES, PRECISIONS
 
 @click.command()
 @click.option("--model", default="sd15", show_default=True,
-              help="sd15, sd21, sdxl (shipped configs) or a folder with a diffusers config (no weights needed).")
+              help="sd15, sd21, sdxl, sd35m (shipped configs) or a folder with a diffusers config (no weights needed).")
 @click.option("--resolution", type=int, default=256, show_default=True, help="Image side in pixels.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps of the end-to-end runs.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per prompt batch (U-Net sees 2x).")

@@ -29,7 +29,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, vae_tiling: bool | None) -> dict:
+def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, vae_tiling: bool | None, t5: str | None = None) -> dict:
     from edgediff.runtime import Pipeline
     from edgediff.runtime.sessions import Sessions
 
@@ -61,6 +61,8 @@ def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, v
     try:  # a caller in the same process (a test) gets the real Sessions.use back
         pipe = Pipeline.load(model_dir, provider=provider, memory=memory)
         extra = {} if vae_tiling is None else {"vae_tiling": vae_tiling}
+        if t5 is not None:  # SD3: T5 on (its graph runs) or off (zeros in its place)
+            extra["t5"] = t5
         result = pipe("a photograph of an astronaut riding a horse", "", steps=steps, guidance=7.5, seed=0,
                       width=size, height=size, **extra)
     finally:
@@ -69,7 +71,7 @@ def measure(model_dir: str, size: int, steps: int, memory: str, provider: str, v
         thread.join()
     wall = time.perf_counter() - started
     return {"model_dir": model_dir, "size": size, "steps": steps, "memory": memory, "provider": provider,
-            "vae_tiling": vae_tiling, "wall_s": round(wall, 1),
+            "vae_tiling": vae_tiling, "t5": t5, "wall_s": round(wall, 1),
             "peak_rss_gib": round(_status_kib("VmHWM") * 1024 / GIB, 3),
             "stage_peak_rss_gib": {k: round(v, 3) for k, v in per_stage.items()},
             "timings": {k: round(v, 2) for k, v in dict(result.timings).items()},
@@ -83,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--memory", default="low", choices=["low", "high"])
     parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--t5", default=None, choices=["on", "off"], help="SD3: run T5 or feed zeros")
     parser.add_argument("--vae-tiling", default=None, choices=["on", "off"],
                         help="force tiled VAE decoding on or off [default: the pipeline's automatic choice]")
     args = parser.parse_args(argv)
     tiling = None if args.vae_tiling is None else args.vae_tiling == "on"
-    print(json.dumps(measure(args.model_dir, args.size, args.steps, args.memory, args.provider, tiling), indent=2))
+    print(json.dumps(measure(args.model_dir, args.size, args.steps, args.memory, args.provider, tiling, t5=args.t5),
+                     indent=2))
     return 0
 
 

@@ -271,7 +271,8 @@ def size_warnings(weights: dict, *, exporting: bool, gpu_wanted: bool) -> list[s
     total = sum(weights.values())
     # The export's own estimate of its peak (exporter/memory.py, measured per graph size);
     # diffusers' fp32 pipeline holds every weight plus activations (~1.4x).
-    need = max(_export_need(weights["unet"]) if exporting else 0, 1.4 * total)
+    denoiser = max(weights.get("unet", 0), weights.get("transformer", 0))  # SD3's is a transformer
+    need = max(_export_need(denoiser) if exporting else 0, 1.4 * total)
     memory = ram()
     if memory["total_gb"] * 1e9 < need:
         warnings.append(f"this machine has {memory['total_gb']:.1f} GB of RAM; the benchmark needs about "

@@ -207,7 +207,9 @@ def run_benchmark(params: BenchParams, log: Callable[[str], None] | None = None,
     config_dir = config_source(params.model)
     exports_needed = sorted({(EXPORT_PRECISION.get(c.precision, c.precision), EXPORT_TARGET[c.provider])
                              for c in runnable if c.engine == "edgediff"})
-    weights = hardware.estimate_bytes(config_dir)
+    from .worker import DIFFUSERS_LEFT_OUT  # neither side loads these (SD 3.5's T5: off in the bench)
+
+    weights = {name: size for name, size in hardware.estimate_bytes(config_dir).items() if name not in DIFFUSERS_LEFT_OUT}
     warnings = hardware.size_warnings(weights, exporting=bool(exports_needed),
                                       gpu_wanted=any(c.provider != "cpu" for c in configs))
     busy = hardware.other_load()

@@ -1,4 +1,4 @@
-"""U-Net step time of exported models, paired: one call each, in turn, round after round.
+"""U-Net (or SD3 transformer) step time of exported models, paired: one call each, in turn, round after round.
 
     python -m edgediff.benchmarks.unet_step EXPORT_A EXPORT_B --size 256 --batch 2 --rounds 5
         [--diffusers DIR [--bf16]] [--threads N] [--gemm] [--arena-off]
@@ -39,18 +39,36 @@ def _rss() -> int:
 def feed_for(manifest, entry, size: int, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Inputs of the U-Net's declared shapes: a ``size``-pixel square image, one 77-token chunk per row."""
     latent = size // manifest.vae_scale_factor
-    axes = {"batch": batch, "latent_height": latent, "latent_width": latent,
-            "context": manifest.tokenizer["max_length"]}
+    axes = {"batch": batch, "latent_height": latent, "latent_width": latent, "context": _context(manifest)}
     feed = {}
     for spec in entry.inputs:
         shape = [axes[a] if isinstance(a, str) else a for a in spec.shape]
         if spec.name == "timestep":
             feed[spec.name] = np.full(shape, 500.0, np.float32)
+        elif spec.name == "skip_layers":  # SD3: no block skipped (no skip-layer guidance)
+            feed[spec.name] = np.zeros(shape, np.float32)
         elif spec.name == "time_ids":
             feed[spec.name] = np.tile(np.array([size, size, 0, 0, size, size], np.float32)[: shape[1]], (batch, 1))
         else:
             feed[spec.name] = rng.standard_normal(shape, dtype=np.float32)
     return feed
+
+
+def _context(manifest) -> int:
+    """Tokens the denoiser attends to: one 77-token chunk, or (SD3) each context group's tokens in turn
+    (CLIP's 77, then T5's 256, zeros when T5 is off)."""
+    groups = ((manifest.conditioning or {}).get("text") or {}).get("context") or [{}]
+    return sum(group.get("absent_tokens") or manifest.tokenizer["max_length"] for group in groups)
+
+
+def _diffusers_denoiser(folder: Path):
+    """The diffusers denoiser of a folder in fp32: its U-Net, or (SD3) its transformer."""
+    import torch
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if (folder / "transformer").is_dir():
+        return SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32).eval()
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
 
 
 def _diffusers_unet(unet, feed: dict[str, np.ndarray], autocast: bool):
@@ -65,7 +83,12 @@ def _diffusers_unet(unet, feed: dict[str, np.ndarray], autocast: bool):
 
     def call():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            unet(tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"], **kwargs)
+            if "pooled_projections" in tensors:  # SD3's transformer: keywords in its own order
+                unet(hidden_states=tensors["sample"], timestep=tensors["timestep"], return_dict=False,
+                     encoder_hidden_states=tensors["encoder_hidden_states"],
+                     pooled_projections=tensors["pooled_projections"])
+            else:
+                unet(tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"], **kwargs)
     return call
 
 
@@ -140,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffusers:
         import torch
 
-        from diffusers import UNet2DConditionModel
-
         torch.set_num_threads(threads)
-        unet = UNet2DConditionModel.from_pretrained(args.diffusers, subfolder="unet").eval()  # fp32 weights
+        unet = _diffusers_denoiser(args.diffusers)  # fp32 weights
         for autocast in (False, True) if args.bf16 else (False,):
             call = _diffusers_unet(unet, feed, autocast)  # the inputs the exports got
             call()  # warm-up

@@ -83,7 +83,9 @@ def edgediff_feeds(pipe, batch: int, size: int) -> dict[str, dict]:
     rng = np.random.default_rng(0)
     feeds = {encoder["graph"]: {"input_ids": tokenizer([PROMPT] * batch + [""] * batch)}
              for encoder, tokenizer in zip(m.text_encoders, pipe.tokenizers)}
-    tokens = next(iter(feeds.values()))["input_ids"].shape[1]
+    from .unet_step import _context
+
+    tokens = _context(m)  # 77 per chunk; SD3: CLIP's 77 then T5's 256 (zeros when T5 is off)
     known = {"sample": (2 * batch, pipe._unet_channels(), latent, latent), "timestep": (2 * batch,)}
     unet = {}
     for spec in m.graphs["unet"].inputs:
@@ -91,6 +93,8 @@ def edgediff_feeds(pipe, batch: int, size: int) -> dict[str, dict]:
             2 * batch if axis == 0 else tokens if isinstance(dim, str) else dim for axis, dim in enumerate(spec.shape))
         if spec.name == "timestep":
             unet[spec.name] = np.full(shape, 601.0, dtype=spec.dtype)
+        elif spec.name == "skip_layers":  # SD3: no skip-layer guidance
+            unet[spec.name] = np.zeros(shape, dtype=spec.dtype)
         elif spec.name == "time_ids":  # original/target size and crop, as the runtime fills them
             unet[spec.name] = np.tile(np.array([size, size, 0, 0, size, size][:shape[-1]], dtype=spec.dtype),
                                       (shape[0], 1))
@@ -128,6 +132,9 @@ def edgediff_e2e(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------- diffusers
+# Left out of diffusers' pipeline as edgediff's bench leaves them out of its exports (BENCH_GRAPHS):
+# SD 3.5's T5-XXL (19 GB in fp32), so both sides run with T5 off (zeros in its place).
+DIFFUSERS_LEFT_OUT = ("text_encoder_3", "tokenizer_3")
 def _torch_setup(spec: dict):
     import torch
 
@@ -161,6 +168,9 @@ def _load_diffusers(spec, torch, device, dtype) -> tuple[object, dict]:
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
             continue
+        if name in DIFFUSERS_LEFT_OUT:
+            parts[name] = None
+            continue
         cls = getattr(importlib.import_module(entry[0]), entry[1])
         if not issubclass(cls, torch.nn.Module):
             if not name.startswith("scheduler"):
@@ -176,9 +186,13 @@ def _load_diffusers(spec, torch, device, dtype) -> tuple[object, dict]:
     if device == "cuda":  # SDPA is diffusers' default attention processor on torch 2
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        parts["unet"].set_attn_processor(AttnProcessor2_0())
-    # The same sampler as edgediff's default (DPM++ 2M Karras): one U-Net call per step on both sides.
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler", use_karras_sigmas=True)
+        _denoiser(parts).set_attn_processor(AttnProcessor2_0())
+    # The same sampler as edgediff's default (DPM++ 2M Karras): one U-Net call per step on both sides;
+    # a flow-matching model (SD3) keeps its own Euler, as edgediff runs it.
+    scheduler = (None if index["scheduler"][1].startswith("FlowMatch") else
+                 DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler", use_karras_sigmas=True))
+    if scheduler is None:
+        scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
     # from_pretrained with every component given loads nothing more, and reads the pipeline's own
     # settings (SDXL's force_zeros_for_empty_prompt) from model_index.json.
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, scheduler=scheduler, **parts)
@@ -200,6 +214,9 @@ def diffusers_stages(spec: dict) -> dict:
                 for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
     ids = {name: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                            return_tensors="pt").input_ids.to(device) for name, _, tokenizer in encoders}
+    if getattr(pipe, "transformer", None) is not None:
+        return _sd3_stages(spec, pipe, loads, encoders, ids, torch, device, dtype, call_in(torch, device, autocast),
+                           gpu_load)
     unet = pipe.unet.config
     channels = unet.in_channels
     sample = torch.randn((2 * batch, channels, latent, latent), generator=generator).to(device, dtype)
@@ -217,18 +234,47 @@ def diffusers_stages(spec: dict) -> dict:
         extra["timestep_cond"] = torch.randn((2 * batch, unet.time_cond_proj_dim), generator=generator).to(device, dtype)
     latents = torch.randn((batch, pipe.vae.config.latent_channels, latent, latent), generator=generator).to(device, dtype)
 
+    call = call_in(torch, device, autocast)
+    # CLIP's hidden states for every layer, as the pipelines ask for them (they take the penultimate).
+    calls = {name: call(lambda module=module, name=name: module(ids[name], output_hidden_states=True, return_dict=False))
+             for name, module, _ in encoders}
+    calls["unet"] = call(lambda: pipe.unet(sample, timestep, context, return_dict=False, **extra))
+    calls["vae_decoder"] = call(lambda: pipe.vae.decode(latents, return_dict=False))
+    return _run_stages(calls, loads, spec, device, gpu_load)
+
+
+def call_in(torch, device, autocast):
     def call(fn):
         def run():
             with torch.inference_mode(), autocast():
                 fn()
             _sync(torch, device)
         return run
+    return call
 
-    # CLIP's hidden states for every layer, as the pipelines ask for them (they take the penultimate).
+
+def _sd3_stages(spec, pipe, loads, encoders, ids, torch, device, dtype, call, gpu_load) -> dict:
+    """SD3's stages: both CLIPs, the transformer on one guided step's inputs (CLIP's 77 tokens and T5's
+    256, as zeros with T5 off), the decoder."""
+    batch, config = spec["batch"], pipe.transformer.config
+    latent = spec["resolution"] // pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(0)
+    tokens = next(iter(ids.values())).shape[1] + 256
+    sample = torch.randn((2 * batch, config.in_channels, latent, latent), generator=generator).to(device, dtype)
+    context = torch.randn((2 * batch, tokens, config.joint_attention_dim), generator=generator).to(device, dtype)
+    pooled = torch.randn((2 * batch, config.pooled_projection_dim), generator=generator).to(device, dtype)
+    timestep = torch.full((2 * batch,), 601.0).to(device)
+    latents = torch.randn((batch, pipe.vae.config.latent_channels, latent, latent), generator=generator).to(device, dtype)
     calls = {name: call(lambda module=module, name=name: module(ids[name], output_hidden_states=True, return_dict=False))
              for name, module, _ in encoders}
-    calls["unet"] = call(lambda: pipe.unet(sample, timestep, context, return_dict=False, **extra))
+    calls["unet"] = call(lambda: pipe.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=context,
+                                                  pooled_projections=pooled, return_dict=False))
     calls["vae_decoder"] = call(lambda: pipe.vae.decode(latents, return_dict=False))
+    loads["unet"] = loads.get("transformer", 0.0)
+    return _run_stages(calls, loads, spec, device, gpu_load)
+
+
+def _run_stages(calls, loads, spec, device, gpu_load) -> dict:
     stages = {}
     for index, (name, run) in enumerate(calls.items()):
         progress(index, len(calls), f"{name}: run")
@@ -236,7 +282,8 @@ def diffusers_stages(spec: dict) -> dict:
             first, steady = _timed(run, spec["repeats"])
         stages[name] = {**_stage(loads[name], first, steady), "provider": f"torch-{device}",
                         "peak_gpu_bytes": gpu.peak_bytes}
-    return {"stages": stages, "peak_rss_bytes": peak_rss_bytes(), "load_peak_gpu_bytes": gpu_load.peak_bytes}
+    return {"stages": stages, "peak_rss_bytes": peak_rss_bytes(),
+            "load_peak_gpu_bytes": gpu_load.peak_bytes if gpu_load else None}
 
 
 def diffusers_e2e(spec: dict) -> dict:
@@ -259,7 +306,7 @@ def diffusers_e2e(spec: dict) -> dict:
                 return kwargs
 
             generator = torch.Generator().manual_seed(0)
-            noise = torch.randn((spec["batch"], pipe.unet.config.in_channels, latent, latent),
+            noise = torch.randn((spec["batch"], _denoiser(pipe.components).config.in_channels, latent, latent),
                                 generator=generator).to(device, dtype)
             clock = time.perf_counter()
             with torch.inference_mode(), autocast():
@@ -276,6 +323,11 @@ def diffusers_e2e(spec: dict) -> dict:
                 peak_first = peak_rss_bytes()
     return {"open_s": opened, "loads": loads, "runs": runs, "peak_rss_bytes": peak_first,
             "peak_rss_all_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu.peak_bytes}
+
+
+def _denoiser(parts: dict):
+    """The U-Net, or SD3's transformer."""
+    return parts["unet"] if parts.get("unet") is not None else parts["transformer"]
 
 
 WORK = {("edgediff", "stages"): edgediff_stages, ("edgediff", "e2e"): edgediff_e2e,

@@ -22,13 +22,16 @@ from .memory import folder_weight_bytes, module_weight_bytes, release_freed
 
 
 class Components:
-    def __init__(self, meta, load: Callable[[str], torch.nn.Module], weight_bytes: dict[str, int]):
+    def __init__(self, meta, load: Callable[[str], torch.nn.Module], weight_bytes: dict[str, int],
+                 tensors: Callable[[str], "Checkpoint | None"] | None = None):
         # .unet.config, .vae.config, .text_encoder(_2).config, .tokenizer(_2), .scheduler, and .config:
         # the pipeline's own settings (SDXL's force_zeros_for_empty_prompt)
         self.meta = meta
         self.weight_bytes = weight_bytes  # float32 bytes per torch component
         self._load = load
         self._modules: dict[str, torch.nn.Module] = {}
+        # A component's checkpoint tensors read one at a time (a diffusers folder's safetensors), or None.
+        self.tensors = tensors or (lambda name: None)
 
     @contextmanager
     def open(self, keep: frozenset[str] = frozenset()):
@@ -96,7 +99,28 @@ def from_folder(folder: Path, prediction_type: str | None) -> Components:
             raise AttributeError(name)
         return _guard(folder, lambda: _load_module(classes[name], folder / name).eval())
 
-    return Components(meta, load, sizes)
+    return Components(meta, load, sizes, lambda name: Checkpoint.find(folder / name) if name in classes else None)
+
+
+class Checkpoint:
+    """A component's safetensors files as a mapping of tensor names, each read when asked for."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(file), framework="pt") for file in files]
+        self._where = {key: handle for handle in self._handles for key in handle.keys()}
+
+    @classmethod
+    def find(cls, subfolder: Path) -> "Checkpoint | None":
+        files = sorted(subfolder.glob("*.safetensors"))
+        return cls(files) if files else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
 
 
 def from_pipeline(pipe) -> Components:

@@ -294,6 +294,10 @@ def _trace(components: Components, job: GraphJob):
     trace_inputs = spec.example_inputs(dims, job.sizes_of(meta, batch=2, latent_units=2))
     check_inputs = spec.example_inputs(dims, job.sizes_of(meta, batch=1, latent_units=3))
     raw = job.work / "model.onnx"
+    checkpoint = components.tensors(spec.streamed[0]) if spec.streamed else None
+    if checkpoint is not None:
+        return _trace_streamed(spec.streamed[1](getattr(meta, spec.streamed[0]).config, checkpoint), job,
+                               trace_inputs, check_inputs)
     with components.open(job.keep) as pipe:
         module = spec.module(pipe, dims).eval()
         job.log(f"{job.prefix}: tracing")
@@ -310,6 +314,29 @@ def _trace(components: Components, job: GraphJob):
         del module
     model = load_stripped(raw, "weights.bin")
     release_freed()
+    return model, expected, check_inputs
+
+
+def _trace_streamed(streamed, job: GraphJob, trace_inputs, check_inputs):
+    """``_trace`` for a module held one block at a time (``GraphSpec.streamed``)."""
+    spec, dims, raw = job.spec, job.dims, job.work / "model.onnx"
+    # First: after torch.onnx's trace the blocks' weight swaps no longer reach the computation.
+    expected = streamed.reference(check_inputs)
+    job.log(f"{job.prefix}: tracing (one block's weights at a time)")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            streamed.module(), trace_inputs, str(raw), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+            input_names=[s.name for s in spec.present(spec.inputs, dims)],
+            output_names=[s.name for s in spec.present(spec.outputs, dims)],
+            dynamic_axes=spec.dynamic_axes(dims),
+        )
+    model = load_stripped(raw, "weights.bin")
+    job.log(f"{job.prefix}: writing each block's own weights")
+    streamed.unshare(model, job.work, "blocks.bin")
+    model = fresh(model)
+    del streamed
+    release_freed(collect=True)
     return model, expected, check_inputs
 
 
@@ -390,9 +417,11 @@ def _fp16_steps(model, job: GraphJob) -> list[tuple[list[str] | None, str]]:
         component, flag = spec.force_fp32_flag
         return [(None, f"whole graph (the {component.upper()} config sets {flag})")]
     attention = opt.attention_score_nodes(model)
-    escalation = {"attention": (attention, "attention scores and softmax (fp16 overflow)"),
+    islands, why = spec.fp16_islands(model) if spec.fp16_islands else ([], "")
+    escalation = {"attention": (attention + islands, "attention scores and softmax (fp16 overflow)"),
                   "graph": (None, "whole graph (fp16 overflow)")}
-    first = (attention if job.upcast else [], "attention scores and softmax (upcast_attention)")
+    first = ((attention if job.upcast else []) + islands,
+             "attention scores and softmax (upcast_attention)" if job.upcast else why)
     return [first, *(escalation[step] for step in spec.fp16_escalation)]
 
 

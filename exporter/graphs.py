@@ -181,6 +181,9 @@ class GraphSpec:
     # fp16 escalation when an output overflows, in order: "attention" (scores and softmax in fp32),
     # then "graph" (everything fp32).
     fp16_escalation: tuple[str, ...] = ("attention", "graph")
+    # fp16: nodes kept fp32 from the first try, chosen from the graph (model -> (node names, why)):
+    # T5's overflowing residual stream (sd3.t5_fp16_islands).
+    fp16_islands: Callable[[object], tuple[list[str], str]] | None = None
     # Example values per input name (default: gaussian).
     examples: dict[str, Example] = field(default_factory=dict)
     # (pipeline attribute, folder) of the tokenizer that feeds this text encoder, or None.
@@ -192,6 +195,10 @@ class GraphSpec:
     residuals: str | None = None
     # A component the pipeline may lack (SD3's T5): without it, the graph is not exported.
     optional: str | None = None
+    # (component, class) for a module too big to hold in fp32 (T5-XXL, 19 GB): traced with one block's
+    # weights, each block's own written from the checkpoint (sd3.StreamedT5), where the source is a
+    # folder whose tensors can be read one at a time.
+    streamed: tuple[str, type] | None = None
 
     def present(self, specs: tuple[TensorSpec, ...], dims: dict) -> tuple[TensorSpec, ...]:
         """The specs this model has: optional conditioning inputs exist only where the config sizes them;
@@ -369,6 +376,10 @@ SD3_GRAPHS = (
         outputs=(_t("last_hidden_state", FLOAT, "batch", "t5_sequence", "t5_hidden"),),
         optimizer_type="t5",
         tolerance=TOLERANCE,
+        # int4 covers T5's MatMuls as the transformer's (--precision int4); fp16 keeps its islands fp32.
+        quantizable=True,
+        fp16_islands=sd3.t5_fp16_islands,
+        streamed=("text_encoder_3", sd3.StreamedT5),
         examples={"input_ids": token_ids},
         tokenizer=("tokenizer_3", "tokenizer_3"),
         optional="text_encoder_3",

@@ -156,15 +156,63 @@ def to_fp16(model: onnx.ModelProto, keep_fp32_nodes: list[str], keep_io: list[st
     from onnxruntime.transformers import float16
 
     constants_to_initializers(model)
+    _declare_float_values(model, set(keep_fp32_nodes))
     # The converter reads each converted tensor's data only to learn its shape, which its dims give.
     original = float16.make_value_info_from_tensor
     float16.make_value_info_from_tensor = _value_info_from_dims
     try:
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model, keep_io_types=keep_io, node_block_list=keep_fp32_nodes or None, disable_shape_infer=True
         )
     finally:
         float16.make_value_info_from_tensor = original
+    _skip_fp16_round_trips(converted)
+    return converted
+
+
+def _skip_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """The converter casts each kept node's output to fp16 and back for the next kept node; a value
+    passed between two kept nodes (T5's huge residual stream) must not pass through fp16: the fp32
+    reader takes the fp32 value directly, and casts left without readers go."""
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    rename = {}
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.input else None
+        if cast_to(node) == FLOAT and source is not None and cast_to(source) == FLOAT16:
+            rename[node.output[0]] = source.input[0]  # fp32 -> fp16 -> fp32: take the fp32 value
+    if not rename:
+        return
+    for node in model.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    outputs = {o.name for o in model.graph.output}
+    while True:  # drop casts nobody reads any more
+        read = {name for node in model.graph.node for name in node.input} | outputs
+        unused = [n for n in model.graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
+        if not unused:
+            return
+        for node in unused:
+            model.graph.node.remove(node)
+
+
+def _declare_float_values(model: onnx.ModelProto, kept: set[str]) -> None:
+    """Type the activations around nodes kept fp32 as float where nothing typed them: the converter puts
+    its fp16<->fp32 casts only around values it has a type for, and a stripped graph (no shape
+    inference, fused contrib ops) types few. Kept nodes compute in float (attention scores, T5's
+    residual adds and RMS norms, MatMuls), so their non-weight inputs and outputs are float."""
+    typed = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    typed |= {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in kept:
+            continue
+        for name in (*node.input, *node.output):
+            if name and name not in typed:
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+                typed.add(name)
 
 
 def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:

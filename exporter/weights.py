@@ -24,8 +24,28 @@ _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # protobuf field n
 def load_stripped(path: Path, spill_to: str) -> onnx.ModelProto:
     """Load a graph with its big tensors left on disk; those held inside the file move to ``spill_to``."""
     model = onnx.load(str(path), load_external_data=False)
+    _external_constants_to_initializers(model)
     spill(model, path.parent, spill_to)
     return fresh(model)
+
+
+def _external_constants_to_initializers(model: onnx.ModelProto) -> None:
+    """A graph over 2 GB is written by torch's exporter with big Constant-node values as external files
+    too (SD3's AdaLayerNorm constants): as initializers they are handled like every other weight,
+    where a tool that reads Constant nodes (the int4 quantizer) would not find their files."""
+    kept = []
+    for node in model.graph.node:
+        value = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and node.attribute[0].name == "value" and _is_external(value):
+            tensor = TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def spill(model: onnx.ModelProto, folder: Path, name: str) -> None:

@@ -13,7 +13,7 @@ def default_model_dir(precision: str = "fp32") -> Path:
 
 
 def configs_dir() -> Path:
-    """Diffusers configs (no weights) of known full-size architectures: sd15, sd21."""
+    """Diffusers configs (no weights) of known full-size architectures: sd15, sd21, sdxl, sd35m."""
     return HERE / "configs"
 
 

@@ -115,7 +115,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
-        if not self.text_encoders:
+        if not self.text_encoders and "text_encoder" in self.graphs:  # manifests from before text_encoders
             self.text_encoders = [{"graph": "text_encoder", "tokenizer": self.tokenizer}]
         self.vae_tiling = {**vae_tiling_rule(self.default_size, self.vae_scale_factor), **self.vae_tiling}
 

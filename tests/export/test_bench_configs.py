@@ -67,3 +67,35 @@ def test_sdxl_config(tmp_path):
     assert set(sizes) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert 2567e6 < sizes["unet"] / 4 < 2568e6  # SDXL base U-Net: 2567.5 M parameters
     assert 694e6 < sizes["text_encoder_2"] / 4 < 695e6  # OpenCLIP bigG text tower with projection: 694.7 M
+
+
+def test_sd35m_config(tmp_path):
+    """SD 3.5 Medium: MMDiT-X transformer (2.5 B with its 384x384 position table), CLIP-L and CLIP-G
+    with projections, T5-XXL v1.1's encoder (4.76 B), the 16-channel VAE; counted on the meta device."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    folder = copy_config("sd35m", tmp_path / "sd35m")
+    transformer = SD3Transformer2DModel.load_config(folder / "transformer")
+    assert transformer["dual_attention_layers"] == list(range(13)) and transformer["qk_norm"] == "rms_norm"
+    assert (transformer["num_layers"], transformer["caption_projection_dim"], transformer["pos_embed_max_size"]) == (24, 1536, 384)
+    vae = AutoencoderKL.load_config(folder / "vae")
+    assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 1.5305, 0.0609)
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler").config.shift == 3.0
+    clip_l, clip_g = (CLIPTextConfig.from_pretrained(folder / name) for name in ("text_encoder", "text_encoder_2"))
+    assert (clip_l.projection_dim, clip_g.projection_dim, clip_g.num_hidden_layers) == (768, 1280, 32)
+    assert CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2")).pad_token == "!"
+    t5_tokenizer = T5TokenizerFast.from_pretrained(str(folder / "tokenizer_3"))  # synthetic, T5's size
+    assert len(t5_tokenizer) == 32100 and (t5_tokenizer.pad_token_id, t5_tokenizer.eos_token_id) == (0, 1)
+    assert t5_tokenizer("a photo of a cat").input_ids[-1] == 1
+    with torch.device("meta"):
+        mmdit = SD3Transformer2DModel.from_config(transformer)
+        t5 = T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_3"))
+    state = sum(v.numel() for v in mmdit.state_dict().values())  # parameters + the position table
+    assert 2469e6 < state < 2470e6  # the checkpoint's 4.94 GB in bf16
+    encoder = sum(v.numel() for name, v in t5.state_dict().items() if name.startswith("encoder."))
+    assert 4762e6 < encoder < 4763e6  # T5-XXL v1.1 encoder: 24 x 193 M + the 32128 x 4096 embedding
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == ["transformers", "T5EncoderModel"]

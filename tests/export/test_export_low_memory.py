@@ -104,3 +104,34 @@ def test_weights_the_fusions_make_are_written_to_disk_not_kept(tmp_path):
     assert dict((e.key, e.value) for e in made[0].external_data)["location"] == "fused.bin"
     stored = np.frombuffer(tensor_bytes(made[0], tmp_path), np.float32).reshape(8, 3, 3, 8)
     np.testing.assert_array_equal(stored, weight.transpose(0, 2, 3, 1))
+
+
+def test_external_constant_values_become_initializers(tmp_path):
+    """torch's exporter writes a graph over 2 GB with big Constant-node values as external files too
+    (SD 3.5's AdaLayerNorm constants); loaded stripped, they become initializers in the work folder, as
+    every other weight, so the int4 quantizer and the writer find them. (Tiny graphs never reach 2 GB.)"""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgediff.exporter.weights import load_stripped, write_graph
+
+    value = np.arange(512, dtype=np.float32)
+    tensor = numpy_helper.from_array(value, "c")
+    (tmp_path / "c.bin").write_bytes(value.tobytes())
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, item in (("location", "c.bin"), ("offset", "0"), ("length", str(value.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, item
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=tensor), helper.make_node("Add", ["x", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    model = load_stripped(tmp_path / "model.onnx", "weights.bin")
+    assert [n.op_type for n in model.graph.node] == ["Add"] and [t.name for t in model.graph.initializer] == ["c"]
+    write_graph(model, tmp_path / "out" / "model.onnx", tmp_path)
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"x": np.ones(512, np.float32)})[0], value + 1)

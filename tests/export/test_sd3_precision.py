@@ -1,0 +1,107 @@
+"""SD 3.5's precision policy on tiny models: T5 in fp16 with fp32 islands (its residual stream, as
+ONNX Runtime's SD3 tooling keeps it), and weight-only int4 over the transformer's and T5's MatMuls.
+
+The T5 here is made to overflow fp16 as trained T5 v1.1 does: its last block's feed-forward output
+projection (``wo``) is scaled up, so that sublayer's output and the residual stream after it exceed
+fp16's 65504. With the islands the fp16 graph stays finite and within FP16_TOLERANCE of torch fp32;
+without them the same export overflows and falls back to a whole-graph fp32 T5.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgediff.exporter import graphs as graphs_module
+from edgediff.exporter.export import export_model
+from test_sd3 import build_sd3
+
+# Relative to the output's peak, as the exporter validates: the fp16 declaration's 2e-2.
+FP16_TOLERANCE = 2e-2
+WO_SCALE = 3e4  # block 1's feed-forward output grows past fp16's range (measured peak ~1e5)
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3_precision")
+    pipe = build_sd3("sd35m")
+    t5 = pipe.text_encoder_3
+    with torch.no_grad():
+        t5.encoder.block[-1].layer[1].DenseReluDense.wo.weight.mul_(WO_SCALE)
+        ids = torch.randint(0, t5.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+        seen = []
+        hook = t5.encoder.final_layer_norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        t5(ids)
+        hook.remove()
+    residual = seen[0]  # the residual stream before the final norm
+    assert float(residual.abs().max()) > 65504  # past fp16's range: the test can fail without islands
+    pipe.save_pretrained(root / "src")
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3_int4")
+    build_sd3("sd35m").save_pretrained(root / "src")
+    return root
+
+
+def _t5_entry(folder):
+    return json.loads((folder / "manifest.json").read_text())["graphs"]["text_encoder_3"]
+
+
+def _export(root, name, precision, graphs=("text_encoder_3",)):
+    return export_model(str(root / "src"), root / name, precision=precision, optimize_for="cpu", graphs=graphs,
+                        overwrite=True, log=lambda line: None) and root / name
+
+
+def test_t5_fp16_with_fp32_islands_matches_fp32(overflowing):
+    entry = _t5_entry(_export(overflowing, "fp16", "fp16"))
+    assert entry["precision"] == "fp16", entry["kept_fp32"]
+    assert any("T5 residual stream" in why for why in entry["kept_fp32"])
+    assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= FP16_TOLERANCE
+    import onnx
+
+    model = onnx.load(str(overflowing / "fp16" / "text_encoder_3" / "model.onnx"))
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 96 * 64]
+    half = [t for t in weights if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(half) > len(weights) // 2  # the graph is fp16 but for its islands
+
+
+def test_t5_without_islands_overflows_fp16(overflowing, monkeypatch):
+    """The islands are what keeps it fp16: without them the first try is not finite."""
+    spec = graphs_module.FAMILIES["sd3"]["text_encoder_3"]
+    from dataclasses import replace
+
+    monkeypatch.setitem(graphs_module.FAMILIES["sd3"], "text_encoder_3", replace(spec, fp16_islands=None))
+    entry = _t5_entry(_export(overflowing, "fp16-plain", "fp16"))
+    assert entry["precision"] == "fp32" and entry["kept_fp32"] == ["whole graph (fp16 overflow)"]
+
+
+def test_int4_covers_transformer_and_t5_and_runs(plain):
+    folder = _export(plain, "int4", "int4", graphs=("text_encoder_3", "unet"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    import onnx
+
+    for name in ("text_encoder_3", "unet"):
+        entry = manifest["graphs"][name]
+        assert entry["precision"] == "int4" and entry["quantization"]["packed_bytes"] > 0, entry
+        # validated: ONNX Runtime loaded and ran it on the CPU, within the int4 tolerance of torch fp32
+        assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= 2e-1
+        ops = [node.op_type for node in onnx.load(str(folder / entry["path"])).graph.node]
+        assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation MatMuls stay float
+
+
+def test_export_of_the_denoiser_alone_reads_back(plain):
+    """A manifest of only some graphs (the benchmarks' transformer-only exports, which
+    benchmarks/unet_step.py reads) lists no text encoder it lacks, so it reads back: it used to gain
+    a default ``text_encoder`` entry when written, which its own check then refused."""
+    from edgediff.runtime.manifest import Manifest
+
+    data = json.loads((_export(plain, "int4", "int4", graphs=("text_encoder_3", "unet")) / "manifest.json").read_text())
+    data["graphs"] = {"unet": data["graphs"]["unet"]}
+    data["text_encoders"] = []
+    written = json.loads(json.dumps(Manifest.from_dict(data).to_dict()))  # as write_manifest writes it
+    assert Manifest.from_dict(written).text_encoders == []
