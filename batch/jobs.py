@@ -4,7 +4,8 @@ A job names what to draw (``prompt``, ``negative``, ``seed``, ``steps``, ``sampl
 ``width``, ``height``, ``guidance``) and may carry an ``id``; missing fields take the batch's
 defaults. Optional fields, passed as given to the request: ``hires`` (the hires fix's dict, as
 ``pipe(hires=...)``), ``image`` (a picture file, relative to the jobs file's folder: img2img, or
-the picture an InstructPix2Pix model edits) and ``image_guidance``. Every problem is reported as
+the picture an InstructPix2Pix model edits or an x4 upscaler enlarges), ``image_guidance`` and
+``noise_level``. Every problem is reported as
 ``FILE:LINE: what is wrong``.
 
 A job without a seed gets one derived from the job itself (a hash of its fields after defaults,
@@ -32,8 +33,9 @@ from edgediff.runtime.samplers import resolve_sampler
 FIELDS = ("id", "prompt", "negative", "seed", "steps", "sampler", "schedule", "width", "height", "guidance")
 # SD 3/3.5 switches ("on"/"off"; true/false or a settings object): in a job only where given, so the
 # keys and derived seeds of jobs without them stay what they were.
-OPTIONAL = ("t5", "skip_layer_guidance", "hires", "image", "image_guidance")
-# hires, image (a file, relative to the jobs file; its content keys the output), image_guidance: likewise.
+OPTIONAL = ("t5", "skip_layer_guidance", "hires", "image", "image_guidance", "noise_level")
+# hires, image (a file, relative to the jobs file; its content keys the output), image_guidance,
+# noise_level (an x4 upscaler's): likewise.
 DEFAULTS: dict[str, Any] = {"negative": "", "steps": 20, "sampler": DEFAULT_SAMPLER, "schedule": None,
                             "width": None, "height": None, "guidance": 7.5}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

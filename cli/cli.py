@@ -198,9 +198,11 @@ def generate(ctx, prompt, model, output, negative, steps, guidance, sampler, sch
         found = _read_parameters(from_png)
         found["negative"] = found.pop("negative_prompt", negative)
         values = dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, sampler=sampler,
-                      schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax)
+                      schedule=schedule, seed=seed, width=width, height=height, prompt_syntax=prompt_syntax,
+                      image_guidance=image_guidance)
         values.update((name, value) for name, value in found.items() if name in values and name not in given)
-        prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax = values.values()
+        (prompt, negative, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax,
+         image_guidance) = values.values()
         hires = {**found.get("hires", {}), **hires}  # flags given override the image's
     if prompt is None:
         raise EdgediffError("give a PROMPT (or `--sampler list` to see the samplers)")

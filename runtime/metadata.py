@@ -83,8 +83,8 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
 
     ``params`` (a mapping or a dataclass) uses the pipeline's keyword names: prompt,
     negative_prompt, steps, guidance, sampler, schedule, seed, width, height; optional strength
-    (img2img's denoising strength), hires (a checked HiresFix), model_name, model_hash, loras (``[(name, weight, hash)]``,
-    hash may be None), version (None leaves it out; default: this edgediff's version).
+    (img2img's denoising strength), image_guidance, noise_level, hires (a checked HiresFix), model_name,
+    model_hash, loras (``[(name, weight, hash)]``, hash may be None), version (None leaves it out; default: this edgediff's version).
     """
     p = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
     sampler, schedule = sampler_label(p.get("sampler") or "dpmpp_2m_karras", p.get("schedule"))
@@ -101,6 +101,7 @@ def infotext(params: Mapping[str, Any] | Any) -> str:
         "Model hash": p.get("model_hash"),
         "Model": p.get("model_name"),
         "Denoising strength": p.get("strength"),
+        "Image CFG scale": p.get("image_guidance"),  # InstructPix2Pix, as A1111 writes it
         "Noise level": p.get("noise_level"),  # the x4 upscaler's (edgediff's own field)
         **_hires_fields(p.get("hires")),
         "Lora hashes": lora_hashes or None,
@@ -161,7 +162,7 @@ def request_infotext(request: Any, image: Image.Image, index: int, seed: int | N
                          width=r.width if hires else image.width, height=r.height if hires else image.height,
                          strength=hires.strength if hires else r.strength if r.image is not None and
                          getattr(r, "noise_level", None) is None else None, noise_level=getattr(r, "noise_level", None),
-                         hires=hires, loras=loras,
+                         image_guidance=getattr(r, "image_guidance", None), hires=hires, loras=loras,
                          prompt_syntax=r.prompt_syntax, control=_control_fields(r), **(identity or {})))
 
 
@@ -199,12 +200,13 @@ def parse_infotext(text: str) -> dict[str, str]:
 def generation_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline keyword arguments from :func:`parse_infotext`'s result (only those present):
     prompt, negative_prompt, steps, guidance, sampler, schedule, seed, width, height, prompt_syntax,
-    hires (A1111's Hires fields)."""
+    image_guidance, noise_level, hires (A1111's Hires fields)."""
     from .samplers import normalize_schedule
 
     kwargs: dict[str, Any] = {"prompt": parsed.get("Prompt", ""), "negative_prompt": parsed.get("Negative prompt", "")}
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
-                            ("Size-1", "width", int), ("Size-2", "height", int)):
+                            ("Size-1", "width", int), ("Size-2", "height", int),
+                            ("Image CFG scale", "image_guidance", float), ("Noise level", "noise_level", int)):
         if key in parsed:
             try:
                 kwargs[name] = kind(parsed[key])

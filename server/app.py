@@ -117,6 +117,9 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             lora_dir=lora_dir, control=controlnets.units(req, image) or None,
             t5=req.t5, skip_layer_guidance=req.skip_layer_guidance,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
+            **{name: getattr(req, field) for name, field in (("image_guidance", "image_cfg_scale"),
+                                                             ("noise_level", "noise_level"))
+               if getattr(req, field, None) is not None},
             **(dict(hires=hires_settings(req, upscaler_dir and Path(upscaler_dir))) if req.enable_hr and image is None
                else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))

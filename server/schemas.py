@@ -56,6 +56,10 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: Optional[str] = Field(None, description="base64 mask, white repaints (needs inpainting support)")
     mask_blur: Optional[int] = Field(None, description="pixels; bounds as the runtime's mask_blur")
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    image_cfg_scale: Optional[float] = Field(None, description="InstructPix2Pix models: the picture's guidance "
+                                                               "(A1111's field); default 1.5")
+    noise_level: Optional[int] = Field(None, description="edgediff's extension, x4 upscaler models: noise added to "
+                                                         "the picture (0 to the model's max_noise_level); default 20")
     include_init_images: bool = False
 
 

@@ -83,6 +83,22 @@ def test_cli_edits_a_picture(pix2pix_export, tmp_path):
     expected = pipe(PROMPT, image=picture(), image_guidance=1.5, steps=4, seed=2, sampler="euler").images[0]
     with Image.open(out) as image:
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+        assert "Image CFG scale: 1.5" in image.info["parameters"]  # A1111's name for it
+
+
+def test_from_png_reads_the_image_guidance_back(pix2pix_export, tmp_path):
+    """Not the default 1.5: a --from-png run that dropped "Image CFG scale" would draw another image."""
+    source, first, again = tmp_path / "in.png", tmp_path / "first.png", tmp_path / "again.png"
+    picture().save(source)
+    common = ["--image", str(source), "--model", str(pix2pix_export), "--provider", "cpu"]
+    run = CliRunner().invoke(main, ["generate", PROMPT, "--image-guidance", "3", "--steps", "3", "--seed", "5",
+                                    "--sampler", "euler", *common, "-o", str(first)])
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(main, ["generate", "--from-png", str(first), *common, "-o", str(again)])
+    assert run.exit_code == 0, run.output
+    with Image.open(again) as image, Image.open(first) as expected:
+        assert "Image CFG scale: 3.0" in expected.info["parameters"]
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
 
 
 def test_image_guidance_on_a_model_without_a_picture_input_is_one_line(tiny_exports, tmp_path):

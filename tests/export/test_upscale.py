@@ -188,3 +188,41 @@ def test_python_errors(upscaler_export):
     plain = Pipeline.load(None, provider="cpu")  # the shipped default model
     with pytest.raises(EdgediffError, match="noise_level is for x4 upscaler models"):
         plain(PROMPT, noise_level=20, steps=1)
+
+
+def test_server_and_batch_carry_the_noise_level(upscaler_export, tmp_path):
+    """img2img's ``noise_level`` (edgediff's extension) and a job line's reach the request: each draws
+    pipe(...)'s image at that level, which is not the default level's image."""
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from edgediff.server import Limits, create_app
+
+    pipe = Pipeline.load(upscaler_export, provider="cpu", memory="low")
+    settings = dict(steps=2, guidance=5.0, seed=4, sampler="euler")
+    expected = np.asarray(pipe(PROMPT, image=picture(), noise_level=60, **settings).images[0])
+    default = np.asarray(pipe(PROMPT, image=picture(), **settings).images[0])
+    assert not np.array_equal(expected, default)
+
+    picture().save(tmp_path / "in.png")
+    encoded = base64.b64encode((tmp_path / "in.png").read_bytes()).decode()
+    with TestClient(create_app(pipe, limits=Limits(max_steps=50))) as client:
+        done = client.post("/sdapi/v1/img2img", json={
+            "prompt": PROMPT, "init_images": [encoded], "noise_level": 60, "steps": 2, "cfg_scale": 5.0,
+            "seed": 4, "sampler_name": "euler"})
+    assert done.status_code == 200, done.text
+    served = Image.open(io.BytesIO(base64.b64decode(done.json()["images"][0])))
+    np.testing.assert_array_equal(np.asarray(served.convert("RGB")), expected)
+    assert "Noise level: 60" in served.info["parameters"]
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "up", "prompt": PROMPT, "image": "in.png", "noise_level": 60, "steps": 2,
+                                "guidance": 5.0, "seed": 4, "sampler": "euler"}) + "\n")
+    run = CliRunner().invoke(main, ["batch", str(jobs), "--out", str(tmp_path / "out"), "--model",
+                                    str(upscaler_export)])
+    assert run.exit_code == 0, run.output
+    [written] = (tmp_path / "out").glob("up-*.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(written).convert("RGB")), expected)
