@@ -85,9 +85,20 @@ def check_device(dry_run: bool) -> str | None:
     if "CUDAExecutionProvider" not in providers:
         return (f"no CUDA provider in this onnxruntime ({', '.join(providers)}): install edgediff[cuda] on a "
                 "machine with an NVIDIA GPU, or pass --dry-run for the CPU rehearsal")
-    if not hardware.gpus():
-        return "no NVIDIA GPU visible to NVML (nvidia-ml-py): nothing to check; pass --dry-run for the CPU rehearsal"
+    # onnxruntime-gpu lists its CUDA provider on machines without a GPU too (it falls back at run time).
+    if not hardware.gpus() and not _nvidia_smi_lists_a_gpu():
+        return "no NVIDIA GPU found (NVML, nvidia-smi): nothing to check; pass --dry-run for the CPU rehearsal"
     return None
+
+
+def _nvidia_smi_lists_a_gpu() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    return listed.returncode == 0 and "GPU" in listed.stdout
 
 
 def tests_dir() -> Path | None:

@@ -70,6 +70,7 @@ class PeersParams:
     peer_python: str | None = None  # None: EDGEDIFF_PEER_PYTHON, else this interpreter
     rows: tuple[str, ...] = tuple(row.key for row in ROWS)
     timeout_s: int = 1800
+    measure: bool = True  # False: only make the exports (one heavy job), measure in a later run
 
 
 def peer_python(params: PeersParams) -> str:
@@ -150,7 +151,7 @@ def run(params: PeersParams, log=None) -> dict:
     source = ensure_model(params.model, Path(params.cache or default_cache()), 0, log=log)
     out = Path(params.out)
     results = []
-    for row in (r for r in ROWS if r.key in params.rows):
+    for row in (r for key in params.rows for r in ROWS if r.key == key):  # in the order asked for
         entry = {"key": row.key, "label": row.label}
         try:
             folder, why = prepare(row, source, params, out / "logs", log)
@@ -159,6 +160,9 @@ def run(params: PeersParams, log=None) -> dict:
         if folder is None:
             results.append({**entry, "skipped": why})
             log(f"{row.key}: skipped: {why}")
+            continue
+        if not params.measure:
+            results.append({**entry, "prepared": str(folder)})
             continue
         python = sys.executable if row.python == "ours" else peer_python(params)
         spec = {"folder": str(folder), "prompt": PROMPT, "negative": NEGATIVE, "steps": params.steps,
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--results", default=None, help="markdown file the table is appended to")
     parser.add_argument("--peer-python", default=None, help="the Python that has the peers installed")
+    parser.add_argument("--prepare-only", action="store_true", help="make the exports only; measure later")
     parser.add_argument("--rows", default=None, help=f"comma-separated, of: {','.join(r.key for r in ROWS)}")
     args = parser.parse_args(argv)
     keys = tuple(args.rows.split(",")) if args.rows else tuple(row.key for row in ROWS)
@@ -242,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     params = PeersParams(model=args.model, resolution=args.resolution, steps=args.steps, threads=args.threads,
                          cache=Path(args.cache) if args.cache else None, out=Path(args.out),
-                         peer_python=args.peer_python, rows=keys)
+                         peer_python=args.peer_python, rows=keys, measure=not args.prepare_only)
     document = run(params)
+    if not params.measure:
+        print(json.dumps(document["rows"], indent=1))
+        return 0
     paths = write_outputs(document, params.out, Path(args.results) if args.results else None)
     print(paths["markdown"].read_text())
     return 0
