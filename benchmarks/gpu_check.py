@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU, tiny models and sizes")
     parser.add_argument("--out", default="gpu-check-results", help="folder for gpu_check.json and the logs")
-    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="markdown file the table is appended to")
+    parser.add_argument("--results", default=None, help="markdown file the table is appended to [default: "
+                        "benchmarks/RESULTS.md; with --dry-run, gpu_check.md in --out]")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting work after this many seconds")
     parser.add_argument("--families", default=None, help=f"parity families, comma-separated ({','.join(FAMILIES)})")
     parser.add_argument("--cache", default=None, help="where full-size random-weight models and exports are cached")
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"gpu_check: {why}", file=sys.stderr)
         return 2
+    if args.results is None:  # a rehearsal's figures are not results: they stay beside its JSON
+        args.results = str(Path(args.out) / "gpu_check.md") if args.dry_run else str(DEFAULT_RESULTS)
     document = run(args)
     path = Path(args.out) / "gpu_check.json"
     path.write_text(json.dumps(document, indent=2, default=str))

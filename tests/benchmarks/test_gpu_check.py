@@ -68,3 +68,12 @@ def test_without_a_gpu_and_without_dry_run_it_stops_in_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA provider"), done.stderr
     assert not (tmp_path / "r.md").exists() and not (tmp_path / "out" / "gpu_check.json").exists()
+
+
+def test_a_python_without_edgediff_is_one_line(tmp_path):
+    env = {**os.environ, "EDGEDIFF_PYTHON": str(tmp_path / "no-such-python")}
+    done = subprocess.run([str(SCRIPT), "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: edgediff is not installed"), done.stderr
