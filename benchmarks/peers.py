@@ -175,6 +175,8 @@ def run(params: PeersParams, log=None) -> dict:
         result = call_worker(python, row.engine, spec, out / "logs" / f"{row.key}.log", params.timeout_s)
         results.append({**entry, **result, "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())})
         log(f"{row.key}: {result}")
+        out.mkdir(parents=True, exist_ok=True)  # what is measured so far survives an interrupted run
+        (out / "peers.partial.json").write_text(json.dumps(results, indent=1, default=str))
     return {"params": {**asdict(params), "cache": str(params.cache), "out": str(params.out),
                        "peer_python": "separate" if peer_python(params) != sys.executable else "this"},
             "machine": hardware.machine(), "versions": hardware.versions(), "threads": threads,
