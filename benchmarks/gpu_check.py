@@ -175,11 +175,12 @@ def generate(folder: Path, provider: str, family: str, control: Path | None) -> 
 
 
 def parity(plan: Plan, root: Path, budget: Budget, log) -> list[dict]:
-    rows = []
+    rows, estimate = [], plan.cost["family"]
     for family in plan.families:
-        if not budget.allows(plan.cost["family"]):
+        if not budget.allows(estimate):
             rows.append({"family": family, "skipped": "time budget spent"})
             continue
+        started = time.monotonic()
         try:
             source, net = build_family(family, root)
         except Exception as error:  # one family's builder failing must not lose the others
@@ -205,6 +206,7 @@ def parity(plan: Plan, root: Path, budget: Budget, log) -> list[dict]:
                          "mean_abs": None if difference is None else float(difference.mean()),
                          "pixels": list(pixels.shape), "seconds": time.perf_counter() - clock})
             log(f"parity {family} {precision} on {provider}: max {rows[-1]['max_abs']}")
+        estimate = max(estimate, time.monotonic() - started)  # a loaded machine is slower than the guess
     return rows
 
 
@@ -382,9 +384,11 @@ def run(args) -> dict:
                     "steps": plan.steps, "machine": hardware.machine(), "versions": hardware.versions(),
                     "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
         document["parity"] = parity(plan, Path(work), budget, log)
+        # Written now too: a run stopped by the shell's hard limit keeps its parity section.
+        (out / "gpu_check.json").write_text(json.dumps({**document, "complete": False}, indent=2, default=str))
         cache = Path(args.cache) if args.cache else default_cache()
         document["full_size"] = full_size(plan, Path(work), cache, out, budget, log)
-    document["seconds"] = time.monotonic() - started
+    document["seconds"], document["complete"] = time.monotonic() - started, True
     return document
 
 
