@@ -26,7 +26,7 @@ def test_dry_run_measures_and_writes_the_table_where_told(tmp_path):
                       "--cache", str(tmp_path / "cache"), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     document = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert document["dry_run"] is True
+    assert document["dry_run"] is True and document["complete"] is True
 
     parity = {row["precision"]: row for row in document["parity"] if row["family"] == "sd1"}
     assert set(parity) == {"fp16", "int4"}, document["parity"]
