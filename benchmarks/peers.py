@@ -114,10 +114,15 @@ def prepare(row: Row, source: Path, params: PeersParams, log_dir: Path, log) -> 
         _, precision, target = row.folder.split("-")
         return ensure_export(source, precision, target, log=log), None
     folder = source.parent / row.folder
+    if not (folder / ".complete").is_file() and not (folder / "model.safetensors").is_file():
+        why = _disk_short(source)
+        if why:
+            return None, why
     if row.folder == "single-file":
         return single_file(source, folder / "model.safetensors", log), None
     if (folder / ".complete").is_file():
         return folder, None
+    _legacy_tokenizer_files(source)
     log(f"preparing {row.folder} (the peer's own export) into {folder}")
     spec = {"prepare": True, "source": str(source), "folder": str(folder), "int8": row.folder.endswith("int8")}
     result = call_worker(peer_python(params), row.engine, spec, log_dir / f"prepare-{row.folder}.log", params.timeout_s)
@@ -125,6 +130,29 @@ def prepare(row: Row, source: Path, params: PeersParams, log_dir: Path, log) -> 
         return None, result.get("skipped") or f"its export failed: {result.get('error')}"
     (folder / ".complete").write_text(json.dumps(result))
     return folder, None
+
+
+def _disk_short(source: Path) -> str | None:
+    """A peer's export is about as large as the model's weights: refuse up front, never fill the disk."""
+    import shutil
+
+    weights = sum(f.stat().st_size for f in source.rglob("*.safetensors"))
+    free = shutil.disk_usage(source.parent).free
+    need = int(weights * 1.1) + 2 * 2**30  # the export plus a margin for everyone else on the disk
+    return None if free >= need else f"not enough disk for its export ({free / 2**30:.1f} GiB free, needs {need / 2**30:.1f})"
+
+
+def _legacy_tokenizer_files(source: Path) -> None:
+    """The peers' older transformers read CLIP's tokenizer from vocab.json and merges.txt, which
+    transformers 5 no longer writes beside tokenizer.json: put the shipped BPE files there."""
+    import shutil
+
+    from edgediff.models import clip_tokenizer_dir
+
+    for tokenizer in source.glob("tokenizer*"):
+        for name in ("vocab.json", "merges.txt"):
+            if not (tokenizer / name).exists():
+                shutil.copy(clip_tokenizer_dir() / name, tokenizer / name)
 
 
 def single_file(source: Path, path: Path, log) -> Path:
