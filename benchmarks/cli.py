@@ -35,10 +35,17 @@ from .runner import ALL_PROVIDERS, MEMORY_MODES, PRECISIONS
 @click.option("--oneshot", type=int, default=0, show_default=True,
               help="Rounds of one-shot CLI rows: fresh `edgediff generate` processes (first and cached run) "
                    "against fresh diffusers processes, loading included.")
+@click.option("--peers", is_flag=True,
+              help="The peers row instead: the same model through edgediff, diffusers, optimum-intel (OpenVINO), "
+                   "optimum (ONNX Runtime) and stable-diffusion.cpp, Euler steps, each in its own process.")
+@click.option("--peer-python", default=None, envvar="EDGEDIFF_PEER_PYTHON",
+              help="With --peers: the Python whose environment has the peers installed [default: this one].")
 @user_errors
 def bench(model, resolution, steps, batch, providers, precisions, memory, repeats, threads, no_diffusers,
-          no_bf16, cache, out, seed, oneshot):
+          no_bf16, cache, out, seed, oneshot, peers, peer_python):
     """Latency and memory per stage and provider, side by side with diffusers, on full-size architectures."""
+    if peers:
+        return _peers(model, resolution, steps, threads, cache, out, peer_python)
     from .report import write_outputs
     from .runner import BenchParams, run_benchmark
 
@@ -58,3 +65,19 @@ def bench(model, resolution, steps, batch, providers, precisions, memory, repeat
     paths = write_outputs(document, out)
     click.echo(paths["markdown"].read_text())
     click.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}", err=True)
+
+
+def _peers(model, resolution, steps, threads, cache, out, peer_python) -> None:
+    from .models import config_source
+    from .peers import PeersParams, run, write_outputs
+
+    config_source(model)  # one line for an unknown model
+    if out.exists() and not out.is_dir():
+        raise EdgediffError(f"--out {out} is a file; give a folder")
+    if resolution <= 0 or resolution % 8 or steps < 1:
+        raise EdgediffError("--resolution must be a positive multiple of 8 and --steps at least 1")
+    params = PeersParams(model=model, resolution=resolution, steps=steps, threads=threads, cache=cache, out=out,
+                         peer_python=peer_python)
+    paths = write_outputs(run(params), out)
+    click.echo(paths["markdown"].read_text())
+    click.echo(f"wrote {paths['json']}, {paths['markdown']}", err=True)

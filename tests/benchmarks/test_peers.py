@@ -1,0 +1,60 @@
+"""benchmarks/peers.py on a tiny model: each engine measured in its own process, a peer that cannot be
+imported or whose Python is missing is a one-line skip, and the table says who is faster."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from edgediff.benchmarks import peers
+from tiny_models import save_pipeline
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory):
+    model = save_pipeline("sd1", tmp_path_factory.mktemp("tiny") / "sd1")
+    out = tmp_path_factory.mktemp("peers-out")
+    params = peers.PeersParams(model=str(model), resolution=32, steps=2, cache=tmp_path_factory.mktemp("cache"),
+                               out=out, peer_python=sys.executable,
+                               rows=("edgediff-fp32", "diffusers-fp32", "ov-fp32", "sdcpp-q8_0"))
+    try:  # this environment may have the peers installed; the skip line is what is under test here
+        import optimum.intel  # noqa: F401
+
+        pytest.skip("optimum-intel is importable here: the skip path cannot be shown")
+    except ImportError:
+        pass
+    return peers.run(params, log=lambda line: None), out
+
+
+def test_engines_are_measured_in_their_own_processes(document):
+    doc, _ = document
+    rows = {row["key"]: row for row in doc["rows"]}
+    for key in ("edgediff-fp32", "diffusers-fp32"):
+        row = rows[key]
+        assert not row.get("error") and not row.get("skipped"), row
+        assert row["load_s"] > 0 and row["first_s"] > 0 and row["resident_s"] > 0, row
+    # VmHWM per engine: the torch-free runtime's process stays far below diffusers'.
+    assert rows["edgediff-fp32"]["peak_rss_bytes"] < rows["diffusers-fp32"]["peak_rss_bytes"]
+
+
+def test_a_peer_that_cannot_be_imported_is_one_line(document):
+    doc, _ = document
+    rows = {row["key"]: row for row in doc["rows"]}
+    assert rows["ov-fp32"]["skipped"].startswith("optimum-intel[openvino] cannot be imported here")
+    assert "\n" not in rows["ov-fp32"]["skipped"] and "load_s" not in rows["ov-fp32"]
+
+
+def test_missing_peer_python_is_a_skip_not_a_crash(tmp_path):
+    result = peers.call_worker(str(tmp_path / "no-python"), "sdcpp", {}, tmp_path / "log", timeout_s=30)
+    assert result["skipped"].startswith("cannot start ")
+
+
+def test_table_and_summary(document):
+    doc, out = document
+    paths = peers.write_outputs(doc, out, out / "results.md")
+    text = paths["markdown"].read_text()
+    assert "| edgediff ONNX Runtime fp32 |" in text and "skipped: optimum-intel" in text
+    ours = next(row for row in doc["rows"] if row["key"] == "edgediff-fp32")
+    assert f"{ours['resident_s']:.1f} s" in text
+    assert "against diffusers fp32" in text and "x (" in text
+    assert (out / "results.md").read_text().strip() == text.strip()
