@@ -3,7 +3,6 @@ the upscaled size; A1111's latent upscalers equal to torch's F.interpolate; CLI,
 bad input."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from sd_parsers import ParserManager
 
 from live_server import running
 from edgediff.cli import main
-from edgediff.runtime import Pipeline, metadata
+from edgediff.runtime import Pipeline
 from edgediff.runtime.samplers import resolve_sampler
 from edgediff.server import Limits, create_app
 
