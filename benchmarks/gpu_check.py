@@ -36,7 +36,6 @@ from . import hardware
 
 PROMPT, NEGATIVE = "a red circle on a white background", "blurry, dark"
 FAMILIES = ("sd1", "sdxl", "controlnet", "sd35")
-DEFAULT_RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 @dataclass
@@ -101,16 +100,32 @@ def _nvidia_smi_lists_a_gpu() -> bool:
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
+def checkout() -> Path | None:
+    """The source checkout this runs from (its tests/ holds the tiny-model builders): beside this
+    module in an editable install, else the working directory (gpu_check.sh runs from the checkout's
+    root, whatever the install)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "tests" / "tiny_models.py").is_file():
+            return root
+    return None
+
+
 def tests_dir() -> Path | None:
-    """The tiny-model builders live in tests/ of a source checkout."""
-    folder = Path(__file__).resolve().parents[1] / "tests"
-    return folder if (folder / "tiny_models.py").is_file() else None
+    root = checkout()
+    return None if root is None else root / "tests"
+
+
+def default_results() -> Path:
+    """The checkout's benchmarks/RESULTS.md (not an installed copy's)."""
+    root = checkout()
+    return root / "benchmarks" / "RESULTS.md" if root is not None else Path(__file__).with_name("RESULTS.md")
 
 
 def _import_builders():
     folder = tests_dir()
     if folder is None:
-        raise RuntimeError("tests/ is not beside this install: run from a source checkout (pip install -e .)")
+        raise RuntimeError("tests/ is not in this checkout or the working directory: run benchmarks/gpu_check.sh "
+                           "from a source checkout")
     for path in (folder, folder / "export"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -405,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in (args.families or "").split(",") if f and f not in FAMILIES]
     why = f"unknown --families {', '.join(unknown)}: choose from {', '.join(FAMILIES)}" if unknown else \
         check_device(args.dry_run)
+    if not why and checkout() is None:
+        why = "tests/ (the tiny-model builders) is not in this checkout or the working directory: run " \
+              "benchmarks/gpu_check.sh from a source checkout"
     if why:
         print(f"gpu_check: {why}", file=sys.stderr)
         return 2
     if args.results is None:  # a rehearsal's figures are not results: they stay beside its JSON
-        args.results = str(Path(args.out) / "gpu_check.md") if args.dry_run else str(DEFAULT_RESULTS)
+        args.results = str(Path(args.out) / "gpu_check.md") if args.dry_run else str(default_results())
     document = run(args)
     path = Path(args.out) / "gpu_check.json"
     path.write_text(json.dumps(document, indent=2, default=str))
