@@ -21,7 +21,7 @@ from .denoiser import make_denoiser
 from .flow import make_model_plan, skip_guidance, skip_inputs
 from .errors import InputError, ModelFolderError, OutOfMemoryError
 from .manifest import Manifest, read_manifest
-from .modes import Img2Img, Txt2Img, choose_mode
+from .modes import Img2Img, Txt2Img, choose_mode, unet_kind
 from .noise import make_rng
 from .prompts import encode_prompts
 from .request import (DEFAULT_SAMPLER, REQUEST_FIELDS, GenerationRequest, StepCallback, check_vae_tiling,
@@ -350,6 +350,12 @@ class Pipeline:
         return Result(images=[image.copy() for _ in range(count)], pixels=pixels,
                       seed=seeds[0] if seeds else request.seed, seeds=seeds,
                       timings={"total": time.perf_counter() - started}, request=request)
+
+    @property
+    def unet_kind(self) -> str:
+        """"inpainting", "instruct-pix2pix" or "plain": what the U-Net's declared inputs take
+        (front ends use it to drop A1111 fields that do not apply, as A1111 does)."""
+        return unet_kind(self._unet_channels(), self.manifest.latent_channels)
 
     def _unet_channels(self) -> int:
         # A manifest without a "sample" input is caught where the U-Net session starts.

@@ -96,6 +96,8 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
                                 limits.max_input_pixels)
     app.include_router(controlnets.router)
 
+    pix2pix = pipe.unet_kind == "instruct-pix2pix"
+
     def bad(detail: str, status: int = 422):
         raise HTTPException(status, detail)
 
@@ -117,9 +119,9 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
             lora_dir=lora_dir, control=controlnets.units(req, image) or None,
             t5=req.t5, skip_layer_guidance=req.skip_layer_guidance,
             **(dict(strength=req.denoising_strength) if image is not None else {}),
-            **{name: getattr(req, field) for name, field in (("image_guidance", "image_cfg_scale"),
-                                                             ("noise_level", "noise_level"))
-               if getattr(req, field, None) is not None},
+            **(dict(image_guidance=req.image_cfg_scale) if pix2pix and getattr(req, "image_cfg_scale", None)
+               is not None else {}),  # clients send it for every model; A1111 reads it on pix2pix only
+            **(dict(noise_level=req.noise_level) if getattr(req, "noise_level", None) is not None else {}),
             **(dict(hires=hires_settings(req, upscaler_dir and Path(upscaler_dir))) if req.enable_hr and image is None
                else {}),
             **(dict(mask_blur=req.mask_blur) if mask is not None and req.mask_blur is not None else {}))

@@ -133,3 +133,26 @@ def test_the_memory_plan_sizes_the_unet_for_its_guidance_groups(pix2pix_export, 
         sized[batch] = activations + scratch
     assert len(set(sized.values())) == 3  # the batch changes the estimate
     assert pipe.memory_plan.activations["unet"] == sized[groups]
+
+
+def test_server_reads_a1111_image_cfg_scale(pix2pix_export, tmp_path):
+    """A1111's img2img field reaches the request on an InstructPix2Pix model (clients send it for every
+    model: on others it is ignored, as A1111 does; tests/server/test_api.py sends webuiapi's default)."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from edgediff.server import Limits, create_app
+
+    pipe = Pipeline.load(pix2pix_export, provider="cpu")
+    picture().save(tmp_path / "in.png")
+    body = {"prompt": PROMPT, "init_images": [base64.b64encode((tmp_path / "in.png").read_bytes()).decode()],
+            "steps": 3, "seed": 5, "sampler_name": "euler", "cfg_scale": 7.5, "image_cfg_scale": 3.0}
+    with TestClient(create_app(pipe, limits=Limits(max_steps=50))) as client:
+        done = client.post("/sdapi/v1/img2img", json=body)
+    assert done.status_code == 200, done.text
+    served = Image.open(io.BytesIO(base64.b64decode(done.json()["images"][0])))
+    expected = pipe(PROMPT, image=picture(), image_guidance=3.0, steps=3, seed=5, sampler="euler").images[0]
+    np.testing.assert_array_equal(np.asarray(served.convert("RGB")), np.asarray(expected))
+    assert "Image CFG scale: 3.0" in served.info["parameters"]
