@@ -14,14 +14,14 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InputError, ModelFolderError
-from .manifest import MANIFEST_NAME, GraphEntry, Manifest
+from .manifest import MANIFEST_NAME, FolderManifest, GraphEntry, write_manifest, Manifest
 from .depth import GRAPH as DEPTH_GRAPH, DepthEstimator, read_depth_manifest
 from .preprocess import hint_tensor, preprocess
 
@@ -31,7 +31,7 @@ GRAPH = "controlnet"
 
 
 @dataclass
-class ControlNetManifest:
+class ControlNetManifest(FolderManifest):
     """What a ControlNet folder holds and which base models it fits."""
 
     family: str  # "sd" (SD 1.x/2.x: tell them apart by cross_attention_dim) or "sdxl"
@@ -47,25 +47,9 @@ class ControlNetManifest:
     kind: str = CONTROLNET_KIND
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ControlNetManifest":
-        data = dict(data)
-        data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 def write_controlnet_manifest(folder: str | os.PathLike, manifest: ControlNetManifest) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_manifest(folder, manifest)
 
 
 def read_controlnet_manifest(folder: str | os.PathLike) -> ControlNetManifest:

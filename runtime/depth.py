@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ModelFolderError
-from .manifest import MANIFEST_NAME, GraphEntry
+from .manifest import MANIFEST_NAME, FolderManifest, GraphEntry, write_manifest
 
 DEPTH_KIND = "depth"
 SCHEMA_VERSION = 1
@@ -34,7 +34,7 @@ PROCESSOR_DEFAULTS = {"do_resize": True, "size": {"height": 384, "width": 384}, 
 
 
 @dataclass
-class DepthManifest:
+class DepthManifest(FolderManifest):
     architecture: str  # the transformers class it was exported from
     processor: dict[str, Any]  # PROCESSOR_DEFAULTS' keys, from the model's preprocessor_config.json
     graphs: dict[str, GraphEntry]
@@ -44,24 +44,9 @@ class DepthManifest:
     kind: str = DEPTH_KIND
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DepthManifest":
-        data = dict(data)
-        data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
-        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
-
 
 def write_depth_manifest(folder: str | os.PathLike, manifest: DepthManifest) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_manifest(folder, manifest)
 
 
 def read_depth_manifest(folder: str | os.PathLike) -> DepthManifest:

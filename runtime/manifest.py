@@ -330,7 +330,26 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def write_manifest(model_dir: str | os.PathLike, manifest: Manifest) -> Path:
+class FolderManifest:
+    """``to_dict``/``from_dict`` of the dataclass manifests of side folders (ControlNet, depth model,
+    pixel upscaler): their ``graphs`` are GraphEntry objects; unknown keys are ignored."""
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        from dataclasses import fields
+
+        data = dict(data)
+        data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_manifest(model_dir: str | os.PathLike, manifest: Manifest | FolderManifest) -> Path:
     """Write ``manifest.json`` atomically (temporary file, then rename)."""
     path = Path(model_dir) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")

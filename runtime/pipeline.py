@@ -104,6 +104,8 @@ class Pipeline:
     def provider(self) -> str:
         return self.sessions.provider
 
+    # Over ~60 lines only by its signature (pipe(...)'s public keywords, one per field of
+    # GenerationRequest); the body builds the request and calls generate.
     @_memory_errors
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                  steps: int = 20, guidance: float = 7.5, sampler: str = DEFAULT_SAMPLER,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, ModelFolderError
-from .manifest import MANIFEST_NAME, GraphEntry
+from .manifest import MANIFEST_NAME, FolderManifest, GraphEntry, write_manifest
 
 PIXEL_UPSCALER_KIND = "pixel_upscaler"
 SCHEMA_VERSION = 1
@@ -29,7 +29,7 @@ TILE, OVERLAP = 128, 16  # input pixels; a 128 tile of a 64-feature RRDBNet x4 h
 
 
 @dataclass
-class PixelUpscalerManifest:
+class PixelUpscalerManifest(FolderManifest):
     """What a pixel-upscaler folder holds: one graph, pictures (1, in_channels, h, w) in [0, 1] to
     (1, out_channels, h * scale, w * scale)."""
 
@@ -46,25 +46,9 @@ class PixelUpscalerManifest:
     kind: str = PIXEL_UPSCALER_KIND
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PixelUpscalerManifest":
-        data = dict(data)
-        data["graphs"] = {name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 def write_upscaler_manifest(folder: str | os.PathLike, manifest: PixelUpscalerManifest) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_manifest(folder, manifest)
 
 
 def is_upscaler_folder(folder) -> bool:

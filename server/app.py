@@ -64,7 +64,8 @@ def hires_settings(req: schemas.Txt2ImgRequest, upscaler_dir: Path | None = None
 
 
 # Long on purpose for now: FastAPI endpoints as closures over one pipeline, worker and limits; each endpoint
-# only translates (GenerationRequest does the checks). Splitting them into a router module is the next step.
+# only translates (GenerationRequest does the checks). ControlNet's routes already live in server/controlnet.py's
+# router; moving the A1111 endpoints into routers the same way is the next step.
 def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None, provider: str = "auto",
                memory: str = "high", api_key: str | None = None, api_auth: list[str] | None = None,
                limits: Limits | None = None, lora_dir: str | Path | None = None,
