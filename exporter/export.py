@@ -100,7 +100,7 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     specs = graphs_for(components.meta)
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
-    check_memory([sum(components.weight_bytes.get(c, 0) for c in uses[name]) for name in graphs], source)
+    check_memory([_held_bytes(components, specs[name], uses[name], precision) for name in graphs], source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
@@ -282,6 +282,21 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
     )
     log(f"{prefix}: done in {time.perf_counter() - started:.1f} s")
     return entry
+
+
+# fp32 bytes a graph's weights take at each precision, in eighths (quantized: its MatMuls' weights).
+STORED_EIGHTHS = {"fp32": 8, "fp16": 4, "int8": 2, "int4": 1}
+
+
+def _held_bytes(components: Components, spec: GraphSpec, uses, precision: str) -> int:
+    """fp32 bytes a graph's export holds at once (memory.check_memory): its weights, except for a
+    streamed graph (T5-XXL), traced one block at a time and validated at the export's precision."""
+    size = sum(components.weight_bytes.get(c, 0) for c in uses)
+    if spec.streamed is None or components.tensors(spec.streamed[0]) is None:
+        return size
+    eighths = STORED_EIGHTHS[precision] if spec.quantizable or precision == "fp16" else 8
+    config = getattr(components.meta, spec.streamed[0]).config
+    return max(spec.streamed[1].resident_bytes(config), size * eighths // 8)
 
 
 def _trace(components: Components, job: GraphJob):

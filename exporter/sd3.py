@@ -196,6 +196,14 @@ class StreamedT5:
             _assign(block, {name: p for name, p in self.shared.items() if _has(block, name)})
         self.model = model.eval()
 
+    @staticmethod
+    def resident_bytes(config) -> int:
+        """fp32 bytes held while traced: the token embedding, one block (T5 v1.1's gated FFN, two RMS
+        norms) and the final norm."""
+        attention = 4 * config.d_model * config.num_heads * config.d_kv
+        feed_forward = (3 if config.is_gated_act else 2) * config.d_model * config.d_ff
+        return 4 * (config.vocab_size * config.d_model + attention + feed_forward + 3 * config.d_model)
+
     def module(self) -> nn.Module:
         return T5Encoder(self.model)
 

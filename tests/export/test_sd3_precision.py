@@ -104,3 +104,40 @@ def test_export_of_the_denoiser_alone_reads_back(plain):
     data["text_encoders"] = []
     written = json.loads(json.dumps(Manifest.from_dict(data).to_dict()))  # as write_manifest writes it
     assert Manifest.from_dict(written).text_encoders == []
+
+
+def test_streamed_t5_export_needs_one_block_not_the_whole_encoder(monkeypatch):
+    """T5-XXL (17.7 GiB of fp32 weights) exported from a folder holds one block while traced and its
+    int4/fp16 weights while validated: the memory check up front must not refuse it on 24 GiB for the
+    whole fp32 encoder, and must still refuse an fp32 export, which holds all of it."""
+    from types import SimpleNamespace
+
+    from transformers import T5Config, T5EncoderModel
+
+    from edgediff.exporter import export as export_module, memory
+    from edgediff.exporter.graphs import graphs_for
+    from edgediff.models import configs_dir
+
+    config = T5Config.from_pretrained(configs_dir() / "sd35m" / "text_encoder_3")
+    with torch.device("meta"):
+        t5 = T5EncoderModel(config)
+    one_block = sum(p.numel() for p in t5.encoder.block[1].parameters()) + t5.shared.weight.numel()
+    whole = 4 * sum(p.numel() for p in t5.encoder.parameters())
+    spec = next(s for s in graphs_for(build_sd3("sd35m")).values() if s.streamed)
+    assert spec.streamed[1].resident_bytes(config) == 4 * (one_block + config.d_model)  # + the final norm
+
+    def components(folder: bool):
+        return export_module.Components(SimpleNamespace(text_encoder_3=SimpleNamespace(config=config)), None,
+                                        {"text_encoder_3": whole}, lambda name: object() if folder else None)
+
+    held = {precision: export_module._held_bytes(components(True), spec, {"text_encoder_3"}, precision)
+            for precision in ("fp32", "fp16", "int4")}
+    assert held == {"fp32": whole, "fp16": whole // 2, "int4": max(whole // 8, spec.streamed[1].resident_bytes(config))}
+    # a single file loads whole: no streaming, the whole encoder is held
+    assert export_module._held_bytes(components(False), spec, {"text_encoder_3"}, "int4") == whole
+    monkeypatch.setattr(memory, "available_bytes", lambda: 16 * memory.GIB)
+    monkeypatch.setattr(memory, "_status_kib", lambda field: 0)
+    memory.check_memory([held["int4"]], "sd35m")
+    memory.check_memory([held["fp16"]], "sd35m")
+    with pytest.raises(export_module.EdgediffError, match="not enough memory"):
+        memory.check_memory([held["fp32"]], "sd35m")
