@@ -69,7 +69,7 @@ def folder_weight_bytes(component: Path) -> int:
         return sum(f.stat().st_size for f in component.glob("*.bin"))
     total = 0
     for file in files:
-        for name, info in _safetensors_header(file).items():
+        for name, info in safetensors_index(file)[0].items():
             if name == "__metadata__":
                 continue
             count = 1
@@ -103,11 +103,12 @@ def release_freed(collect: bool = False) -> None:
             pass
 
 
-def _safetensors_header(file: Path) -> dict:
+def safetensors_index(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
     with open(file, "rb") as handle:
         size = struct.unpack("<Q", handle.read(8))[0]
         try:
-            return json.loads(handle.read(size))
+            return json.loads(handle.read(size)), 8 + size
         except ValueError:
             raise EdgediffError(f"{file} is not a readable safetensors file") from None
 
