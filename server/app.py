@@ -72,7 +72,7 @@ def create_app(pipe: Pipeline | None = None, *, model: str | Path | None = None,
     async def health():
         return {"status": "ok", "model": title, "queued": worker.pending(), "completed": worker.completed}
 
-    # /docs and /openapi.json list the routes in the order they are added: this order keeps theirs.
+    # /openapi.json (and /docs) list routes in the order they are added: the order clients have always seen.
     app.include_router(generation.router)
     app.include_router(info.router(title, identity, pipe.manifest.graphs["unet"].sha256))
     app.include_router(generation.progress_router)
