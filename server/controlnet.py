@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from PIL import Image
 
 from edgediff.runtime.controlnet import CONTROLNET_KIND, GRAPH, read_controlnet_manifest
@@ -34,6 +34,7 @@ from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.manifest import MANIFEST_NAME
 from edgediff.runtime.preprocess import CANNY_HIGH, CANNY_LOW, canny
 
+from .errors import bad
 from .images import decode_image
 
 CONTROL_MODES = {0: False, "Balanced": False, 2: True, "ControlNet is more important": True}
@@ -43,10 +44,6 @@ RESIZE_MODES = {0: "just", "Just Resize": "just", 1: "crop", "Crop and Resize": 
                 "Envelope (Outer Fit)": "fill"}
 DEPTH_MODULES = ("depth", "depth_midas", "depth_anything", "depth_anything_v2", "depth_zoe", "depth_leres",
                  "depth_leres++", "depth_hand_refiner")
-
-
-def bad(detail: str):
-    raise HTTPException(422, detail)
 
 
 class ControlNetApi:

@@ -2,7 +2,7 @@
 
 Only the fields edgediff acts on are declared; any other field an A1111 client sends is accepted
 and ignored (``extra="allow"``), as A1111 ignores what its scripts do not use. Bounds that depend
-on the server's configuration (size, steps, batch) are checked in app.py against its Limits.
+on the server's configuration (size, steps, batch) are checked in generation.py against its Limits.
 """
 from __future__ import annotations
 
