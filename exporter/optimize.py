@@ -255,19 +255,20 @@ def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def quantize_nbits(model: onnx.ModelProto, folder: Path, bits: int, block_size: int) -> onnx.ModelProto:
+def quantize_nbits(model: onnx.ModelProto, folder: Path, bits: int, block_size: int,
+                   accuracy_level: int | None = None) -> onnx.ModelProto:
     """Weight-only blockwise quantization of every MatMul with a constant weight into ``MatMulNBits``
     (symmetric, ``block_size`` weights along K share one scale), on a stripped graph.
 
     The quantizer reads each weight as it quantizes it (onnx-ir resolves external data against
     ``folder``) and keeps only the packed result in memory; the float weights it replaced
     are dropped from the graph, never loaded. Activations stay float (fp32 or, after fp16
-    conversion, fp16).
+    conversion, fp16); ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel quantize them to int8 per block.
     """
     quantizer_class = _nbits_quantizer()
     with _external_data_in(folder):
         quantizer = quantizer_class(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                    op_types_to_quantize=("MatMul",))
+                                    accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
         quantizer.process()
     return quantizer.model.model
 
