@@ -1,7 +1,9 @@
-"""LoRAs on the SD 3.5 Medium-shaped transformer through the exporter's weight map: diffusers/PEFT
-names (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight``) match diffusers'
-``load_lora_weights`` (fp32 within 2e-3); kohya's spelling of the same names (``lora_transformer_*``)
-gives the same image; LoRAs for the other denoiser are one line each way."""
+"""LoRAs on the SD 3.5 Medium-shaped model through the exporter's weight map: diffusers/PEFT
+names (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight``, and CLIP-L's / CLIP-G's
+``text_encoder.`` / ``text_encoder_2.``) match diffusers' ``load_lora_weights`` (fp32 within 2e-3);
+kohya's spelling of the same names (``lora_transformer_*``, ``lora_te1_*``, ``lora_te2_*``) gives the
+same image; T5 layers (``text_encoder_3.``, ``lora_te3_``), which diffusers' SD 3 loader does not
+load, are refused in one line; LoRAs for the other denoiser are one line each way."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,15 +21,20 @@ from test_sd3 import FP32_TOLERANCE, GUIDANCE, NEGATIVE, PROMPT, run_diffusers, 
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_v_proj",
            "attn.to_add_out", "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff_context.net.2", "norm1.linear",
            "context_embedder", "proj_out")
+# CLIP's attention and MLP (what diffusers' text-encoder loader ranks) and the pooled projection.
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "text_projection")
+T5_TARGETS = ("SelfAttention.q", "SelfAttention.o", "DenseReluDense.wi_0", "DenseReluDense.wo")
+KOHYA = {"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
+         "text_encoder_3": "lora_te3_"}  # kohya's sd-scripts (lora_sd3.py) names the three encoders so
 WEIGHT = 0.7
 
 
-def transformer_layers(transformer, rank=4, seed=0, magnitude=0.2) -> dict:
+def linear_layers(model, component, targets=TARGETS, rank=4, seed=0, magnitude=0.2) -> dict:
     rng = np.random.default_rng(seed)
     layers = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(TARGETS):
-            layers[f"transformer.{name}"] = (
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            layers[f"{component}.{name}"] = (
                 rng.standard_normal((rank, module.in_features)).astype(np.float32) * magnitude,
                 rng.standard_normal((module.out_features, rank)).astype(np.float32) * magnitude)
     return layers
@@ -36,12 +43,25 @@ def transformer_layers(transformer, rank=4, seed=0, magnitude=0.2) -> dict:
 @pytest.fixture(scope="module")
 def loras(sd3, tmp_path_factory):
     from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     root = tmp_path_factory.mktemp("sd3-lora")
-    layers = transformer_layers(SD3Transformer2DModel.from_pretrained(sd3["sd35m"][0] / "transformer"))
+    source = sd3["sd35m"][0]
+    layers = linear_layers(SD3Transformer2DModel.from_pretrained(source / "transformer"), "transformer")
     assert len(layers) > 40
+    clip = {}
+    for seed, component in enumerate(("text_encoder", "text_encoder_2"), start=1):
+        clip.update(linear_layers(CLIPTextModelWithProjection.from_pretrained(source / component), component,
+                                  CLIP_TARGETS, seed=seed))
+    assert len(clip) == 2 * (3 * 6 + 1)  # every Linear of both 3-layer CLIPs
+    t5 = linear_layers(T5EncoderModel.from_pretrained(source / "text_encoder_3"), "text_encoder_3", T5_TARGETS, seed=3)
+    assert len(t5) == 2 * 4
     return {"peft": save_peft(layers, root / "peft.safetensors"),
-            "kohya": save_kohya(layers, root / "kohya.safetensors", alpha=4.0, prefixes={"transformer": "lora_transformer_"})}
+            "kohya": save_kohya(layers, root / "kohya.safetensors", alpha=4.0, prefixes=KOHYA),
+            "peft_clip": save_peft({**layers, **clip}, root / "peft-clip.safetensors"),
+            "kohya_clip": save_kohya({**layers, **clip}, root / "kohya-clip.safetensors", alpha=4.0, prefixes=KOHYA),
+            "peft_t5": save_peft({**layers, **clip, **t5}, root / "peft-t5.safetensors"),
+            "kohya_t5": save_kohya({**layers, **t5}, root / "kohya-t5.safetensors", alpha=4.0, prefixes=KOHYA)}
 
 
 def test_peft_lora_matches_diffusers(sd3, loras):
@@ -61,6 +81,39 @@ def test_peft_lora_matches_diffusers(sd3, loras):
     assert np.abs(plain - expected).max() > 5 * FP32_TOLERANCE  # the LoRA changes the image
     kohya = pipe(PROMPT, NEGATIVE, loras=[(loras["kohya"], WEIGHT)], **run).pixels
     assert np.abs(kohya - actual).max() < 1e-5
+
+
+def test_clip_lora_layers_match_diffusers(sd3, loras):
+    """Transformer, CLIP-L and CLIP-G layers in one file, as diffusers' SD3LoraLoaderMixin loads it:
+    the text encoders' LoRA scaled by the same weight (``joint_attention_kwargs["scale"]``)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    source, folder = sd3["sd35m"]
+    reference = StableDiffusion3Pipeline.from_pretrained(source)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(loras["peft_clip"]))
+    assert "lora_A" in str(reference.text_encoder_2)  # diffusers did load the CLIP layers
+    latents = start_noise(5)
+    expected = run_diffusers(reference, latents, num_inference_steps=4, joint_attention_kwargs={"scale": WEIGHT})
+    pipe = Pipeline.load(folder, provider="cpu")
+    run = dict(steps=4, guidance=GUIDANCE, sampler="euler", latents=latents)
+    actual = pipe(PROMPT, NEGATIVE, loras=[(loras["peft_clip"], WEIGHT)], **run).pixels
+    assert np.abs(actual - expected).max() < FP32_TOLERANCE
+    transformer_only = pipe(PROMPT, NEGATIVE, loras=[(loras["peft"], WEIGHT)], **run).pixels
+    assert np.abs(transformer_only - expected).max() > 5 * FP32_TOLERANCE  # the CLIP layers reach the image
+    kohya = pipe(PROMPT, NEGATIVE, loras=[(loras["kohya_clip"], WEIGHT)], **run).pixels
+    assert np.abs(kohya - actual).max() < 1e-5
+
+
+@pytest.mark.parametrize("spelling", ["peft_t5", "kohya_t5"])
+@pytest.mark.parametrize("kind", ["sd35m", "sd3"])
+def test_t5_lora_layers_are_one_line(sd3, loras, spelling, kind):
+    """diffusers' SD 3 loader loads no T5 LoRA (its loadable modules are the transformer and the two
+    CLIPs): a file with T5 layers is refused, naming them, with or without T5 in the model."""
+    pipe = Pipeline.load(sd3[kind][1], provider="cpu")
+    with pytest.raises(LoraError, match=r"text_encoder_3 \(T5\)") as error:
+        pipe(PROMPT, steps=1, loras=[(loras[spelling], 1.0)])
+    assert "\n" not in str(error.value) and loras[spelling].name in str(error.value)
 
 
 def test_lora_for_the_other_denoiser_is_one_line(sd3, loras, tmp_path):
