@@ -279,7 +279,7 @@ def _lora_kind(lora: LoraFile) -> str | None:
 
 def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[str, str]) -> None:
     """Whole-file mismatches, each one line: T5 layers, more text encoders than the model has, quantized
-    or unmapped graphs."""
+    graphs, graphs without a weight map."""
     wanted = {layer.component for layer in lora.layers}
     unpatched = sorted(wanted & _UNPATCHED.keys())
     if unpatched:
@@ -296,9 +296,11 @@ def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[
         if graphs[graph].precision not in FLOAT_PRECISIONS:
             raise LoraError(f"LoRAs cannot be applied to this model's {graphs[graph].precision} {graph} graph "
                             f"(quantized weights); export it with --precision fp32 or fp16 to use {lora.path.name}")
-    if touched and not any(graphs[g].weights for g in touched):
-        raise LoraError("this model was exported without a weight map (before LoRA support): re-export it "
-                        "with this edgediff to use LoRAs")
+    # An export older than LoRA support on that graph (SD 3's CLIP encoders were mapped after its transformer).
+    unmapped = sorted(g for g in touched if not graphs[g].weights)
+    if unmapped:
+        raise LoraError(f"this model's {unmapped[0]} graph was exported without a weight map (before edgediff "
+                        f"applied LoRAs to it): re-export the model with this edgediff to use {lora.path.name}")
 
 
 def merge(index: dict[str, TensorLocation], weights: dict[str, dict],

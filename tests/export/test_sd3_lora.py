@@ -6,6 +6,9 @@ same image; T5 layers (``text_encoder_3.``, ``lora_te3_``), which diffusers' SD 
 load, are refused in one line; LoRAs for the other denoiser are one line each way."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +106,19 @@ def test_clip_lora_layers_match_diffusers(sd3, loras):
     assert np.abs(transformer_only - expected).max() > 5 * FP32_TOLERANCE  # the CLIP layers reach the image
     kohya = pipe(PROMPT, NEGATIVE, loras=[(loras["kohya_clip"], WEIGHT)], **run).pixels
     assert np.abs(kohya - actual).max() < 1e-5
+
+
+def test_export_without_clip_weight_maps_asks_for_a_re_export(sd3, loras, tmp_path):
+    """An SD 3 export made before its CLIP encoders were weight-mapped: their LoRA layers would match
+    nothing, so the file is refused with the way out, not applied in part."""
+    folder = shutil.copytree(sd3["sd35m"][1], tmp_path / "old-export")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["graphs"]["text_encoder_2"]["weights"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.load(folder, provider="cpu")
+    with pytest.raises(LoraError, match="text_encoder_2 graph was exported without a weight map.*re-export"):
+        pipe(PROMPT, steps=1, loras=[(loras["peft_clip"], 1.0)])
+    assert pipe(PROMPT, steps=1, loras=[(loras["peft"], 1.0)]).pixels.shape == (1, 32, 32, 3)  # the transformer's alone
 
 
 @pytest.mark.parametrize("spelling", ["peft_t5", "kohya_t5"])
