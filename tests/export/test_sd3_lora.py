@@ -3,7 +3,9 @@ names (``transformer.transformer_blocks.N.attn.to_q.lora_A.weight``, and CLIP-L'
 ``text_encoder.`` / ``text_encoder_2.``) match diffusers' ``load_lora_weights`` (fp32 within 2e-3);
 kohya's spelling of the same names (``lora_transformer_*``, ``lora_te1_*``, ``lora_te2_*``) gives the
 same image; T5 layers (``text_encoder_3.``, ``lora_te3_``), which diffusers' SD 3 loader does not
-load, are refused in one line; LoRAs for the other denoiser are one line each way."""
+load, are refused in one line; LoRAs for the other denoiser are one line each way. The CLIPs' weight
+maps take SDXL-format embeddings (clip_l, clip_g) on an SD 3 exported without T5, as diffusers'
+``load_textual_inversion`` into both CLIPs; with T5 (which takes none) they are one line."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from edgediff.runtime import Pipeline
+from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.lora import LoraError
 from lora_files import save_kohya, save_peft
 from test_sd3 import FP32_TOLERANCE, GUIDANCE, NEGATIVE, PROMPT, run_diffusers, start_noise
@@ -151,3 +154,42 @@ def test_lora_for_the_other_denoiser_is_one_line(sd3, loras, tmp_path):
                "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 4)}, str(original))
     with pytest.raises(LoraError, match="original layout"):
         pipe(PROMPT, steps=1, loras=[(original, 1.0)])
+
+
+def test_sdxl_embedding_on_sd3_without_t5_matches_diffusers(sd3, tmp_path):
+    """SD 3's CLIP-L and CLIP-G are SDXL's: an SDXL embedding (two vectors each) extends both tables,
+    as diffusers' TextualInversionLoaderMixin does when pointed at each (StableDiffusion3Pipeline has
+    no loader of its own, nor the prompt expansion: ``maybe_convert_prompt`` is called here)."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    class WithEmbeddings(StableDiffusion3Pipeline, TextualInversionLoaderMixin):
+        pass
+
+    rng = np.random.default_rng(0)
+    state = {"clip_l": torch.from_numpy(rng.standard_normal((2, 32)).astype(np.float32)),
+             "clip_g": torch.from_numpy(rng.standard_normal((2, 48)).astype(np.float32))}
+    save_file(state, str(tmp_path / "glowstyle.safetensors"))
+    prompt = "a red circle, glowstyle, on a white background"
+    source, folder = sd3["sd3"]
+    pipe = Pipeline.load(folder, provider="cpu")
+    latents = start_noise(5)
+    run = dict(steps=4, guidance=GUIDANCE, sampler="euler", latents=latents)
+    actual = pipe(prompt, NEGATIVE, embeddings=[tmp_path / "glowstyle.safetensors"], **run).pixels
+    plain = pipe(prompt, NEGATIVE, **run).pixels
+    reference = WithEmbeddings.from_pretrained(source, text_encoder_3=None, tokenizer_3=None)
+    reference.set_progress_bar_config(disable=True)
+    for vectors, encoder, tokenizer in ((state["clip_l"], reference.text_encoder, reference.tokenizer),
+                                        (state["clip_g"], reference.text_encoder_2, reference.tokenizer_2)):
+        reference.load_textual_inversion(vectors, token="glowstyle", text_encoder=encoder, tokenizer=tokenizer)
+    expanded = reference.maybe_convert_prompt(prompt, reference.tokenizer)
+    assert expanded == reference.maybe_convert_prompt(prompt, reference.tokenizer_2) != prompt
+    with torch.no_grad():
+        expected = reference(prompt=expanded, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=4,
+                             latents=torch.from_numpy(latents), output_type="np").images
+    assert np.abs(actual - expected).max() < FP32_TOLERANCE
+    assert np.abs(plain - expected).max() > 5 * FP32_TOLERANCE  # the embedding reaches the image
+
+    with pytest.raises(EdgediffError, match="vectors for 2 text encoders; this model has 3") as error:
+        Pipeline.load(sd3["sd35m"][1], provider="cpu")(prompt, steps=1, embeddings=[tmp_path / "glowstyle.safetensors"])
+    assert "\n" not in str(error.value)
