@@ -363,6 +363,7 @@ def _sd3_clip(name: str, hidden: str, projection: str) -> GraphSpec:
         tolerance=TOLERANCE,
         examples={"input_ids": token_ids},
         tokenizer=(name.replace("text_encoder", "tokenizer"),) * 2,
+        lora_patched=True,  # SD 3 LoRAs' text_encoder. / text_encoder_2. (kohya lora_te1_ / lora_te2_) layers
     )
 
 

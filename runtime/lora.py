@@ -3,11 +3,13 @@
 Formats: kohya (``lora_unet_*`` / ``lora_te_*``, SDXL's ``lora_te1_*`` / ``lora_te2_*``, with
 ``lora_down`` / ``lora_up`` / ``alpha``, LoCon convolutions included: down is a k x k convolution, up
 a 1 x 1) and diffusers/PEFT (``unet.`` / ``text_encoder.`` / ``text_encoder_2.<module>.lora_A.weight``
-/ ``lora_B``, older ``.lora.down`` / ``.lora.up``). Module names are diffusers' (kohya writes them with
-``_`` for ``.``, and SDXL U-Net names in the original SGM numbering: ``sgm_to_diffusers``), matched
-against the weight map the exporter stored per graph, which says which initializer holds each
-weight and in what layout. The patched
-initializers go to ONNX Runtime at session creation (sessions.py); the graph is never re-optimized.
+/ ``lora_B``, older ``.lora.down`` / ``.lora.up``). SD 3's are ``transformer.`` (kohya
+``lora_transformer_``) and CLIP-L / CLIP-G as above (kohya ``lora_te1_`` / ``lora_te2_``); its T5
+(``text_encoder_3.``, kohya ``lora_te3_``) is refused, as diffusers does not load it. Module names
+are diffusers' (kohya writes them with ``_`` for ``.``, and SDXL U-Net names in the original SGM
+numbering: ``sgm_to_diffusers``), matched against the weight map the exporter stored per graph, which
+says which initializer holds each weight and in what layout. The patched initializers go to ONNX
+Runtime at session creation (sessions.py); the graph is never re-optimized.
 """
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ from .onnx_weights import TensorLocation
 from .tensor_files import read_tensors
 
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
-                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}
+# LoRA components no graph takes, refused rather than dropped: SD 3's T5 (kohya's lora_te3_), which
+# diffusers' SD3LoraLoaderMixin does not load (it loads the transformer and the two CLIPs), so there is
+# no reference to match, and whose 4.7 B-parameter graph gets no weight map.
+_UNPATCHED = {"text_encoder_3": "T5"}
 _PEFT_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
                (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 _OLD_PROCESSOR = {"processor.to_q_lora": "to_q", "processor.to_k_lora": "to_k", "processor.to_v_lora": "to_v",
@@ -272,8 +278,14 @@ def _lora_kind(lora: LoraFile) -> str | None:
 
 
 def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[str, str]) -> None:
-    """Whole-file mismatches, each one line: more text encoders than the model has, quantized or unmapped graphs."""
+    """Whole-file mismatches, each one line: T5 layers, more text encoders than the model has, quantized
+    graphs, graphs without a weight map."""
     wanted = {layer.component for layer in lora.layers}
+    unpatched = sorted(wanted & _UNPATCHED.keys())
+    if unpatched:
+        raise LoraError(f"{lora.path.name} has layers for {unpatched[0]} ({_UNPATCHED[unpatched[0]]}), which "
+                        "edgediff does not apply (diffusers' SD 3 pipeline does not load them either): "
+                        "use a LoRA without them")
     encoders = sorted(c for c in wanted if c.startswith("text_encoder") and c not in components)
     if encoders:
         count = sum(1 for c in components if c.startswith("text_encoder"))
@@ -284,9 +296,11 @@ def _check_fits(lora: LoraFile, graphs: dict[str, GraphEntry], components: dict[
         if graphs[graph].precision not in FLOAT_PRECISIONS:
             raise LoraError(f"LoRAs cannot be applied to this model's {graphs[graph].precision} {graph} graph "
                             f"(quantized weights); export it with --precision fp32 or fp16 to use {lora.path.name}")
-    if touched and not any(graphs[g].weights for g in touched):
-        raise LoraError("this model was exported without a weight map (before LoRA support): re-export it "
-                        "with this edgediff to use LoRAs")
+    # An export older than LoRA support on that graph (SD 3's CLIP encoders were mapped after its transformer).
+    unmapped = sorted(g for g in touched if not graphs[g].weights)
+    if unmapped:
+        raise LoraError(f"this model's {unmapped[0]} graph was exported without a weight map (before edgediff "
+                        f"applied LoRAs to it): re-export the model with this edgediff to use {lora.path.name}")
 
 
 def merge(index: dict[str, TensorLocation], weights: dict[str, dict],
