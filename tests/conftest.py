@@ -20,6 +20,14 @@ if "EDGEDIFF_SESSION_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _cache, True)
 
 
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """Tiny models saved and exported once per session, on first use (tiny_models.TinyStore)."""
+    from tiny_models import TinyStore
+
+    return TinyStore(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture(scope="module")
 def pipe():
     """The shipped default model, sessions resident (tests/export modules define their own)."""
