@@ -1,5 +1,5 @@
 """Tiny SD 1.x / 2.x pipelines saved as diffusers folders and exported once per test session
-(tests/conftest.py's tiny_store: each on first use, shared with every other folder's tests)."""
+(tests/conftest.py's tiny_store, shared with every other folder's tests)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,9 @@ from tiny_models import export_with_cli as export  # noqa: E402
 
 
 class _OnFirstUse:
-    """``mapping[key]`` made by ``make(key)`` when a test first asks for it (the store keeps it)."""
+    """``mapping[key]`` made by ``make(key)`` when first asked for (the store keeps it). The fixtures
+    below make their usual entries when they are set up, as before: never inside a test, where a
+    monkeypatch (diffusers' noise, the exporter's stages) could reach the export."""
 
     def __init__(self, make):
         self._make = make
@@ -23,6 +25,8 @@ class _OnFirstUse:
 @pytest.fixture(scope="session")
 def tiny_sources(tiny_store):
     """{kind: diffusers folder} for "sd1" and "sd2"."""
+    for kind in ("sd1", "sd2"):
+        tiny_store.source(kind)
     return _OnFirstUse(tiny_store.source)
 
 
@@ -32,6 +36,8 @@ def tiny_exports(tiny_store):
     def make(key):
         kind, precision = key
         return tiny_store.export(kind, precision, *(("--optimize-for", "cpu") if precision == "fp16" else ()))
+    for key in (("sd1", "fp32"), ("sd1", "fp16"), ("sd2", "fp32"), ("sd2", "fp16")):
+        make(key)
     return _OnFirstUse(make)
 
 
