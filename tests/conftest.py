@@ -1,5 +1,6 @@
 """Fixtures every test folder shares; shared helper functions and constants are in helpers.py."""
 import atexit
+import gc
 import os
 import shutil
 import sys
@@ -18,6 +19,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "runtime"))  # fuzz_inp
 if "EDGEDIFF_SESSION_CACHE" not in os.environ:
     os.environ["EDGEDIFF_SESSION_CACHE"] = _cache = tempfile.mkdtemp(prefix="edgediff-test-cache-")
     atexit.register(shutil.rmtree, _cache, True)
+
+
+def pytest_collection_finish(session):
+    """Move what collection made (the imports of torch, diffusers, onnxruntime...: some 450k objects,
+    alive all session) out of the garbage collector's reach. The exporter runs gc.collect() two or
+    three times per graph (exporter/memory.py, to let torch modules go) and each walked all of them:
+    0.3-1 s apiece, some 12% of an export's CPU time in tests/export/test_export_resume.py."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """Tiny models saved and exported once per session, on first use (tiny_models.TinyStore)."""
+    from tiny_models import TinyStore
+
+    return TinyStore(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

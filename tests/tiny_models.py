@@ -183,3 +183,52 @@ def save_depth_model(kind: str, folder: Path) -> Path:
                  "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": False, **DEPTH_PROCESSORS[kind]}
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
+
+
+class TinyStore:
+    """Tiny models saved and exported once per test session, each on first use (tests/conftest.py's
+    ``tiny_store``): an export takes seconds to a minute, and many modules need the same one. The
+    folders are shared: a test that changes one works on a copy (shutil.copytree)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict = {}
+        self._names: dict = {}
+
+    def _once(self, key, folder: Path, make):
+        if self._names.setdefault(folder, key) != key:
+            raise ValueError(f"{folder.name} is already the folder of {self._names[folder]}")
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def source(self, kind: str) -> Path:
+        """The diffusers folder of build_pipeline's or build_sdxl_pipeline's ``kind``, seed 0."""
+        folder = self.root / "sources" / kind
+        save = save_sdxl_pipeline if kind.startswith("sdxl") else save_pipeline
+        return self._once(("source", kind), folder, lambda: save(kind, folder))
+
+    def export(self, kind: str, precision: str, *args, name: str | None = None) -> Path:
+        """``edgediff export SOURCE OUT --precision PRECISION ARGS...`` of source(kind); OUT is named
+        ``name`` (default ``KIND-PRECISION``)."""
+        folder = self.root / "exports" / (name or f"{kind}-{precision}")
+        return self._once(("export", kind, precision, *map(str, args)), folder,
+                          lambda: export_with_cli(self.source(kind), folder, "--precision", precision, *args))
+
+    def controlnet(self, name: str, seed: int) -> tuple[Path, Path]:
+        """(diffusers folder ``cn-NAME``, fp32 export ``cn-NAME-fp32``) of test_controlnet.tiny_controlnet
+        made from the sd1 U-Net with ``seed``."""
+        folder = self.root / "controlnets" / f"cn-{name}"
+
+        def make():
+            from test_controlnet import tiny_controlnet
+
+            tiny_controlnet(build_pipeline("sd1").unet, seed).save_pretrained(folder)
+            return folder, export_with_cli(folder, folder.parent / f"cn-{name}-fp32", "--precision", "fp32")
+        return self._once(("controlnet", seed), folder, make)
+
+    def depth(self, kind: str) -> tuple[Path, Path]:
+        """(transformers folder, fp32 export) of save_depth_model's ``kind``."""
+        folder = self.root / "depth" / kind
+        return self._once(("depth", kind), folder, lambda: (save_depth_model(kind, folder), export_with_cli(
+            folder, folder.parent / f"{kind}-fp32", "--precision", "fp32")))

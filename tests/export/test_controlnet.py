@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from edgediff.runtime import ControlUnit, EdgediffError, Pipeline
-from tiny_models import build_pipeline, build_sdxl_pipeline, export_with_cli, save_pipeline, save_sdxl_pipeline
+from tiny_models import build_sdxl_pipeline, export_with_cli
 
 TOLERANCE = 2e-3
 MOVED = 10 * TOLERANCE  # what "clearly different" means here
@@ -44,18 +44,11 @@ def hint(seed: int, side: int = 32) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    """(diffusers folder, base export, {name: (ControlNet folder, its export)})."""
-    root = tmp_path_factory.mktemp("controlnet")
-    source = save_pipeline("sd1", root / "sd1")
-    base = export_with_cli(source, root / "sd1-fp32", "--precision", "fp32")
-    unet = build_pipeline("sd1").unet
-    nets = {}
-    for name, seed in (("a", 11), ("b", 12)):
-        tiny_controlnet(unet, seed).save_pretrained(root / f"cn-{name}")
-        nets[name] = root / f"cn-{name}", export_with_cli(root / f"cn-{name}", root / f"cn-{name}-fp32",
-                                                           "--precision", "fp32")
-    return source, base, nets
+def sd1(tiny_store):
+    """(diffusers folder, base export, {name: (ControlNet folder, its export)}): the session's tiny
+    SD 1.x and ControlNets of seeds 11 and 12 (tiny_controlnet, as tiny_models.TinyStore makes them)."""
+    nets = {name: tiny_store.controlnet(name, seed) for name, seed in (("a", 11), ("b", 12))}
+    return tiny_store.source("sd1"), tiny_store.export("sd1", "fp32"), nets
 
 
 def latents(seed: int = 7, side: int = 16) -> np.ndarray:
@@ -252,11 +245,10 @@ def test_folders_swapped_are_one_line(sd1):
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """(diffusers folder, base export, ControlNet folder, its export) for a tiny SDXL."""
+def sdxl(tiny_store, tmp_path_factory):
+    """(diffusers folder, base export, ControlNet folder, its export) for a tiny SDXL (the session's)."""
     root = tmp_path_factory.mktemp("controlnet-sdxl")
-    source = save_sdxl_pipeline("sdxl", root / "sdxl")
-    base = export_with_cli(source, root / "sdxl-fp32", "--precision", "fp32")
+    source, base = tiny_store.source("sdxl"), tiny_store.export("sdxl", "fp32")
     tiny_controlnet(build_sdxl_pipeline("sdxl").unet, 13).save_pretrained(root / "cn")
     return source, base, root / "cn", export_with_cli(root / "cn", root / "cn-fp32", "--precision", "fp32")
 
@@ -353,13 +345,9 @@ def test_sdxl_img2img_matches_diffusers(sdxl, monkeypatch, guess_mode):
 # checks the depth maps themselves against transformers)
 
 @pytest.fixture(scope="module")
-def depth_model(tmp_path_factory):
-    """(transformers folder, its export) of a tiny Depth Anything."""
-    from tiny_models import save_depth_model
-
-    root = tmp_path_factory.mktemp("depth")
-    source = save_depth_model("depth-anything", root / "depth-anything")
-    return source, export_with_cli(source, root / "depth-fp32", "--precision", "fp32")
+def depth_model(tiny_store):
+    """(transformers folder, its export) of a tiny Depth Anything (the session's, as test_depth.py's)."""
+    return tiny_store.depth("depth-anything")
 
 
 def test_depth_unit_matches_diffusers_fed_transformers_depth(sd1, depth_model):

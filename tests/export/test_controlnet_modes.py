@@ -13,8 +13,7 @@ from PIL import Image
 
 from edgediff.runtime import Pipeline, memory
 from helpers import feed_numpy_noise
-from test_controlnet import hint, tiny_controlnet
-from tiny_models import build_pipeline, export_with_cli
+from test_controlnet import hint
 
 TOLERANCE = 2e-3
 MOVED = 10 * TOLERANCE
@@ -25,11 +24,10 @@ MODULE = "diffusers.pipelines.controlnet.pipeline_controlnet_"
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    """(the ControlNet's diffusers folder, its export), made from the tiny SD 1.x U-Net."""
-    root = tmp_path_factory.mktemp("cn-modes")
-    tiny_controlnet(build_pipeline("sd1").unet, 11).save_pretrained(root / "cn")
-    return root / "cn", export_with_cli(root / "cn", root / "cn-fp32", "--precision", "fp32")
+def net(tiny_store):
+    """(the ControlNet's diffusers folder, its export), made from the tiny SD 1.x U-Net (seed 11: the
+    session's, test_controlnet.py's "a")."""
+    return tiny_store.controlnet("a", 11)
 
 
 def mask_image(size=32):

@@ -15,13 +15,12 @@ pytestmark = pytest.mark.skipif("cuda" in available_providers(), reason="checks 
 
 
 @pytest.fixture(scope="module")
-def cuda_exports(tiny_sources, tmp_path_factory):
-    from tiny_models import export_with_cli, save_sdxl_pipeline
+def cuda_exports(tiny_store, tmp_path_factory):
+    from tiny_models import export_with_cli
 
     root = tmp_path_factory.mktemp("cuda-exports")
-    sdxl = save_sdxl_pipeline("sdxl", root / "sdxl-source")
-    return {kind: export_with_cli(source, root / kind, "--precision", "fp16", "--optimize-for", "cuda")
-            for kind, source in (("sd1", tiny_sources["sd1"]), ("sdxl", sdxl))}
+    return {kind: export_with_cli(tiny_store.source(kind), root / kind, "--precision", "fp16", "--optimize-for", "cuda")
+            for kind in ("sd1", "sdxl")}
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])

@@ -17,21 +17,16 @@ import pytest
 from PIL import Image
 
 from edgediff.runtime import EdgediffError
-from tiny_models import DEPTH_PROCESSORS, export_with_cli, save_depth_model
+from tiny_models import DEPTH_PROCESSORS
 
 TOLERANCE = 1e-4  # relative to the depth map's peak, fp32
 KINDS = ("dpt", "depth-anything")
 
 
 @pytest.fixture(scope="module")
-def depth_models(tmp_path_factory):
-    """{kind: (transformers folder, export)}."""
-    root = tmp_path_factory.mktemp("depth")
-    models = {}
-    for kind in KINDS:
-        source = save_depth_model(kind, root / kind)
-        models[kind] = source, export_with_cli(source, root / f"{kind}-fp32", "--precision", "fp32")
-    return models
+def depth_models(tiny_store):
+    """{kind: (transformers folder, export)}: the session's (test_controlnet.py's depth unit uses one)."""
+    return {kind: tiny_store.depth(kind) for kind in KINDS}
 
 
 def picture(seed: int = 0, size=(77, 45)) -> Image.Image:

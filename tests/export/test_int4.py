@@ -17,15 +17,14 @@ from click.testing import CliRunner
 from edgediff.cli import main
 from edgediff.runtime import Pipeline
 from edgediff.runtime.manifest import read_manifest
-from tiny_models import export_with_cli, save_sdxl_pipeline
 
 IMAGE_TOLERANCE = 0.1  # measured 0.016 (sd1 vs the fp32 export), 0.048 (sdxl vs diffusers); 6 euler steps
 PROMPT, STEPS, GUIDANCE = "a red circle on a white background", 6, 6.0
 
 
 @pytest.fixture(scope="module")
-def int4_sd1(tiny_sources, tmp_path_factory):
-    return export_with_cli(tiny_sources["sd1"], tmp_path_factory.mktemp("int4") / "sd1-int4", "--precision", "int4")
+def int4_sd1(tiny_store):
+    return tiny_store.export("sd1", "int4")
 
 
 def start_noise(folder, seed=3) -> np.ndarray:
@@ -99,13 +98,13 @@ def test_generate_and_info_through_the_cli(int4_sd1, tmp_path):
 
 
 @pytest.mark.slow
-def test_sdxl_int4_matches_diffusers(tmp_path):
+def test_sdxl_int4_matches_diffusers(tiny_store, tmp_path):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     from edgediff.exporter.export import export_model
 
-    source = save_sdxl_pipeline("sdxl", tmp_path / "sdxl")
+    source = tiny_store.source("sdxl")
     out = tmp_path / "sdxl-int4"  # text-to-image needs no VAE encoder: its export is skipped to save time
     export_model(str(source), out, precision="int4", graphs=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
                  log=lambda line: None)

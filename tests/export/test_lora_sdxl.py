@@ -20,7 +20,7 @@ from edgediff.cli import main
 from edgediff.runtime import Pipeline
 from edgediff.runtime.lora import LoraError, sgm_to_diffusers
 from lora_files import lora_layers, save_kohya, save_peft
-from tiny_models import build_pipeline, build_sdxl_pipeline, export_with_cli, save_sdxl_pipeline
+from tiny_models import build_pipeline, build_sdxl_pipeline
 
 pytest.importorskip("peft")
 
@@ -52,10 +52,10 @@ def to_sgm(layers_per_block: int):
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """Diffusers folder, fp32 and int8 exports, and LoRA files {name: path} for the tiny SDXL."""
+def sdxl(tiny_store, tmp_path_factory):
+    """Diffusers folder, fp32 and int8 exports (the session's), and LoRA files {name: path} for the tiny SDXL."""
     root = tmp_path_factory.mktemp("sdxl-lora")
-    source = save_sdxl_pipeline("sdxl", root / "sdxl")
+    source = tiny_store.source("sdxl")
     base = build_sdxl_pipeline("sdxl")
     files = {}
     for seed in (0, 1):
@@ -64,8 +64,8 @@ def sdxl(tmp_path_factory):
         files[f"kohya{seed}"] = save_kohya(layers, root / f"kohya{seed}.safetensors", alpha=2.0, prefixes=KOHYA_SDXL,
                                            rename=to_sgm(base.unet.config.layers_per_block))
     files["sd1"] = save_kohya(lora_layers(build_pipeline("sd1")), root / "sd1.safetensors", alpha=2.0)
-    return {"source": source, "fp32": export_with_cli(source, root / "fp32", "--precision", "fp32"),
-            "int8": export_with_cli(source, root / "int8", "--precision", "int8"), "files": files, "root": root}
+    return {"source": source, "fp32": tiny_store.export("sdxl", "fp32"), "int8": tiny_store.export("sdxl", "int8"),
+            "files": files, "root": root}
 
 
 def noise(folder) -> np.ndarray:

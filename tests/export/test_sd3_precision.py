@@ -47,6 +47,12 @@ def plain(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def plain_int4(plain):
+    """The int4 export of T5 and the transformer, read by two tests: made once."""
+    return _export(plain, "int4", "int4", graphs=("text_encoder_3", "unet"))
+
+
 def _t5_entry(folder):
     return json.loads((folder / "manifest.json").read_text())["graphs"]["text_encoder_3"]
 
@@ -79,8 +85,8 @@ def test_t5_without_islands_overflows_fp16(overflowing, monkeypatch):
     assert entry["precision"] == "fp32" and entry["kept_fp32"] == ["whole graph (fp16 overflow)"]
 
 
-def test_int4_covers_transformer_and_t5_and_runs(plain):
-    folder = _export(plain, "int4", "int4", graphs=("text_encoder_3", "unet"))
+def test_int4_covers_transformer_and_t5_and_runs(plain_int4):
+    folder = plain_int4
     manifest = json.loads((folder / "manifest.json").read_text())
     import onnx
 
@@ -93,13 +99,13 @@ def test_int4_covers_transformer_and_t5_and_runs(plain):
         assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation MatMuls stay float
 
 
-def test_export_of_the_denoiser_alone_reads_back(plain):
+def test_export_of_the_denoiser_alone_reads_back(plain_int4):
     """A manifest of only some graphs (the benchmarks' transformer-only exports, which
     benchmarks/unet_step.py reads) lists no text encoder it lacks, so it reads back: it used to gain
     a default ``text_encoder`` entry when written, which its own check then refused."""
     from edgediff.runtime.manifest import Manifest
 
-    data = json.loads((_export(plain, "int4", "int4", graphs=("text_encoder_3", "unet")) / "manifest.json").read_text())
+    data = json.loads((plain_int4 / "manifest.json").read_text())
     data["graphs"] = {"unet": data["graphs"]["unet"]}
     data["text_encoders"] = []
     written = json.loads(json.dumps(Manifest.from_dict(data).to_dict()))  # as write_manifest writes it

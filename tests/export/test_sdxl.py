@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from edgediff.runtime import Pipeline
-from tiny_models import export_with_cli, save_sdxl_pipeline
+from tiny_models import save_sdxl_pipeline
 from helpers import FP32_TOLERANCE, NEGATIVE, PROMPT
 
 FP16_TOLERANCE = 3e-3  # measured worst case 1.34e-3 (euler, ddim); fp32 runs differ by 0.7-1.3e-6
@@ -28,15 +28,12 @@ DIFFUSERS = {
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """{kind: (diffusers folder, fp32 export)} plus ("sdxl", "fp16") -> export."""
-    root = tmp_path_factory.mktemp("sdxl")
-    models = {}
-    for kind in ("sdxl", "sdxl-lcm", "sdxl-turbo"):
-        source = save_sdxl_pipeline(kind, root / kind)
-        models[kind] = source, export_with_cli(source, root / f"{kind}-fp32", "--precision", "fp32")
-    models["sdxl", "fp16"] = export_with_cli(models["sdxl"][0], root / "sdxl-fp16", "--precision", "fp16",
-                                             "--optimize-for", "cpu")
+def sdxl(tiny_store):
+    """{kind: (diffusers folder, fp32 export)} plus ("sdxl", "fp16") -> export (the session's: the
+    ControlNet and LoRA tests use the same fp32 SDXL)."""
+    models = {kind: (tiny_store.source(kind), tiny_store.export(kind, "fp32"))
+              for kind in ("sdxl", "sdxl-lcm", "sdxl-turbo")}
+    models["sdxl", "fp16"] = tiny_store.export("sdxl", "fp16", "--optimize-for", "cpu")
     return models
 
 

@@ -23,21 +23,20 @@ from edgediff.runtime import ControlUnit, Pipeline
 from edgediff.server import create_app
 
 pytest.importorskip("diffusers")
-from test_controlnet import hint, tiny_controlnet  # noqa: E402
-from tiny_models import build_pipeline, export_with_cli, save_pipeline  # noqa: E402
+from test_controlnet import hint  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 SMALL = dict(width=32, height=32, steps=4, cfg_scale=7.0, seed=42)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(base export, its pipeline, the ControlNet's folder and listed title, the server's URL)."""
+def setup(tiny_store, tmp_path_factory):
+    """(base export, its pipeline, the ControlNet's folder and listed title, the server's URL): the
+    session's tiny SD 1.x export and a copy of its seed-11 ControlNet export (test_controlnet.py's)."""
     root = tmp_path_factory.mktemp("cn-server")
-    base = export_with_cli(save_pipeline("sd1", root / "sd1"), root / "sd1-fp32", "--precision", "fp32")
-    tiny_controlnet(build_pipeline("sd1").unet, 11).save_pretrained(root / "cn-src")
+    base = tiny_store.export("sd1", "fp32")
     nets = root / "controlnets"
-    net = export_with_cli(root / "cn-src", nets / "cn-a", "--precision", "fp32")
+    net = shutil.copytree(tiny_store.controlnet("a", 11)[1], nets / "cn-a")
     # A ControlNet of another family (an SDXL one, as its manifest says) and a folder that is no export
     foreign = shutil.copytree(net, nets / "cn-xl")
     manifest = json.loads((foreign / "manifest.json").read_text())
