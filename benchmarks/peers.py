@@ -45,6 +45,7 @@ class Row:
 ROWS = (
     Row("edgediff-fp32", "edgediff ONNX Runtime fp32", "edgediff", "ours", "export-fp32-cpu"),
     Row("edgediff-int8", "edgediff ONNX Runtime int8 U-Net", "edgediff", "ours", "export-int8-cpu"),
+    Row("edgediff-int4", "edgediff ONNX Runtime int4 U-Net (int8 activations)", "edgediff", "ours", "export-int4-cpu"),
     Row("edgediff-ov-fp32", "edgediff OpenVINO fp32 (--optimize-for none export)", "edgediff", "ours",
         "export-fp32-none", {"provider": "openvino", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
     Row("diffusers-fp32", "diffusers fp32", "diffusers", "ours", "diffusers"),
@@ -58,7 +59,7 @@ ROWS = (
     Row("sdcpp-q8_0", "stable-diffusion.cpp q8_0", "sdcpp", "peer", "single-file", {"wtype": "q8_0"}),
     Row("sdcpp-f16", "stable-diffusion.cpp f16", "sdcpp", "peer", "single-file", {"wtype": "f16"}),
 )
-OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-ov-fp32")
+OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32")
 PEERS = ("ov-fp32", "ov-int8", "ort-fp32", "sdcpp-q8_0", "sdcpp-f16")
 
 

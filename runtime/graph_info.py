@@ -3,7 +3,7 @@
 The runtime does not depend on the ``onnx`` package, so this reads the protobuf wire format itself
 (ModelProto.graph = 7; GraphProto node = 1, initializer = 5; NodeProto input = 1, output = 2,
 op_type = 4, attribute = 5; AttributeProto name = 1, f = 2, i = 3, t = 5, floats = 7, ints = 8;
-TensorProto dims = 1, data_type = 2, float_data = 4, name = 8, raw_data = 9). The file is memory
+TensorProto dims = 1, data_type = 2, float_data = 4, int64_data = 7, name = 8, raw_data = 9). The file is memory
 mapped and weights are skipped by offset, so a graph with embedded weights costs no more to read.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 # TensorProto.DataType -> bytes per element (float, uint8, int8, uint16, int16, int32, int64, ...)
 ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
-SMALL = 16  # float tensors up to this many values are kept (Resize scales and the like)
+SMALL = 16  # float and int64 tensors up to this many values are kept (Resize scales, Reshape shapes)
+INT64 = 7
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Node:
     outputs: list[str]
     ints: dict[str, list[int]] = field(default_factory=dict)  # int and ints attributes
     tensors: dict[str, list[float]] = field(default_factory=dict)  # small float tensor attributes
+    integers: dict[str, list[int]] = field(default_factory=dict)  # small int64 tensor attributes
 
 
 @dataclass
@@ -33,6 +35,7 @@ class GraphInfo:
     shapes: dict[str, tuple[int, ...]]  # initializer name -> dims
     values: dict[str, list[float]]  # small float initializers and Constant outputs -> values
     weight_bytes: int
+    integers: dict[str, list[int]] = field(default_factory=dict)  # small int64 ones (Reshape shapes)
 
 
 def _varint(buf, i: int) -> tuple[int, int]:
@@ -80,11 +83,13 @@ def _ints(buf, wire, value) -> list[int]:
 
 
 def _tensor(buf, span) -> tuple[str, tuple[int, ...], int, list[float] | None]:
-    """(name, dims, data type, values for small float tensors else None)."""
-    name, dims, dtype, raw, floats = "", [], 1, None, []
+    """(name, dims, data type, values for small float or int64 tensors else None)."""
+    name, dims, dtype, raw, floats, int64s = "", [], 1, None, [], []
     for number, wire, value in _fields(buf, *span):
         if number == 1:
             dims += _ints(buf, wire, value)
+        elif number == 7:
+            int64s += _ints(buf, wire, value)
         elif number == 2:
             dtype = value
         elif number == 8:
@@ -100,6 +105,8 @@ def _tensor(buf, span) -> tuple[str, tuple[int, ...], int, list[float] | None]:
     values = None
     if dtype == 1 and count <= SMALL:
         values = list(struct.unpack(f"<{count}f", bytes(buf[raw[0]:raw[1]]))) if raw else floats or None
+    elif dtype == INT64 and count <= SMALL:
+        values = list(struct.unpack(f"<{count}q", bytes(buf[raw[0]:raw[1]]))) if raw else int64s or None
     return name, tuple(dims), dtype, values
 
 
@@ -120,11 +127,11 @@ def _node(buf, span) -> Node:
                 elif n2 in (3, 8):
                     ints += _ints(buf, w2, v2)
                 elif n2 == 5:
-                    tensor = _tensor(buf, v2)[3]
+                    tensor = _tensor(buf, v2)[2:]
             if ints:
                 node.ints[name] = ints
-            if tensor is not None:
-                node.tensors[name] = tensor
+            if tensor is not None and tensor[1] is not None:
+                (node.integers if tensor[0] == INT64 else node.tensors)[name] = tensor[1]
     return node
 
 
@@ -134,13 +141,15 @@ def read_graph(path: str | Path) -> GraphInfo:
         graph = next((v for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2), None)
         if graph is None:
             raise ValueError("no graph in this ONNX file")
-        nodes, shapes, values, weight_bytes = [], {}, {}, 0
+        nodes, shapes, values, integers, weight_bytes = [], {}, {}, {}, 0
         for number, wire, value in _fields(buf, *graph):
             if number == 1:
                 node = _node(buf, value)
                 nodes.append(node)
                 if node.op_type == "Constant" and "value" in node.tensors:
                     values[node.outputs[0]] = node.tensors["value"]
+                elif node.op_type == "Constant" and "value" in node.integers:
+                    integers[node.outputs[0]] = node.integers["value"]
             elif number == 5:
                 name, dims, dtype, small = _tensor(buf, value)
                 shapes[name] = dims
@@ -149,5 +158,5 @@ def read_graph(path: str | Path) -> GraphInfo:
                     count *= d
                 weight_bytes += count * ELEMENT_BYTES.get(dtype, 4)
                 if small is not None:
-                    values[name] = small
-    return GraphInfo(nodes, shapes, values, weight_bytes)
+                    (integers if dtype == INT64 else values)[name] = small
+    return GraphInfo(nodes, shapes, values, weight_bytes, integers)

@@ -13,6 +13,7 @@ keeps the chunks of its largest run. The process's own resident memory is added 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -59,9 +60,38 @@ class GraphProfile:
     def weight_bytes(self) -> int:
         return self.info.weight_bytes
 
+    @functools.cached_property
+    def producers(self) -> dict:
+        return {name: node for node in self.info.nodes for name in node.outputs}
+
+    def heads(self, query: str) -> int:
+        """Heads of an unfused attention's query (batch, heads, tokens, dim): the third entry of the
+        Reshape shape that split them off (constant, unlike the batch), found walking back through the
+        ops between (Transpose, scaling, q/k norms, concatenation with the text tokens); 1 if none."""
+        for _ in range(24):
+            node = self.producers.get(query)
+            if node is None:
+                return 1
+            if node.op_type == "Reshape":
+                shape = self._shape_entries(node.inputs[1])
+                return shape[2] if len(shape) == 4 and shape[2] and shape[2] > 0 else 1
+            query = node.inputs[0]
+        return 1
+
+    def _shape_entries(self, name: str) -> list[int | None]:
+        """A shape tensor's entries where they are constants (None where computed, as the batch is)."""
+        if name in self.info.integers:
+            return list(self.info.integers[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Concat":
+            return [entry for part in node.inputs for entry in (self._shape_entries(part) or [None])]
+        if node is not None and node.op_type == "Unsqueeze" and node.inputs[0] in self.info.integers:
+            return list(self.info.integers[node.inputs[0]])
+        return []
+
     def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> tuple[int, str, int]:
         """Peak bytes of live activations at this input size, what the peak is, and the largest
-        scratch buffer one fused attention node takes (its score matrix).
+        score matrix one attention takes (fused: its scratch; unfused: the Q.K^T MatMul's output).
 
         Longer than our ~60 lines on purpose: it is one walk over the nodes whose state (scales,
         channels, live set, last uses) every branch updates; split, each part would take it all."""
@@ -97,13 +127,15 @@ class GraphProfile:
             elif op in ("Resize", "Upsample"):
                 factors = next((info.values[n] for n in node.inputs[1:] if len(info.values.get(n) or ()) == 4), None)
                 r *= factors[-1] if factors else 2.0
+            elif op == "MatMulNBits":  # int4 weights: the output width is the packed weight's N
+                c = node.ints.get("N", [c])[0]
             elif op in ("MatMul", "Gemm"):
                 a, b = node.inputs[0], node.inputs[1]
                 if a in scale and b in scale:  # unfused attention: Q.K^T makes scores, scores.V their output
                     if a in scores:
                         c = chans[b]
-                    else:
-                        c, kind = pixels(scale[b]), "score"
+                    else:  # batch x heads x tokens x tokens: heads x tokens values per query token
+                        c, kind = pixels(scale[b]) * self.heads(a), "score"
                 elif b in shapes:
                     c = shapes[b][0] if op == "Gemm" and node.ints.get("transB", [0])[0] else shapes[b][-1]
             elif op == "Attention":  # fused self-attention: QKV projection, then the score matrix
@@ -122,8 +154,10 @@ class GraphProfile:
                     kv = pixels(scale[key]) if key in scale else context_tokens
                 transient = batch * heads * pixels(r) * kv * self.element_bytes
                 what_here = f"attention at {math.ceil(height * r)}x{math.ceil(width * r)} latent pixels"
-            elif op == "Concat" and len(tagged) == len(node.inputs) > 1:
-                c = sum(chans[name] for name in tagged)
+            elif op == "Concat" and len(tagged) == len(node.inputs) > 1 and node.ints.get("axis", [1])[0] == 1:
+                c = sum(chans[name] for name in tagged)  # channels (a U-Net's skip connections, NCHW)
+            elif op == "Concat":  # tokens: SD3's joint attention joins image and text along (b, heads, tokens, d)'s axis 2
+                c = max(chans[name] for name in tagged)
             else:
                 c = max(chans[name] for name in tagged)
                 if any(name in scores for name in tagged):
@@ -137,6 +171,8 @@ class GraphProfile:
                 if kind == "score":
                     scores.add(name)
                 written += size(name)
+            if kind == "score" and op == "MatMul":  # an unfused score matrix: the arena keeps two as well
+                scratch = max(scratch, written)
             if live + written + transient > peak:
                 peak = live + written + transient
                 what = what_here if transient else f"{op} at {math.ceil(height * r)}x{math.ceil(width * r)}"

@@ -147,3 +147,35 @@ def test_streamed_t5_export_needs_one_block_not_the_whole_encoder(monkeypatch):
     memory.check_memory([held["fp16"]], "sd35m")
     with pytest.raises(export_module.EdgediffError, match="not enough memory"):
         memory.check_memory([held["fp32"]], "sd35m")
+
+
+def test_memory_estimate_reads_the_transformer_attention(plain_int4):
+    """The int4 transformer keeps attention unfused (MatMul, Softmax, MatMul): its score matrices are
+    batch x heads x tokens^2, heads read from the Reshape that splits them off; the image and text
+    tokens joined along the token axis keep their width (a walk summing them as channels doubled the
+    estimate at every joint block: 1.2 million GB for SD 3.5 Medium at 1024x1024)."""
+    from edgediff.runtime.manifest import GraphEntry
+    from edgediff.runtime.memory import load_profile
+
+    entry = json.loads((plain_int4 / "manifest.json").read_text())["graphs"]["unet"]
+    profile = load_profile(plain_int4, "unet", GraphEntry.from_dict(entry))
+    weights = set(profile.info.shapes)
+    scores = [n for n in profile.info.nodes if n.op_type == "MatMul" and not weights & set(n.inputs)
+              and profile.producers[n.outputs[0]] is n and any(
+                  m.op_type == "Softmax" and m.inputs[0] in _downstream(profile, n.outputs[0], 3)
+                  for m in profile.info.nodes)]
+    assert scores and {profile.heads(n.inputs[0]) for n in scores} == {4}  # build_sd3's num_attention_heads
+    latent = 64  # 32x32 tokens after the 2x2 patches
+    peak, _, score = profile.activation_bytes(1, latent, latent, 77 + 256)
+    tokens = (latent // 2) ** 2
+    assert score == 4 * tokens * tokens * 4  # heads x tokens^2 fp32 values
+    assert peak < 4 * score
+
+
+def _downstream(profile, name, depth):
+    """Names reachable from ``name`` within ``depth`` nodes."""
+    found, frontier = {name}, {name}
+    for _ in range(depth):
+        frontier = {out for node in profile.info.nodes if set(node.inputs) & frontier for out in node.outputs}
+        found |= frontier
+    return found

@@ -112,3 +112,20 @@ def test_a_session_without_the_arena_holds_nothing_after_its_stage():
     # the U-Net stage (text encoder and U-Net loaded) tops the VAE stage, whose arena alone is held
     assert found.peak_bytes == int(3.5 * GB) + unet > int(3.7 * GB) + vae and found.stage == "unet"
     assert "unet" not in found.activations  # nothing for the pipeline to book as held
+
+
+def test_concat_adds_channels_on_axis_1_only():
+    """A U-Net's skip connections join channels (NCHW axis 1); SD3's joint attention joins image and
+    text tokens along axis 2 of (batch, heads, tokens, dim), which keeps the width. Summed as channels,
+    the estimate doubled at each of SD 3.5 Medium's 24 joint blocks (1.2 million GB at 1024x1024)."""
+    from edgediff.runtime.graph_info import GraphInfo, Node
+    from edgediff.runtime.memory import GraphProfile
+
+    def walk(axis: int) -> int:
+        nodes = [Node("Concat", ["x", "x"], ["joined"], {"axis": [axis]}), Node("Relu", ["joined"], ["y"])]
+        profile = GraphProfile("g", GraphInfo(nodes, {}, {}, 0), "x", 8, {"y"}, 4)
+        return profile.activation_bytes(1, 4, 4, 77)[0]
+
+    x = 8 * 4 * 4 * 4  # the input, 8 channels at 4x4, fp32
+    assert walk(1) == 2 * x + 2 * x  # the joined channels and their ReLU (the input is freed by then)
+    assert walk(2) == walk(-1) == x + x
