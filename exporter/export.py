@@ -386,6 +386,7 @@ def _quantize(model, job: GraphJob):
     """
     if job.int4:
         job.log(f"{job.prefix}: quantizing MatMul weights to {INT4['bits']}-bit blocks of {INT4['block_size']}")
+        model = opt.gemm_to_matmul(model, job.work)
         float_bytes = opt.weight_bytes_by_op(model)
         accuracy = INT4_ACCURACY.get(job.target)
         model = opt.quantize_nbits(model, job.work, INT4["bits"], INT4["block_size"], accuracy)

@@ -273,6 +273,44 @@ def quantize_nbits(model: onnx.ModelProto, folder: Path, bits: int, block_size: 
     return quantizer.model.model
 
 
+def gemm_to_matmul(model: onnx.ModelProto, folder: Path, spill_name: str = "transposed.bin") -> onnx.ModelProto:
+    """Gemm nodes with a constant weight (``nn.Linear`` on 2-D input) rewritten as MatMul + Add, so that
+    weight-only quantization, which takes MatMuls only, covers them: SD 3.5 Medium's adaLN modulations
+    are Gemms holding 3.1 GB, as much as all its other linears. Transposed weights are appended to
+    ``folder/spill_name``, one at a time."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from .weights import spill_tensor
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    with open(folder / spill_name, "ab") as out:
+        for node in model.graph.node:
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if (node.op_type != "Gemm" or node.input[1] not in initializers or attributes.get("transA", 0)
+                    or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0):
+                nodes.append(node)
+                continue
+            weight = initializers[node.input[1]]
+            if attributes.get("transB", 0):
+                array = numpy_helper.to_array(weight, base_dir=str(folder))
+                weight = numpy_helper.from_array(np.ascontiguousarray(array.T), f"{weight.name}_transposed")
+                spill_tensor(weight, out, spill_name)
+                model.graph.initializer.append(weight)
+            product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+            nodes.append(helper.make_node("MatMul", [node.input[0], weight.name], [product], name=f"{node.name}_matmul"))
+            if product != node.output[0]:
+                nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
 def _nbits_quantizer():
     """MatMulNBitsQuantizer, imported without the INFO-level root logging its module sets up on import
     (one line per node quantized)."""

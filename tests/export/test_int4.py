@@ -62,7 +62,7 @@ def test_unet_matmul_weights_are_4bit_blocks(int4_sd1):
         assert list(packed.dims) == [attributes["N"], k_blocks, 16]  # 32 weights in 16 bytes
         assert len(node.input) == 3  # symmetric: no zero points
     # Every MatMul left multiplies two activations (attention scores); none holds a float weight.
-    assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+    assert not [n.name for n in graph.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers]
     # The fused CPU Attention op would hold q/k/v as one float weight MatMulNBits cannot take.
     assert not [n for n in graph.graph.node if n.op_type == "Attention"]
     # The packed weights and their scales take 5/32 of the float bytes (4 bits + a 32-bit scale per 32).

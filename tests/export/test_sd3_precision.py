@@ -95,8 +95,12 @@ def test_int4_covers_transformer_and_t5_and_runs(plain_int4):
         assert entry["precision"] == "int4" and entry["quantization"]["packed_bytes"] > 0, entry
         # validated: ONNX Runtime loaded and ran it on the CPU, within the int4 tolerance of torch fp32
         assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= 2e-1
-        ops = [node.op_type for node in onnx.load(str(folder / entry["path"])).graph.node]
+        graph = onnx.load(str(folder / entry["path"]), load_external_data=False).graph
+        ops = [node.op_type for node in graph.node]
         assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation MatMuls stay float
+        # the adaLN modulations and embedders (Linear on 2-D input: Gemm) are quantized too
+        weights = {t.name for t in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in weights]
 
 
 def test_export_of_the_denoiser_alone_reads_back(plain_int4):
