@@ -42,7 +42,8 @@ def quantized_unet(model_dir: Path, precision: str, accuracy_level: int | None, 
     if precision == "int8":
         model = opt.quantize_int8(model, model_dir / Path(unet_path).parent)
     else:
-        model = opt.quantize_nbits(model, model_dir / Path(unet_path).parent, 4, 32, accuracy_level)
+        model = opt.gemm_to_matmul(model, out)
+        model = opt.quantize_nbits(model, out, 4, 32, accuracy_level)
     (out / unet_path).parent.mkdir(parents=True)
     onnx.save(model, str(out / unet_path))
     return out
