@@ -88,8 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t5", default=None, choices=["on", "off"], help="SD3: run T5 or feed zeros")
     parser.add_argument("--vae-tiling", default=None, choices=["on", "off"],
                         help="force tiled VAE decoding on or off [default: the pipeline's automatic choice]")
+    parser.add_argument("--available-gib", type=float, default=None,
+                        help="plan as a machine with this much free memory would (a 6 GiB laptop): the memory "
+                             "check's view only; the peak is measured as it runs here")
     args = parser.parse_args(argv)
     tiling = None if args.vae_tiling is None else args.vae_tiling == "on"
+    if args.available_gib is not None:
+        from edgediff.runtime import memory
+
+        free = int(args.available_gib * GIB)
+        memory.available_bytes = lambda: (free, f"--available-gib {args.available_gib}")
     print(json.dumps(measure(args.model_dir, args.size, args.steps, args.memory, args.provider, tiling, t5=args.t5),
                      indent=2))
     return 0
