@@ -47,10 +47,6 @@ OPSET = 17
 INT4 = {"bits": 4, "block_size": 32, "symmetric": True, "op": "MatMulNBits"}
 # Targets with a MatMulNBits kernel that these exports were checked on.
 INT4_TARGETS = ("cuda", "cpu", "none")
-# MatMulNBits' accuracy_level per target. At 4, ONNX Runtime's CPU kernel quantizes each block of
-# activations to int8 and multiplies in integers: faster than dequantizing to fp32 where the CPU has
-# no native bf16/AMX path (RESULTS.md, "int4 with int8 activations"). CUDA's kernel ignores it.
-INT4_ACCURACY = {"cpu": 4}
 
 
 def default_target(precision: str) -> str:
@@ -388,13 +384,14 @@ def _quantize(model, job: GraphJob):
         job.log(f"{job.prefix}: quantizing MatMul weights to {INT4['bits']}-bit blocks of {INT4['block_size']}")
         model = opt.gemm_to_matmul(model, job.work)
         float_bytes = opt.weight_bytes_by_op(model)
-        accuracy = INT4_ACCURACY.get(job.target)
-        model = opt.quantize_nbits(model, job.work, INT4["bits"], INT4["block_size"], accuracy)
+        # accuracy_level stays unset (fp32 products): level 4's int8 activations measured no faster on
+        # a whole transformer step here or on the Xeon (RESULTS.md, "Full depth, this round")
+        model = opt.quantize_nbits(model, job.work, INT4["bits"], INT4["block_size"])
         spill(model, job.work, "quantized.bin")  # the packed weights and their scales
         model = fresh(model)
         release_freed()
         kept = opt.weight_bytes_by_op(model)
-        return model, {**INT4, "accuracy_level": accuracy, "matmul_float_bytes": float_bytes.get("MatMul", 0),
+        return model, {**INT4, "matmul_float_bytes": float_bytes.get("MatMul", 0),
                        "packed_bytes": kept.get("MatMulNBits", 0),
                        "float_bytes": sum(b for op, b in kept.items() if op != "MatMulNBits"),
                        "float": "convolutions, Gemm and MatMuls without a constant weight, norms, biases"}

@@ -46,7 +46,7 @@ def test_unet_matmul_weights_are_4bit_blocks(int4_sd1):
     assert {name: g.precision for name, g in manifest.graphs.items() if name != "unet"} == {
         "text_encoder": "fp32", "vae_decoder": "fp32", "vae_encoder": "fp32"}
     q = unet.quantization
-    assert (q["bits"], q["block_size"], q["symmetric"], q["op"], q["accuracy_level"]) == (4, 32, True, "MatMulNBits", 4)
+    assert (q["bits"], q["block_size"], q["symmetric"], q["op"]) == (4, 32, True, "MatMulNBits")
     assert unet.kept_fp32 and "convolutions" in unet.kept_fp32[0]
 
     graph = onnx.load(str(int4_sd1 / unet.path))
@@ -56,7 +56,6 @@ def test_unet_matmul_weights_are_4bit_blocks(int4_sd1):
     for node in nbits:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["bits"] == 4 and attributes["block_size"] == 32
-        assert attributes["accuracy_level"] == 4  # for the CPU: int8 activations per block, integer products
         packed = initializers[node.input[1]]
         k_blocks = -(-attributes["K"] // 32)
         assert list(packed.dims) == [attributes["N"], k_blocks, 16]  # 32 weights in 16 bytes
@@ -141,7 +140,6 @@ def test_cuda_variant_keeps_fp16_activations(tiny_sources, tmp_path):
     initializers = {t.name: t for t in graph.graph.initializer}
     scales = [initializers[n.input[2]] for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
-    assert unet["quantization"]["accuracy_level"] is None  # CUDA's kernel has no int8-activation path
 
 
 def test_quantized_fp16_matmul_runs_on_the_cpu(tmp_path):
