@@ -45,7 +45,7 @@ class Row:
 ROWS = (
     Row("edgediff-fp32", "edgediff ONNX Runtime fp32", "edgediff", "ours", "export-fp32-cpu"),
     Row("edgediff-int8", "edgediff ONNX Runtime int8 U-Net", "edgediff", "ours", "export-int8-cpu"),
-    Row("edgediff-int4", "edgediff ONNX Runtime int4 U-Net (int8 activations)", "edgediff", "ours", "export-int4-cpu"),
+    Row("edgediff-int4", "edgediff ONNX Runtime int4 U-Net", "edgediff", "ours", "export-int4-cpu"),
     Row("edgediff-ov-fp32", "edgediff OpenVINO fp32 (--optimize-for none export)", "edgediff", "ours",
         "export-fp32-none", {"provider": "openvino", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
     Row("diffusers-fp32", "diffusers fp32", "diffusers", "ours", "diffusers"),
