@@ -281,7 +281,7 @@ def gemm_to_matmul(model: onnx.ModelProto, folder: Path, spill_name: str = "tran
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from .weights import spill_tensor
+    from .weights import drop_unused_initializers, spill_tensor
 
     initializers = {t.name: t for t in model.graph.initializer}
     nodes = []
@@ -304,10 +304,7 @@ def gemm_to_matmul(model: onnx.ModelProto, folder: Path, spill_name: str = "tran
                 nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
     return model
 
 

@@ -229,7 +229,7 @@ class StreamedT5:
         import numpy as np
         from onnx import numpy_helper
 
-        from .weights import spill_tensor
+        from .weights import drop_unused_initializers, spill_tensor
 
         shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
         for node in model.graph.node:  # the tracer hands a shared weight on through Identity nodes
@@ -256,7 +256,7 @@ class StreamedT5:
                     node.input[slot] = tensor.name
                     written += 1
                     break
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
         return written
 
     def _read(self, *names):
@@ -285,17 +285,3 @@ def _assign(module, params: dict) -> None:
         owner, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(owner) if owner else module, leaf, param)
 
-
-def _drop_unused_initializers(model) -> None:
-    outputs = {o.name for o in model.graph.output}
-    while True:  # Identity nodes that handed on a shared weight nobody reads now
-        used = {name for node in model.graph.node for name in node.input} | outputs
-        unused = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
-        if not unused:
-            break
-        for node in unused:
-            model.graph.node.remove(node)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used or t.name in {o.name for o in model.graph.output}]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)

@@ -73,6 +73,22 @@ def fresh(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(model.SerializeToString())
 
 
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Drop the initializers no node reads any more, and the Identity nodes (the tracer's hand-on of a
+    shared weight) whose output nobody reads: what a rewrite that replaced weights leaves behind."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {name for node in model.graph.node for name in node.input} | outputs
+        unused = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+        if not unused:
+            break
+        for node in unused:
+            model.graph.node.remove(node)
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def nbytes(tensor: TensorProto) -> int:
     count = 1
     for axis in tensor.dims:

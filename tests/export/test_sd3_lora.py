@@ -70,15 +70,20 @@ def loras(sd3, tmp_path_factory):
             "kohya_t5": save_kohya({**layers, **t5}, root / "kohya-t5.safetensors", alpha=4.0, prefixes=KOHYA)}
 
 
-def test_peft_lora_matches_diffusers(sd3, loras):
+def diffusers_with_lora(source, lora, latents):
+    """diffusers' image with ``lora`` loaded at ``WEIGHT``, 4 steps (and the pipeline, to inspect)."""
     from diffusers import StableDiffusion3Pipeline
 
-    source, folder = sd3["sd35m"]
     reference = StableDiffusion3Pipeline.from_pretrained(source)
     reference.set_progress_bar_config(disable=True)
-    reference.load_lora_weights(str(loras["peft"]))
+    reference.load_lora_weights(str(lora))
+    return run_diffusers(reference, latents, num_inference_steps=4, joint_attention_kwargs={"scale": WEIGHT}), reference
+
+
+def test_peft_lora_matches_diffusers(sd3, loras):
+    source, folder = sd3["sd35m"]
     latents = start_noise(5)
-    expected = run_diffusers(reference, latents, num_inference_steps=4, joint_attention_kwargs={"scale": WEIGHT})
+    expected, _ = diffusers_with_lora(source, loras["peft"], latents)
     pipe = Pipeline.load(folder, provider="cpu")
     run = dict(steps=4, guidance=GUIDANCE, sampler="euler", latents=latents)
     actual = pipe(PROMPT, NEGATIVE, loras=[(loras["peft"], WEIGHT)], **run).pixels
@@ -92,15 +97,10 @@ def test_peft_lora_matches_diffusers(sd3, loras):
 def test_clip_lora_layers_match_diffusers(sd3, loras):
     """Transformer, CLIP-L and CLIP-G layers in one file, as diffusers' SD3LoraLoaderMixin loads it:
     the text encoders' LoRA scaled by the same weight (``joint_attention_kwargs["scale"]``)."""
-    from diffusers import StableDiffusion3Pipeline
-
     source, folder = sd3["sd35m"]
-    reference = StableDiffusion3Pipeline.from_pretrained(source)
-    reference.set_progress_bar_config(disable=True)
-    reference.load_lora_weights(str(loras["peft_clip"]))
-    assert "lora_A" in str(reference.text_encoder_2)  # diffusers did load the CLIP layers
     latents = start_noise(5)
-    expected = run_diffusers(reference, latents, num_inference_steps=4, joint_attention_kwargs={"scale": WEIGHT})
+    expected, reference = diffusers_with_lora(source, loras["peft_clip"], latents)
+    assert "lora_A" in str(reference.text_encoder_2)  # diffusers did load the CLIP layers
     pipe = Pipeline.load(folder, provider="cpu")
     run = dict(steps=4, guidance=GUIDANCE, sampler="euler", latents=latents)
     actual = pipe(PROMPT, NEGATIVE, loras=[(loras["peft_clip"], WEIGHT)], **run).pixels
