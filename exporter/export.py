@@ -31,6 +31,7 @@ from . import optimize as opt
 from .components import Components, used_by
 from .controlnet import add_zero_defaults, controlnet_source, export_controlnet
 from .depth import export_depth, is_depth_model
+from .disk import check_disk, disk_full
 from .esrgan import export_esrgan, is_esrgan
 from . import sd3
 from .graphs import (GraphSpec, default_size, example_sizes, family_of, graphs_for, manifest_fields, model_dims,
@@ -101,6 +102,8 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
     check_memory([_held_bytes(components, specs[name], uses[name], precision) for name in graphs], source)
+    pending = [name for name in graphs if not (_staging(out) / name / "done.json").is_file()]
+    check_disk([_disk_bytes(components, specs[name], uses[name], precision) for name in pending], out, source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
@@ -114,7 +117,10 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
             log(f"{prefix}: already exported, skipping")
             continue
         keep = frozenset().union(*(uses[later] for later in graphs[index:]))  # modules a later graph reuses
-        entries[name] = _export_graph(components, specs[name], staging, precision, target, prefix, log, keep=keep)
+        try:
+            entries[name] = _export_graph(components, specs[name], staging, precision, target, prefix, log, keep=keep)
+        except OSError as error:
+            raise disk_full(error, name, staging) or error from None
         done.write_text(json.dumps(entries[name].to_dict(), indent=2))
 
     manifest = _manifest(components.meta, origin, precision, target, entries)
@@ -164,12 +170,17 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _prepare_folders(out: Path, overwrite: bool) -> Path:
     _check_output(out, overwrite)
-    staging = out.parent / f".{out.name}.partial"
+    staging = _staging(out)
     try:
         staging.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise EdgediffError(f"cannot write to {out.parent}: {error.strerror}") from None
     return staging
+
+
+def _staging(out: Path) -> Path:
+    """Where graphs are written until the last one is done (and where a new run resumes)."""
+    return out.parent / f".{out.name}.partial"
 
 
 def _reset_if_stale(staging: Path, settings: dict) -> None:
@@ -288,15 +299,25 @@ def _export_graph(components: Components, spec: GraphSpec, staging: Path, precis
 STORED_EIGHTHS = {"fp32": 8, "fp16": 4, "int8": 2, "int4": 1}
 
 
+def _stored_bytes(spec: GraphSpec, size: int, precision: str) -> int:
+    """What ``size`` fp32 bytes of a graph's weights take in its file at the export's precision."""
+    return size * (STORED_EIGHTHS[precision] if spec.quantizable or precision == "fp16" else 8) // 8
+
+
 def _held_bytes(components: Components, spec: GraphSpec, uses, precision: str) -> int:
     """fp32 bytes a graph's export holds at once (memory.check_memory): its weights, except for a
     streamed graph (T5-XXL), traced one block at a time and validated at the export's precision."""
     size = sum(components.weight_bytes.get(c, 0) for c in uses)
     if spec.streamed is None or components.tensors(spec.streamed[0]) is None:
         return size
-    eighths = STORED_EIGHTHS[precision] if spec.quantizable or precision == "fp16" else 8
     config = getattr(components.meta, spec.streamed[0]).config
-    return max(spec.streamed[1].resident_bytes(config), size * eighths // 8)
+    return max(spec.streamed[1].resident_bytes(config), _stored_bytes(spec, size, precision))
+
+
+def _disk_bytes(components: Components, spec: GraphSpec, uses, precision: str) -> tuple[int, int]:
+    """(work files, output) bytes of a graph's export on disk (disk.check_disk)."""
+    size = sum(components.weight_bytes.get(c, 0) for c in uses)
+    return size, _stored_bytes(spec, size, precision)
 
 
 def _trace(components: Components, job: GraphJob):

@@ -1,4 +1,5 @@
-"""Too little memory for the model: one `error:` line up front, exit 1, and no model folder left."""
+"""Too little memory or disk for the model: one `error:` line up front, exit 1, and no model folder left;
+a disk that fills midway: one line, and the same command resumes."""
 from __future__ import annotations
 
 import json
@@ -52,30 +53,56 @@ def big_source(tiny_sources, tmp_path):
     return folder
 
 
+FULL_DISK = """
+import edgediff.exporter.disk as disk
+disk.free_bytes = lambda path: 1024**2  # 1 MB free: a laptop disk the user has filled
+"""
+# The first graph is written, the second finds the disk full (another program took the space).
+DISK_FILLS_MIDWAY = """
+import errno, os
+import edgediff.exporter.export as export
+written = export.write_graph
+def write_graph(model, path, folder):
+    if "text_encoder" not in str(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return written(model, path, folder)
+export.write_graph = write_graph
+"""
+
+
 def _export_in_child(prepare: str, source, out) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CHILD.format(prepare=prepare), str(source), str(out),
                            "--precision", "fp32"], capture_output=True, text=True, timeout=300)
 
 
-def _assert_refused(result, out):
+def _one_error_line(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "not enough memory" in errors[0] and "GiB is available" in errors[0] and "needs about" in errors[0]
+    return errors[0]
+
+
+def _assert_refused(result, out, *said):
+    error = _one_error_line(result)
+    assert all(words in error for words in said), error
     assert not out.exists()
     assert not list(out.parent.rglob("manifest.json"))
 
 
+def _assert_refused_for_memory(result, out):
+    _assert_refused(result, out, "not enough memory", "GiB is available", "needs about")
+
+
 def test_low_memavailable_refuses_with_one_line(tiny_sources, tmp_path):
     out = tmp_path / "model"
-    _assert_refused(_export_in_child(FAKE_MEMAVAILABLE, tiny_sources["sd1"], out), out)
+    _assert_refused_for_memory(_export_in_child(FAKE_MEMAVAILABLE, tiny_sources["sd1"], out), out)
 
 
 def test_address_space_limit_refuses_with_one_line(big_source, tmp_path):
     out = tmp_path / "model"
-    _assert_refused(_export_in_child(ADDRESS_SPACE_LIMIT, big_source, out), out)
+    _assert_refused_for_memory(_export_in_child(ADDRESS_SPACE_LIMIT, big_source, out), out)
 
 
 def test_weights_the_fusions_make_are_written_to_disk_not_kept(tmp_path):
@@ -169,3 +196,21 @@ def test_checkpoint_reads_tensors_without_mapping_the_file(tmp_path, monkeypatch
         read = checkpoint[name]
         assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor), name
     assert _rss_file_kib() - before < 8 * 1024
+
+
+def test_full_disk_refuses_with_one_line_before_writing(tiny_sources, tmp_path):
+    out = tmp_path / "model"
+    _assert_refused(_export_in_child(FULL_DISK, tiny_sources["sd1"], out), out,
+                    "not enough disk", "GB free beside", "GB is free")
+    assert list(tmp_path.iterdir()) == []  # not even the staging folder
+
+
+def test_disk_full_midway_says_so_and_the_same_command_resumes(tiny_sources, tmp_path):
+    out = tmp_path / "model"
+    error = _one_error_line(_export_in_child(DISK_FILLS_MIDWAY, tiny_sources["sd1"], out))
+    assert "the disk filled while exporting unet" in error and "run the same command again" in error, error
+    assert not out.exists()
+    again = _export_in_child("", tiny_sources["sd1"], out)
+    assert again.returncode == 0, again.stderr
+    assert "text_encoder: already exported, skipping" in again.stderr
+    assert (out / "manifest.json").is_file()
