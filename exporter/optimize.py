@@ -40,7 +40,7 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
                 setattr(options, flag, False)
     # The fusions read the few weights they repack (q/k/v, NHWC convolutions) through onnx's
     # external-data loader, told here to look in ``folder``.
-    with _external_data_in(folder), _spilling_new_initializers(folder, "fused.bin"):
+    with _external_data_in(folder), _spilling_new_initializers(folder, "fused.bin"), _quiet_mmdit_optimizer():
         optimized = optimize_model(
             model, model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=options, use_gpu=target == "cuda",
@@ -48,6 +48,27 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
     model = optimized.model
     declare_contrib_domain(model)
     return model
+
+
+@contextmanager
+def _quiet_mmdit_optimizer():
+    """ONNX Runtime's MMDiT optimizer (SD3's transformer) draws its own tqdm bar and warns that its graph
+    needs onnxruntime(-gpu)>=1.21, which pyproject requires: our progress lines replace both. It asks
+    ``is_installed("tqdm")`` before drawing."""
+    import sys
+
+    module = sys.modules.get("onnx_model_mmdit")  # ONNX Runtime imports its fusions as top-level modules
+    if module is None:
+        yield
+        return
+    logger, installed = logging.getLogger(module.__name__), module.is_installed
+    level = logger.level
+    module.is_installed = lambda package: package != "tqdm" and installed(package)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        module.is_installed, logger.level = installed, level
 
 
 @contextmanager
