@@ -253,9 +253,14 @@ def quantize_int8(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     ``quantize_dynamic`` would load and copy the whole fp32 graph; its quantizer reads only the
     weights it quantizes (from ``folder``, as the fusions do) and leaves the rest
     external. ``DefaultTensorType`` is needed on fused graphs, whose contrib ops lack type information.
+    Gemms become MatMuls first, their weights transposed on disk: the quantizer would transpose them
+    into the graph itself and then serialize it for shape inference, which fails past protobuf's 2 GB
+    (SD 3.5 Medium's adaLN Gemms hold 3.1 GB).
     """
     from onnxruntime.quantization import QuantType, onnx_quantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode, update_opset_version
+
+    model = gemm_to_matmul(model, folder)
 
     # The quantizer refreshes shapes by saving the graph with its weights and loading it back;
     # for a stripped graph shape inference needs neither.
