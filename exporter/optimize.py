@@ -40,7 +40,7 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
                 setattr(options, flag, False)
     # The fusions read the few weights they repack (q/k/v, NHWC convolutions) through onnx's
     # external-data loader, told here to look in ``folder``.
-    with _external_data_in(folder), _spilling_new_initializers(folder, "fused.bin"), _quiet_mmdit_optimizer():
+    with _external_data_in(folder), _spilling_new_initializers(folder, "fused.bin"), _quiet_optimizers():
         optimized = optimize_model(
             model, model_type=optimizer_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=options, use_gpu=target == "cuda",
@@ -51,24 +51,24 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
 
 
 @contextmanager
-def _quiet_mmdit_optimizer():
-    """ONNX Runtime's MMDiT optimizer (SD3's transformer) draws its own tqdm bar and warns that its graph
-    needs onnxruntime(-gpu)>=1.21, which pyproject requires: our progress lines replace both. It asks
-    ``is_installed("tqdm")`` before drawing."""
+def _quiet_optimizers():
+    """ONNX Runtime's U-Net and MMDiT optimizers draw their own tqdm bars, and the MMDiT one warns that
+    its graph needs onnxruntime(-gpu)>=1.21, which pyproject requires: our progress lines replace both.
+    Each asks ``is_installed("tqdm")`` before drawing."""
     import sys
 
-    module = sys.modules.get("onnx_model_mmdit")  # ONNX Runtime imports its fusions as top-level modules
-    if module is None:
-        yield
-        return
-    logger, installed = logging.getLogger(module.__name__), module.is_installed
-    level = logger.level
-    module.is_installed = lambda package: package != "tqdm" and installed(package)
-    logger.setLevel(logging.ERROR)
+    # ONNX Runtime imports its model optimizers as top-level modules.
+    modules = [m for m in map(sys.modules.get, ("onnx_model_unet", "onnx_model_mmdit")) if m is not None]
+    saved = [(m, m.is_installed, logging.getLogger(m.__name__).level) for m in modules]
+    for module, installed, _ in saved:
+        module.is_installed = lambda package, installed=installed: package != "tqdm" and installed(package)
+        logging.getLogger(module.__name__).setLevel(logging.ERROR)
     try:
         yield
     finally:
-        module.is_installed, logger.level = installed, level
+        for module, installed, level in saved:
+            module.is_installed = installed
+            logging.getLogger(module.__name__).setLevel(level)
 
 
 @contextmanager

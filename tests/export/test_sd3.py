@@ -332,16 +332,3 @@ def test_damaged_text_layout_is_one_line(sd3, tmp_path):
     with pytest.raises(ModelFolderError, match="conditioning.text.width"):
         Pipeline.load(folder, provider="cpu")(PROMPT, steps=1)
 
-
-def test_transformer_export_prints_only_our_progress_lines(sd3, tmp_path, capfd):
-    """ONNX Runtime's MMDiT optimizer draws a tqdm bar and warns about onnxruntime-gpu versions on
-    every SD3 export fused for the CPU; the export's own lines say what it does."""
-    from edgediff.exporter.export import export_model
-
-    lines = []
-    capfd.readouterr()
-    export_model(str(sd3["sd35m"][0]), tmp_path / "transformer", precision="fp32", optimize_for="cpu",
-                 graphs=("unet",), log=lines.append)
-    printed = capfd.readouterr()
-    assert any(line.endswith("unet: optimizing for cpu") for line in lines), lines
-    assert printed.out == "" and printed.err == "", printed
