@@ -382,11 +382,12 @@ def _optimize(model, job: GraphJob):
         job.log(f"{job.prefix}: optimizing for {job.fusion_target}")
     # Attention overflows fp16 where the config upcasts it (SD 2.x). CUDA's fused attention kernel is
     # what ONNX Runtime's own SD 2.x fp16 pipeline uses; elsewhere attention stays unfused so its
-    # scores can stay fp32. On the CPU the fused Attention op holds self-attention's q/k/v as one
-    # packed weight that MatMulNBits cannot take: int4 keeps attention as MatMuls there
-    # (RESULTS.md, "int4").
+    # scores can stay fp32. On the CPU a U-Net's fused Attention op holds self-attention's q/k/v as
+    # one packed weight that MatMulNBits cannot take: int4 keeps attention as MatMuls there
+    # (RESULTS.md, "int4"), unless the declaration's fusion leaves them (int4_fused_attention).
     off_cuda = job.fusion_target != "cuda"
-    fuse = not (job.upcast and job.float16 and off_cuda) and not (job.int4 and off_cuda)
+    fuse = (not (job.upcast and job.float16 and off_cuda)
+            and not (job.int4 and off_cuda and not job.spec.int4_fused_attention))
     model = opt.optimize(model, job.work, job.spec.optimizer_type, job.fusion_target, fuse_attention=fuse)
     spill(model, job.work, "fused.bin")  # the initializers the fusions made (packed q/k/v, NHWC weights)
     model = fresh(model)

@@ -172,6 +172,9 @@ class GraphSpec:
     tolerance: dict[str, float]
     # int8 and int4 quantize this graph's MatMul weights; the other graphs stay float.
     quantizable: bool = False
+    # int4 off CUDA keeps attention fused: the fusion (MultiHeadAttention, MMDiT's) leaves the q/k/v
+    # projections as MatMuls for MatMulNBits. A U-Net's CPU fusion packs them into its Attention op.
+    int4_fused_attention: bool = False
     # fp16: a (component, config flag) that, when true, keeps attention scores fp32 from the start
     # and attention unfused off CUDA (SD 2.x's ``upcast_attention`` overflows fp16).
     upcast_attention_flag: tuple[str, str] | None = None
@@ -400,6 +403,7 @@ SD3_GRAPHS = (
         optimizer_type="mmdit",
         tolerance=TOLERANCE,
         quantizable=True,
+        int4_fused_attention=True,
         lora_patched=True,  # PEFT/kohya LoRAs name the transformer's linears (runtime/lora.py)
         examples={"timestep": mid_timestep, "skip_layers": half_skip},
     ),

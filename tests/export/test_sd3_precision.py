@@ -53,13 +53,19 @@ def plain_int4(plain):
     return _export(plain, "int4", "int4", graphs=("text_encoder_3", "unet"))
 
 
+@pytest.fixture(scope="module")
+def plain_unfused(plain):
+    """The transformer exported without fusions: attention as MatMul, Softmax, MatMul."""
+    return _export(plain, "unfused", "fp32", graphs=("unet",), optimize_for="none")
+
+
 def _t5_entry(folder):
     return json.loads((folder / "manifest.json").read_text())["graphs"]["text_encoder_3"]
 
 
-def _export(root, name, precision, graphs=("text_encoder_3",)):
-    return export_model(str(root / "src"), root / name, precision=precision, optimize_for="cpu", graphs=graphs,
-                        overwrite=True, log=lambda line: None) and root / name
+def _export(root, name, precision, graphs=("text_encoder_3",), optimize_for="cpu"):
+    return export_model(str(root / "src"), root / name, precision=precision, optimize_for=optimize_for,
+                        graphs=graphs, overwrite=True, log=lambda line: None) and root / name
 
 
 def test_t5_fp16_with_fp32_islands_matches_fp32(overflowing):
@@ -97,7 +103,10 @@ def test_int4_covers_transformer_and_t5_and_runs(plain_int4):
         assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= 2e-1
         graph = onnx.load(str(folder / entry["path"]), load_external_data=False).graph
         ops = [node.op_type for node in graph.node]
-        assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation MatMuls stay float
+        assert "MatMulNBits" in ops
+        # attention stays float: fused in the transformer (its projections stay MatMuls, so int4 takes
+        # them), as MatMuls in T5
+        assert ("MultiHeadAttention" if name == "unet" else "MatMul") in ops, sorted(set(ops))
         # the adaLN modulations and embedders (Linear on 2-D input: Gemm) are quantized too
         weights = {t.name for t in graph.initializer}
         assert not [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in weights]
@@ -153,16 +162,16 @@ def test_streamed_t5_export_needs_one_block_not_the_whole_encoder(monkeypatch):
         memory.check_memory([held["fp32"]], "sd35m")
 
 
-def test_memory_estimate_reads_the_transformer_attention(plain_int4):
-    """The int4 transformer keeps attention unfused (MatMul, Softmax, MatMul): its score matrices are
-    batch x heads x tokens^2, heads read from the Reshape that splits them off; the image and text
-    tokens joined along the token axis keep their width (a walk summing them as channels doubled the
-    estimate at every joint block: 1.2 million GB for SD 3.5 Medium at 1024x1024)."""
+def test_memory_estimate_reads_the_transformer_attention(plain_unfused):
+    """Unfused attention (MatMul, Softmax, MatMul): its score matrices are batch x heads x tokens^2,
+    heads read from the Reshape that splits them off; the image and text tokens joined along the token
+    axis keep their width (a walk summing them as channels doubled the estimate at every joint block:
+    1.2 million GB for SD 3.5 Medium at 1024x1024)."""
     from edgediff.runtime.manifest import GraphEntry
     from edgediff.runtime.memory import load_profile
 
-    entry = json.loads((plain_int4 / "manifest.json").read_text())["graphs"]["unet"]
-    profile = load_profile(plain_int4, "unet", GraphEntry.from_dict(entry))
+    entry = json.loads((plain_unfused / "manifest.json").read_text())["graphs"]["unet"]
+    profile = load_profile(plain_unfused, "unet", GraphEntry.from_dict(entry))
     weights = set(profile.info.shapes)
     scores = [n for n in profile.info.nodes if n.op_type == "MatMul" and not weights & set(n.inputs)
               and profile.producers[n.outputs[0]] is n and any(
