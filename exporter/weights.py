@@ -121,6 +121,12 @@ def write_graph(model: onnx.ModelProto, path: Path, folder: Path) -> list[Path]:
     return [path, data_path]
 
 
+def remove_graph(path: Path) -> None:
+    """Delete a graph written by ``write_graph``, its ``.onnx.data`` too."""
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+
+
 def tensor_bytes(tensor: TensorProto, folder: Path) -> bytes:
     """A tensor's data as its declared type, read from disk when external; fp32 data of a tensor
     the fp16 converter retyped is converted here, as the converter would have done."""

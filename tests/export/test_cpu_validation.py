@@ -45,6 +45,20 @@ def test_cuda_graphs_are_validated_on_the_cpu(cuda_exports, kind):
     assert ops & {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"}, ops
 
 
+def test_checked_graph_over_2gb_leaves_no_weights_file(tiny_store, tmp_path, monkeypatch):
+    """A graph past protobuf's 2 GB keeps its weights in ``.onnx.data`` beside it: the CPU check's
+    (SDXL's U-Net: 5 GB in fp16, SD 3.5's T5: 9 GB) went with its .onnx, not stay in the export."""
+    from edgediff.exporter import weights
+    from edgediff.exporter.export import export_model
+
+    monkeypatch.setattr(weights, "EMBED_LIMIT", 0)  # every graph written as one past 2 GB is
+    out = tmp_path / "model"
+    export_model(str(tiny_store.source("sd1")), out, precision="fp16", optimize_for="cuda", graphs=("unet",),
+                 log=lambda line: None)
+    assert (out / "unet" / "model.onnx.data").is_file()
+    assert not list(out.rglob("cpu_check*"))
+
+
 def test_info_says_where_each_graph_was_validated(cuda_exports):
     result = CliRunner().invoke(main, ["info", str(cuda_exports["sd1"])])
     assert result.exit_code == 0
