@@ -52,23 +52,28 @@ def optimize(model: onnx.ModelProto, folder: Path, optimizer_type: str, target: 
 
 @contextmanager
 def _quiet_optimizers():
-    """ONNX Runtime's U-Net and MMDiT optimizers draw their own tqdm bars, and the MMDiT one warns that
-    its graph needs onnxruntime(-gpu)>=1.21, which pyproject requires: our progress lines replace both.
-    Each asks ``is_installed("tqdm")`` before drawing."""
+    """ONNX Runtime's U-Net and MMDiT optimizers draw their own tqdm bars, the MMDiT one warns that its
+    graph needs onnxruntime(-gpu)>=1.21 (pyproject requires it), and their symbolic shape inference
+    warns about every dimension it cannot compare: our progress lines replace all of it. The
+    optimizers ask ``is_installed("tqdm")`` before drawing."""
     import sys
 
     # ONNX Runtime imports its model optimizers as top-level modules.
     modules = [m for m in map(sys.modules.get, ("onnx_model_unet", "onnx_model_mmdit")) if m is not None]
-    saved = [(m, m.is_installed, logging.getLogger(m.__name__).level) for m in modules]
-    for module, installed, _ in saved:
-        module.is_installed = lambda package, installed=installed: package != "tqdm" and installed(package)
-        logging.getLogger(module.__name__).setLevel(logging.ERROR)
+    installed = [(m, m.is_installed) for m in modules]
+    loggers = [logging.getLogger(name) for name in (*(m.__name__ for m in modules), "symbolic_shape_infer")]
+    levels = [(logger, logger.level) for logger in loggers]
+    for module, is_installed in installed:
+        module.is_installed = lambda package, is_installed=is_installed: package != "tqdm" and is_installed(package)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        for module, installed, level in saved:
-            module.is_installed = installed
-            logging.getLogger(module.__name__).setLevel(level)
+        for module, is_installed in installed:
+            module.is_installed = is_installed
+        for logger, level in levels:
+            logger.setLevel(level)
 
 
 @contextmanager
