@@ -6,8 +6,9 @@ The rule, best provider first (benchmarks/RESULTS.md holds the measurements):
   Runtime's fusions (``--optimize-for none``), the graph OpenVINO reads; ``--provider auto`` then
   runs OpenVINO with its bf16 hint: 0.72 s per SD 1.5 U-Net step against 2.23 s for ONNX Runtime's
   int8 and 2.80 s for its fp32 (Xeon with AMX, one core; "Issue 16").
-- Otherwise fp32 fused for the CPU. int8 is 16-20% faster per U-Net step (0.85 vs 1.00 s on Zen 5,
-  2.23 vs 2.80 s on the Xeon) but its U-Net takes no LoRA and no longer matches diffusers to fp32
+- Otherwise fp32 fused for the CPU. int8 is 16-20% faster per U-Net step where the CPU has VNNI
+  (0.85 vs 1.00 s on Zen 5, 2.23 vs 2.80 s on the Xeon), 2.2x slower without it (Zen 2: 58.1 vs
+  26.7 s end to end), and its U-Net takes no LoRA and no longer matches diffusers to fp32
   tolerance; fp32 is the default that behaves exactly like the reference, int8 one flag away.
 Explicit flags keep their meaning: ``--precision`` alone takes ``default_target`` (cuda for fp16,
 cpu otherwise), ``--optimize-for`` alone keeps fp16.
