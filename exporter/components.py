@@ -6,6 +6,7 @@ A full-size fp32 SD 1.5 pipeline is 4.3 GB of torch weights; the U-Net graph nee
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import warnings
@@ -99,7 +100,11 @@ def from_folder(folder: Path, prediction_type: str | None) -> Components:
             raise AttributeError(name)
         return _guard(folder, lambda: _load_module(classes[name], folder / name).eval())
 
-    return Components(meta, load, sizes, lambda name: Checkpoint.find(folder / name) if name in classes else None)
+    @functools.lru_cache(maxsize=None)  # the memory check and the streamed trace both ask; headers read once
+    def checkpoint(name):
+        return Checkpoint.find(folder / name) if name in classes else None
+
+    return Components(meta, load, sizes, checkpoint)
 
 
 class Checkpoint:

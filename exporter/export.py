@@ -61,7 +61,6 @@ def float_dtype(precision: str, target: str) -> str:
     return "float16" if precision == "fp16" or (precision == "int4" and target == "cuda") else "float32"
 
 
-# Over ~60 lines only by its signature and docstring: the body is the export's sequence of named steps.
 def export_model(source: str, out: str | Path, *, precision: str | None = "fp16", optimize_for: str | None = None,
                  graphs: tuple[str, ...] | None = None, allow_pickle: bool = False,
                  prediction_type: str | None = None, config: str | Path | None = None, overwrite: bool = False,
@@ -101,27 +100,11 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
     specs = graphs_for(components.meta)
     graphs = tuple(specs) if graphs is None else tuple(name for name in graphs if name in specs)
     uses = {name: used_by(lambda pipe, spec=specs[name]: spec.wrap(pipe, ())) for name in graphs}
-    check_memory([_held_bytes(components, specs[name], uses[name], precision) for name in graphs], source)
-    pending = [name for name in graphs if not (_staging(out) / name / "done.json").is_file()]
-    check_disk([_disk_bytes(components, specs[name], uses[name], precision) for name in pending], out, source)
+    _check_resources(components, {name: specs[name] for name in graphs}, uses, precision, out, source)
     staging = _prepare_folders(out, overwrite)
     settings = {"precision": precision, "optimize_for": target, "opset": OPSET, "source": origin}
     _reset_if_stale(staging, settings)
-
-    entries = {}
-    for index, name in enumerate(graphs, 1):
-        prefix = f"[{index}/{len(graphs)}] {name}"
-        done = staging / name / "done.json"
-        if done.is_file():
-            entries[name] = GraphEntry.from_dict(json.loads(done.read_text()))
-            log(f"{prefix}: already exported, skipping")
-            continue
-        keep = frozenset().union(*(uses[later] for later in graphs[index:]))  # modules a later graph reuses
-        try:
-            entries[name] = _export_graph(components, specs[name], staging, precision, target, prefix, log, keep=keep)
-        except OSError as error:
-            raise disk_full(error, name, staging) or error from None
-        done.write_text(json.dumps(entries[name].to_dict(), indent=2))
+    entries = _export_graphs(components, specs, graphs, uses, staging, precision, target, log)
 
     manifest = _manifest(components.meta, origin, precision, target, entries)
     _write_assets(components.meta, staging)
@@ -137,6 +120,35 @@ def export_model(source: str, out: str | Path, *, precision: str | None = "fp16"
         f"peak RAM {peak_rss_bytes() / GIB:.1f} GiB"
         + (f"; NOT validated: {', '.join(unvalidated)} (see their lines above)" if unvalidated else ""))
     return manifest
+
+
+def _check_resources(components: Components, specs: dict[str, GraphSpec], uses: dict, precision: str, out: Path,
+                     source: str) -> None:
+    """Refuse up front, in one line, an export that would run out of memory or disk midway; graphs a
+    resumed export already finished need no disk."""
+    check_memory([_held_bytes(components, spec, uses[name], precision) for name, spec in specs.items()], source)
+    pending = [name for name in specs if not (_staging(out) / name / "done.json").is_file()]
+    check_disk([_disk_bytes(components, specs[name], uses[name], precision) for name in pending], out, source)
+
+
+def _export_graphs(components: Components, specs: dict[str, GraphSpec], graphs: tuple[str, ...], uses: dict,
+                   staging: Path, precision: str, target: str, log) -> dict[str, GraphEntry]:
+    """Each graph in turn into ``staging``, skipping those a previous run finished (their done.json)."""
+    entries = {}
+    for index, name in enumerate(graphs, 1):
+        prefix = f"[{index}/{len(graphs)}] {name}"
+        done = staging / name / "done.json"
+        if done.is_file():
+            entries[name] = GraphEntry.from_dict(json.loads(done.read_text()))
+            log(f"{prefix}: already exported, skipping")
+            continue
+        keep = frozenset().union(*(uses[later] for later in graphs[index:]))  # modules a later graph reuses
+        try:
+            entries[name] = _export_graph(components, specs[name], staging, precision, target, prefix, log, keep=keep)
+        except OSError as error:
+            raise disk_full(error, name, staging) or error from None
+        done.write_text(json.dumps(entries[name].to_dict(), indent=2))
+    return entries
 
 
 def _check_settings(precision: str | None, target: str | None) -> None:
@@ -304,10 +316,15 @@ def _stored_bytes(spec: GraphSpec, size: int, precision: str) -> int:
     return size * (STORED_EIGHTHS[precision] if spec.quantizable or precision == "fp16" else 8) // 8
 
 
+def _fp32_bytes(components: Components, uses) -> int:
+    """A graph's weights in fp32: those of the modules it uses."""
+    return sum(components.weight_bytes.get(c, 0) for c in uses)
+
+
 def _held_bytes(components: Components, spec: GraphSpec, uses, precision: str) -> int:
     """fp32 bytes a graph's export holds at once (memory.check_memory): its weights, except for a
     streamed graph (T5-XXL), traced one block at a time and validated at the export's precision."""
-    size = sum(components.weight_bytes.get(c, 0) for c in uses)
+    size = _fp32_bytes(components, uses)
     if spec.streamed is None or components.tensors(spec.streamed[0]) is None:
         return size
     config = getattr(components.meta, spec.streamed[0]).config
@@ -316,7 +333,7 @@ def _held_bytes(components: Components, spec: GraphSpec, uses, precision: str) -
 
 def _disk_bytes(components: Components, spec: GraphSpec, uses, precision: str) -> tuple[int, int]:
     """(work files, output) bytes of a graph's export on disk (disk.check_disk)."""
-    size = sum(components.weight_bytes.get(c, 0) for c in uses)
+    size = _fp32_bytes(components, uses)
     return size, _stored_bytes(spec, size, precision)
 
 

@@ -103,7 +103,7 @@ def write_graph(model: onnx.ModelProto, path: Path, folder: Path) -> list[Path]:
     to one ``.onnx.data`` file beside it (never hundreds).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + ".data")
+    data_path = _data_path(path)
     data_path.unlink(missing_ok=True)
     if sum(nbytes(t) for t in model.graph.initializer if t.data_type != TensorProto.STRING) < EMBED_LIMIT:
         _write_embedded(model, path, folder)
@@ -124,7 +124,11 @@ def write_graph(model: onnx.ModelProto, path: Path, folder: Path) -> list[Path]:
 def remove_graph(path: Path) -> None:
     """Delete a graph written by ``write_graph``, its ``.onnx.data`` too."""
     path.unlink(missing_ok=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    _data_path(path).unlink(missing_ok=True)
+
+
+def _data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
 
 
 def tensor_bytes(tensor: TensorProto, folder: Path) -> bytes:

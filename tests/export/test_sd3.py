@@ -331,4 +331,3 @@ def test_damaged_text_layout_is_one_line(sd3, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFolderError, match="conditioning.text.width"):
         Pipeline.load(folder, provider="cpu")(PROMPT, steps=1)
-
