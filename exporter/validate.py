@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .graph_parts import run_in_parts
 from .memory import release_freed
 
 NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -34,16 +35,16 @@ def reference_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...])
     return [tensor.numpy().astype(np.float64) for tensor in expected]
 
 
-# fp16 weights above this run on the CPU through casts that constant folding would turn into fp32 copies
-# of every weight at session start (T5-XXL in fp16: 9.5 GB of weights, 19 GB more): such a graph is
-# validated with the casts left to run one weight at a time.
-UNFOLDED_FP16_BYTES = 2 * 1024**3
+# fp16 weights above this are run on the CPU part by part (graph_parts): the CPU provider gives every
+# fp16 weight an fp32 copy as a session loads, 19 GB for T5-XXL in fp16.
+PARTS_FP16_BYTES = 2 * 1024**3
+PART_BYTES = 512 * 1024**2  # of fp16 weights per part: about two T5-XXL blocks, 1 GB in fp32
 
 
-def _unfolded(graph_path: Path, providers: list[str]) -> list[str]:
+def _in_parts(graph_path: Path, providers: list[str]) -> bool:
     weights = sum(f.stat().st_size for f in Path(graph_path).parent.glob(Path(graph_path).name + "*"))
     on_cpu = providers[0] == "CPUExecutionProvider"
-    return ["ConstantFolding"] if on_cpu and weights > UNFOLDED_FP16_BYTES and _has_fp16_weights(graph_path) else []
+    return on_cpu and weights > PARTS_FP16_BYTES and _has_fp16_weights(graph_path)
 
 
 def _has_fp16_weights(graph_path: Path) -> bool:
@@ -53,6 +54,20 @@ def _has_fp16_weights(graph_path: Path) -> bool:
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 
 
+def _run(graph_path: Path, feed: dict[str, np.ndarray], output_names: list[str], providers: list[str]):
+    import onnxruntime as ort
+
+    if _in_parts(graph_path, providers):
+        return run_in_parts(graph_path, feed, output_names, providers, PART_BYTES)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(graph_path), options, providers=providers)
+    actual = session.run(output_names, feed)
+    del session  # its copy of the weights goes before the next stage (the LoRA weight map reloads torch's)
+    release_freed()
+    return actual
+
+
 def validate(expected: list[np.ndarray], graph_path: Path, inputs: tuple[torch.Tensor, ...], input_specs,
              output_specs, providers: list[str]) -> dict[str, dict]:
     """Run ONNX Runtime on the inputs torch saw; report each output's max abs diff from ``expected``.
@@ -60,16 +75,8 @@ def validate(expected: list[np.ndarray], graph_path: Path, inputs: tuple[torch.T
     The difference is also given relative to the reference's peak magnitude, the number the
     tolerance applies to, since outputs of untrained and trained models differ in scale.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph_path), options, providers=providers,
-                                   disabled_optimizers=_unfolded(graph_path, providers))
     feed = {spec.name: tensor.numpy().astype(NUMPY[spec.dtype]) for spec, tensor in zip(input_specs, inputs)}
-    actual = session.run([spec.name for spec in output_specs], feed)
-    del session  # its copy of the weights goes before the next stage (the LoRA weight map reloads torch's)
-    release_freed()
+    actual = _run(graph_path, feed, [spec.name for spec in output_specs], providers)
     report = {}
     for spec, ref, got in zip(output_specs, expected, actual):
         got = got.astype(np.float64)

@@ -68,8 +68,13 @@ def _export(root, name, precision, graphs=("text_encoder_3",), optimize_for="cpu
                         graphs=graphs, overwrite=True, log=lambda line: None) and root / name
 
 
-def test_t5_fp16_with_fp32_islands_matches_fp32(overflowing):
-    entry = _t5_entry(_export(overflowing, "fp16", "fp16"))
+@pytest.fixture(scope="module")
+def fp16_islands(overflowing):
+    return _export(overflowing, "fp16", "fp16")
+
+
+def test_t5_fp16_with_fp32_islands_matches_fp32(overflowing, fp16_islands):
+    entry = _t5_entry(fp16_islands)
     assert entry["precision"] == "fp16", entry["kept_fp32"]
     assert any("T5 residual stream" in why for why in entry["kept_fp32"])
     assert entry["validation"]["validated"] and entry["validation"]["max_relative"] <= FP16_TOLERANCE
@@ -79,6 +84,27 @@ def test_t5_fp16_with_fp32_islands_matches_fp32(overflowing):
     weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 96 * 64]
     half = [t for t in weights if t.data_type == onnx.TensorProto.FLOAT16]
     assert len(half) > len(weights) // 2  # the graph is fp16 but for its islands
+
+
+def test_t5_fp16_validated_part_by_part_as_in_one_session(overflowing, fp16_islands, monkeypatch):
+    """Past validate.PARTS_FP16_BYTES (T5-XXL's 9.5 GB on a CPU) the graph runs a few blocks at a time:
+    every value crossing a part (the position bias, the fp32 island's residual) is carried over, and
+    the verdict and differences are those of one session."""
+    from edgediff.exporter import graph_parts, validate
+
+    monkeypatch.setattr(validate, "PARTS_FP16_BYTES", 0)
+    monkeypatch.setattr(validate, "PART_BYTES", 32 * 1024)
+    counts = []
+    split = graph_parts.split
+    monkeypatch.setattr(graph_parts, "split", lambda *args: counts.append(len(parts := split(*args))) or parts)
+    entry = _t5_entry(_export(overflowing, "fp16-parts", "fp16"))
+    assert counts and min(counts) > 3
+    whole = _t5_entry(fp16_islands)
+    assert entry["precision"] == whole["precision"] == "fp16" and entry["validation"]["validated"]
+    for output, result in entry["validation"]["outputs"].items():
+        assert result["finite"]
+        assert result["relative"] == pytest.approx(whole["validation"]["outputs"][output]["relative"], rel=0.1, abs=1e-4)
+    assert not list((overflowing / "fp16-parts").rglob("*part*"))
 
 
 def test_t5_without_islands_overflows_fp16(overflowing, monkeypatch):
