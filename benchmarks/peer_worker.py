@@ -53,7 +53,8 @@ def _euler(pipe):
 # Each returns a callable running one generation; the loading is what the call itself does.
 def edgediff(spec: dict):
     runtime = _need("edgediff.runtime", "edgediff")
-    pipe = runtime.Pipeline.load(spec["folder"], provider=spec.get("provider", "cpu"), memory="high")
+    pipe = runtime.Pipeline.load(spec["folder"], provider=spec.get("provider", "cpu"),
+                                 memory=spec.get("memory", "high"))
     return lambda: pipe(spec["prompt"], spec["negative"], steps=spec["steps"], guidance=spec["guidance"],
                         sampler="euler", seed=0, width=spec["size"], height=spec["size"])
 

@@ -48,6 +48,11 @@ ROWS = (
     Row("edgediff-int4", "edgediff ONNX Runtime int4 U-Net", "edgediff", "ours", "export-int4-cpu"),
     Row("edgediff-ov-fp32", "edgediff OpenVINO fp32 (--optimize-for none export)", "edgediff", "ours",
         "export-fp32-none", {"provider": "openvino", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
+    # memory="low": one graph loaded at a time, each generation loads its graphs again.
+    Row("edgediff-fp32-low", "edgediff ONNX Runtime fp32, memory=low", "edgediff", "ours", "export-fp32-cpu",
+        {"memory": "low"}),
+    Row("edgediff-ov-fp32-low", "edgediff OpenVINO fp32, memory=low", "edgediff", "ours", "export-fp32-none",
+        {"provider": "openvino", "memory": "low", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
     Row("diffusers-fp32", "diffusers fp32", "diffusers", "ours", "diffusers"),
     # One generation: without native bf16 (AMX-BF16, AVX512-BF16) it is emulated and slow.
     Row("diffusers-bf16", "diffusers bf16 autocast", "diffusers", "ours", "diffusers",
@@ -59,7 +64,8 @@ ROWS = (
     Row("sdcpp-q8_0", "stable-diffusion.cpp q8_0", "sdcpp", "peer", "single-file", {"wtype": "q8_0"}),
     Row("sdcpp-f16", "stable-diffusion.cpp f16", "sdcpp", "peer", "single-file", {"wtype": "f16"}),
 )
-OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32")
+LEAN = ("edgediff-fp32-low", "edgediff-ov-fp32-low")
+OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32", *LEAN)
 PEERS = ("ov-fp32", "ov-int8", "ort-fp32", "sdcpp-q8_0", "sdcpp-f16")
 
 
@@ -231,7 +237,19 @@ def summary(document: dict) -> list[str]:
             lines.append(f"{what}: edgediff's best ({ours['label']}, {ours[metric]:.1f} s) against {name} "
                          f"({other['label']}, {other[metric]:.1f} s): {ratio:.2f}x "
                          f"({'we are faster' if ratio < 1 else 'they are faster'})")
-    return lines
+    return lines + _lean_line(rows)
+
+
+def _lean_line(rows: list[dict]) -> list[str]:
+    """Fast and lean as one configuration: our fastest memory=low row, its peak RSS against diffusers'
+    and its time against our fastest row of any memory mode."""
+    lean, fastest, reference = _best(rows, LEAN), _best(rows, OURS), _best(rows, ("diffusers-fp32", "diffusers-bf16"))
+    if not (lean and fastest and reference and reference.get("peak_rss_bytes")):
+        return []
+    return [f"memory=low: edgediff's fastest lean row ({lean['label']}, {lean['resident_s']:.1f} s, "
+            f"{fastest['resident_s'] / lean['resident_s']:.2f}x the speed of our fastest row) peaks at "
+            f"{lean['peak_rss_bytes'] / 2**30:.2f} GiB, {lean['peak_rss_bytes'] / reference['peak_rss_bytes']:.2f}x "
+            f"{reference['label']}'s {reference['peak_rss_bytes'] / 2**30:.2f} GiB"]
 
 
 def table(document: dict) -> str:

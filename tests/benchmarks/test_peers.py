@@ -16,7 +16,7 @@ def document(tmp_path_factory):
     out = tmp_path_factory.mktemp("peers-out")
     params = peers.PeersParams(model=str(model), resolution=32, steps=2, cache=tmp_path_factory.mktemp("cache"),
                                out=out, peer_python=sys.executable,
-                               rows=("edgediff-fp32", "diffusers-fp32", "ov-fp32", "sdcpp-q8_0"))
+                               rows=("edgediff-fp32", "edgediff-fp32-low", "diffusers-fp32", "ov-fp32", "sdcpp-q8_0"))
     try:  # this environment may have the peers installed; the skip line is what is under test here
         import optimum.intel  # noqa: F401
 
@@ -29,7 +29,7 @@ def document(tmp_path_factory):
 def test_engines_are_measured_in_their_own_processes(document):
     doc, _ = document
     rows = {row["key"]: row for row in doc["rows"]}
-    for key in ("edgediff-fp32", "diffusers-fp32"):
+    for key in ("edgediff-fp32", "edgediff-fp32-low", "diffusers-fp32"):
         row = rows[key]
         assert not row.get("error") and not row.get("skipped"), row
         assert row["load_s"] > 0 and row["first_s"] > 0 and row["resident_s"] > 0, row
@@ -57,4 +57,6 @@ def test_table_and_summary(document):
     ours = next(row for row in doc["rows"] if row["key"] == "edgediff-fp32")
     assert f"{ours['resident_s']:.1f} s" in text
     assert "against diffusers fp32" in text and "x (" in text
+    lean = next(row for row in doc["rows"] if row["key"] == "edgediff-fp32-low")
+    assert f"memory=low: edgediff's fastest lean row (edgediff ONNX Runtime fp32, memory=low, {lean['resident_s']:.1f} s" in text
     assert (out / "results.md").read_text().strip() == text.strip()
