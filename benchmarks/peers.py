@@ -51,6 +51,8 @@ ROWS = (
     # memory="low": one graph loaded at a time, each generation loads its graphs again.
     Row("edgediff-fp32-low", "edgediff ONNX Runtime fp32, memory=low", "edgediff", "ours", "export-fp32-cpu",
         {"memory": "low"}),
+    Row("edgediff-int4-low", "edgediff ONNX Runtime int4 U-Net, memory=low", "edgediff", "ours",
+        "export-int4-cpu", {"memory": "low"}),
     Row("edgediff-ov-fp32-low", "edgediff OpenVINO fp32, memory=low", "edgediff", "ours", "export-fp32-none",
         {"provider": "openvino", "memory": "low", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
     Row("diffusers-fp32", "diffusers fp32", "diffusers", "ours", "diffusers"),
@@ -64,7 +66,7 @@ ROWS = (
     Row("sdcpp-q8_0", "stable-diffusion.cpp q8_0", "sdcpp", "peer", "single-file", {"wtype": "q8_0"}),
     Row("sdcpp-f16", "stable-diffusion.cpp f16", "sdcpp", "peer", "single-file", {"wtype": "f16"}),
 )
-LEAN = ("edgediff-fp32-low", "edgediff-ov-fp32-low")
+LEAN = ("edgediff-fp32-low", "edgediff-int4-low", "edgediff-ov-fp32-low")
 OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32", *LEAN)
 PEERS = ("ov-fp32", "ov-int8", "ort-fp32", "sdcpp-q8_0", "sdcpp-f16")
 
