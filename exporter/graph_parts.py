@@ -80,9 +80,36 @@ def split(model, budget: int, output_names: list[str]) -> list:
     return [_part(model, nodes, initializers, needed_after[index], index) for index, nodes in enumerate(groups)]
 
 
+def _topological(nodes) -> list:
+    """``nodes`` so that each comes after the nodes making its inputs, as close to their order as that
+    allows. ONNX asks graphs to be sorted, but ONNX Runtime sorts them itself, and the fp16 conversion
+    appends the Casts of its fp32 islands at the end of the graph."""
+    import heapq
+
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    waits_on = [{producer[name] for name in node.input if name in producer} - {index} for index, node in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for index, producers in enumerate(waits_on):
+        for made_by in producers:
+            readers.setdefault(made_by, []).append(index)
+    ready = [index for index, producers in enumerate(waits_on) if not producers]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(nodes[index])
+        for reader in readers.get(index, ()):
+            waits_on[reader].discard(index)
+            if not waits_on[reader]:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    return order
+
+
 def _group_nodes(graph, weight_bytes: dict[str, int], budget: int) -> list[list]:
     groups, current, held, total = [], [], set(), 0
-    for node in graph.node:
+    for node in _topological(list(graph.node)):
         weights = {name for name in node.input if name in weight_bytes}
         cost = sum(weight_bytes[name] for name in weights - held)
         if current and total + cost > budget:

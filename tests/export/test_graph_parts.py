@@ -19,9 +19,10 @@ from edgediff.exporter.graph_parts import run_in_parts, split  # noqa: E402
 CPU = ["CPUExecutionProvider"]
 
 
-def _chain(folder, width, layers):
+def _chain(folder, width, layers, unsorted=False):
     """``layers`` fp16 MatMuls, each with a residual from the graph input (read by every part) and an
-    early output (made by the first part, asked for at the end), weights in one external-data file."""
+    early output (made by the first part, asked for at the end), weights in one external-data file.
+    ``unsorted``: the Relus listed last, as the fp16 conversion lists the Casts of its fp32 islands."""
     rng = np.random.default_rng(0)
     nodes, weights, x = [], [], "x"
     for i in range(layers):
@@ -30,6 +31,8 @@ def _chain(folder, width, layers):
                   helper.make_node("Add", [f"r{i}", "x"], [f"h{i}"])]
         x = f"h{i}"
     nodes.append(helper.make_node("Identity", ["h0"], ["early"]))
+    if unsorted:
+        nodes = [n for n in nodes if n.op_type != "Relu"] + [n for n in nodes if n.op_type == "Relu"]
     value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT16, [2, width])  # noqa: E731
     graph = helper.make_graph(nodes, "chain", [value("x")], [value(x), value("early")], initializer=weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -38,8 +41,9 @@ def _chain(folder, width, layers):
     return folder / "model.onnx", [x, "early"]
 
 
-def test_parts_give_the_outputs_of_one_session(tmp_path):
-    path, outputs = _chain(tmp_path, 256, 6)
+@pytest.mark.parametrize("unsorted", [False, True], ids=["sorted", "unsorted"])
+def test_parts_give_the_outputs_of_one_session(tmp_path, unsorted):
+    path, outputs = _chain(tmp_path, 256, 6, unsorted)
     feed = {"x": np.random.default_rng(1).standard_normal((2, 256)).astype(np.float16)}
     whole = ort.InferenceSession(str(path), providers=CPU).run(outputs, feed)
     parts = split(onnx.load(str(path), load_external_data=False), 256 * 256 * 2, outputs)
