@@ -41,6 +41,18 @@ def _need(module: str, package: str):
         raise Skip(f"{package} cannot be imported here ({type(error).__name__}: {str(error).splitlines()[0][:160]})")
 
 
+def _pipeline(folder: str) -> str:
+    """``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``, from the folder's model_index.json
+    (the diffusers source, or a peer's own export of it, which names its OV/ORT class)."""
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    return "StableDiffusionXLPipeline" if "XL" in name else "StableDiffusionPipeline"
+
+
+def _no_safety_checker(name: str) -> dict:
+    return {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
+
+
 def _euler(pipe):
     from diffusers import EulerDiscreteScheduler
 
@@ -63,11 +75,11 @@ def diffusers(spec: dict):
     torch = _need("torch", "torch")
     from contextlib import nullcontext
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers as module
 
     torch.set_num_threads(spec["threads"])
-    pipe = _euler(StableDiffusionPipeline.from_pretrained(spec["folder"], safety_checker=None,
-                                                          requires_safety_checker=False))
+    name = _pipeline(spec["folder"])
+    pipe = _euler(getattr(module, name).from_pretrained(spec["folder"], **_no_safety_checker(name)))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.get("bf16") else nullcontext
 
     def run():
@@ -79,11 +91,11 @@ def diffusers(spec: dict):
 
 
 def optimum_openvino(spec: dict):
-    """optimum-intel's OVStableDiffusionPipeline from its own IR export, reshaped to static shapes
+    """optimum-intel's OVStableDiffusion(XL)Pipeline from its own IR export, reshaped to static shapes
     (its documented fastest CPU setting) and compiled with the latency hint."""
     intel = _need("optimum.intel", "optimum-intel[openvino]")
-    pipe = intel.OVStableDiffusionPipeline.from_pretrained(spec["folder"], compile=False,
-                                                           ov_config={"PERFORMANCE_HINT": "LATENCY"})
+    pipe = getattr(intel, "OV" + _pipeline(spec["folder"])).from_pretrained(
+        spec["folder"], compile=False, ov_config={"PERFORMANCE_HINT": "LATENCY"})
     pipe.reshape(batch_size=1, height=spec["size"], width=spec["size"], num_images_per_prompt=1)
     pipe.compile()
     _euler(pipe)
@@ -92,9 +104,10 @@ def optimum_openvino(spec: dict):
 
 
 def optimum_onnxruntime(spec: dict):
-    """optimum's ORTStableDiffusionPipeline from its own ONNX export, CPU provider."""
+    """optimum's ORTStableDiffusion(XL)Pipeline from its own ONNX export, CPU provider."""
     module = _need("optimum.onnxruntime", "optimum-onnx[onnxruntime]")
-    pipe = _euler(module.ORTStableDiffusionPipeline.from_pretrained(spec["folder"], provider="CPUExecutionProvider"))
+    pipe = _euler(getattr(module, "ORT" + _pipeline(spec["folder"])).from_pretrained(
+        spec["folder"], provider="CPUExecutionProvider"))
     return lambda: pipe(spec["prompt"], negative_prompt=spec["negative"], num_inference_steps=spec["steps"],
                         guidance_scale=spec["guidance"], height=spec["size"], width=spec["size"], output_type="np")
 
@@ -114,13 +127,15 @@ def sdcpp(spec: dict):
 def prepare_openvino(spec: dict) -> None:
     intel = _need("optimum.intel", "optimum-intel[openvino]")
     extra = {"load_in_8bit": True} if spec.get("int8") else {"load_in_8bit": False}
-    pipe = intel.OVStableDiffusionPipeline.from_pretrained(spec["source"], export=True, compile=False, **extra)
+    pipe = getattr(intel, "OV" + _pipeline(spec["source"])).from_pretrained(spec["source"], export=True,
+                                                                          compile=False, **extra)
     pipe.save_pretrained(spec["folder"])
 
 
 def prepare_onnxruntime(spec: dict) -> None:
     module = _need("optimum.onnxruntime", "optimum-onnx[onnxruntime]")
-    module.ORTStableDiffusionPipeline.from_pretrained(spec["source"], export=True).save_pretrained(spec["folder"])
+    pipeline = getattr(module, "ORT" + _pipeline(spec["source"]))
+    pipeline.from_pretrained(spec["source"], export=True).save_pretrained(spec["folder"])
 
 
 ENGINES = {"edgediff": edgediff, "diffusers": diffusers, "optimum-openvino": optimum_openvino,

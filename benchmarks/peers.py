@@ -4,8 +4,8 @@ pick instead, each in its own process (benchmarks/peer_worker.py), in one run.
     python -m edgediff.benchmarks.peers [--model sd15] [--resolution 256] [--steps 10] [--peer-python PY]
     edgediff bench --peers ...          (the same, from the bench command)
 
-Peers: optimum-intel's OVStableDiffusionPipeline (its own OpenVINO IR export, static shapes; fp32 and
-8-bit weights), optimum's ORTStableDiffusionPipeline (its own ONNX export, CPU provider) and
+Peers: optimum-intel's OVStableDiffusion(XL)Pipeline (its own OpenVINO IR export, static shapes; fp32
+and 8-bit weights), optimum's ORTStableDiffusion(XL)Pipeline (its own ONNX export, CPU provider) and
 stable-diffusion.cpp (stable-diffusion-cpp-python, from a single-file checkpoint written from the same
 weights; weights converted at load to q8_0 and f16). Beside them: edgediff's CPU exports (fp32, int8
 U-Net MatMuls) and diffusers fp32 and bf16 autocast. Same request everywhere: one prompt with a
@@ -173,12 +173,12 @@ def single_file(source: Path, path: Path, log) -> Path:
     if not (root / "original_format.py").is_file():
         raise RuntimeError("tests/export/original_format.py is not beside this install: run from a source checkout")
     sys.path.insert(0, str(root))
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from original_format import save_original
 
     log(f"writing the single-file checkpoint {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(source)  # SD 1.x/2.x or SDXL, as model_index.json says
     save_original(pipe, path.with_suffix(".partial.safetensors"))
     path.with_suffix(".partial.safetensors").rename(path)
     return path

@@ -25,6 +25,8 @@ def build_pipeline(kind: str = "sd1", seed: int = 0):
 
     from edgediff.models import clip_tokenizer_dir
 
+    if kind not in ("sd1", "sd2", "sd1-inpaint"):  # an SDXL kind here would quietly make an SD 1.x model
+        raise ValueError(f"build_pipeline makes sd1, sd2 or sd1-inpaint, not {kind!r} (SDXL: build_sdxl_pipeline)")
     sd2, inpaint = kind == "sd2", kind == "sd1-inpaint"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

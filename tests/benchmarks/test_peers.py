@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edgediff.benchmarks import peers
-from tiny_models import save_pipeline
+from tiny_models import save_pipeline, save_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,21 @@ def test_table_and_summary(document):
     lean = next(row for row in doc["rows"] if row["key"] == "edgediff-fp32-low")
     assert f"memory=low: edgediff's fastest lean row (edgediff ONNX Runtime fp32, memory=low, {lean['resident_s']:.1f} s" in text
     assert (out / "results.md").read_text().strip() == text.strip()
+
+
+def test_sdxl_runs_through_the_same_rows(tmp_path_factory):
+    """The peers row on every family: an SDXL folder goes to each engine's XL pipeline (diffusers here;
+    optimum-intel's and optimum's XL classes where installed), and stable-diffusion.cpp's single file
+    is written in SDXL's original layout before its row is skipped or run."""
+    model = save_sdxl_pipeline("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
+    params = peers.PeersParams(model=str(model), resolution=64, steps=2, cache=tmp_path_factory.mktemp("cache"),
+                               out=tmp_path_factory.mktemp("peers-xl"), peer_python=sys.executable,
+                               rows=("edgediff-fp32", "diffusers-fp32", "sdcpp-q8_0"))
+    rows = {row["key"]: row for row in peers.run(params, log=lambda line: None)["rows"]}
+    for key in ("edgediff-fp32", "diffusers-fp32"):
+        assert rows[key].get("resident_s"), rows[key]
+    from safetensors import safe_open
+
+    single_file = next(params.cache.glob("*/single-file/model.safetensors"))  # beside the bench's copy
+    with safe_open(str(single_file), "np") as checkpoint:
+        assert any(name.startswith("conditioner.embedders.1.model.") for name in checkpoint.keys())
