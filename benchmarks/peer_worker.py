@@ -79,7 +79,9 @@ def diffusers(spec: dict):
 
     torch.set_num_threads(spec["threads"])
     name = _pipeline(spec["folder"])
-    pipe = _euler(getattr(module, name).from_pretrained(spec["folder"], **_no_safety_checker(name)))
+    # fp32 as saved: transformers 5 would load a text encoder in the dtype its config names (SDXL's fp16)
+    pipe = _euler(getattr(module, name).from_pretrained(spec["folder"], torch_dtype=torch.float32,
+                                                        **_no_safety_checker(name)))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.get("bf16") else nullcontext
 
     def run():
