@@ -90,7 +90,7 @@ def peer_python(params: PeersParams) -> str:
     return params.peer_python or os.environ.get("EDGEDIFF_PEER_PYTHON") or sys.executable
 
 
-def call_worker(python: str, engine: str, spec: dict, log: Path, timeout_s: int) -> dict:
+def call_worker(python: str, engine: str, spec: dict, log: Path, timeout_s: int, env: dict | None = None) -> dict:
     """Run peer_worker.py; its result, {"skipped": line} (exit 3) or {"error": line}."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -99,7 +99,7 @@ def call_worker(python: str, engine: str, spec: dict, log: Path, timeout_s: int)
         with open(log, "w") as stderr:
             try:
                 code = subprocess.run([python, str(WORKER), engine, str(spec_path), str(result_path)],
-                                      stdout=stderr, stderr=stderr, timeout=timeout_s).returncode
+                                      stdout=stderr, stderr=stderr, timeout=timeout_s, env=env).returncode
             except subprocess.TimeoutExpired:
                 return {"error": f"over {timeout_s} s"}
             except OSError as error:
@@ -134,7 +134,10 @@ def prepare(row: Row, source: Path, params: PeersParams, log_dir: Path, log) -> 
     _legacy_tokenizer_files(source)
     log(f"preparing {row.folder} (the peer's own export) into {folder}")
     spec = {"prepare": True, "source": str(source), "folder": str(folder), "int8": row.folder.endswith("int8")}
-    result = call_worker(peer_python(params), row.engine, spec, log_dir / f"prepare-{row.folder}.log", params.timeout_s)
+    # The peers' exporters write GBs of temporary files: in a folder deleted even when the worker is killed.
+    with tempfile.TemporaryDirectory(dir=source.parent, prefix="peer-tmp-") as tmp:
+        result = call_worker(peer_python(params), row.engine, spec, log_dir / f"prepare-{row.folder}.log",
+                             params.timeout_s, env={**os.environ, "TMPDIR": tmp})
     if "prepare_s" not in result:
         return None, result.get("skipped") or f"its export failed: {result.get('error')}"
     (folder / ".complete").write_text(json.dumps(result))

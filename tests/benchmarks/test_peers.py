@@ -3,6 +3,7 @@ imported or whose Python is missing is a one-line skip, and the table says who i
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,21 @@ def test_sdxl_runs_through_the_same_rows(tmp_path_factory):
     single_file = next(params.cache.glob("*/single-file/model.safetensors"))  # beside the bench's copy
     with safe_open(str(single_file), "np") as checkpoint:
         assert any(name.startswith("conditioner.embedders.1.model.") for name in checkpoint.keys())
+
+
+def test_a_killed_peer_export_leaves_no_temporary_files(tmp_path):
+    """optimum-intel's SDXL export was killed for memory and left 13 GB in /tmp: a peer's preparation
+    gets its own TMPDIR beside the model, deleted whatever becomes of the worker."""
+    source = tmp_path / "model" / "diffusers"
+    source.mkdir(parents=True)
+    python = tmp_path / "python"  # writes into its TMPDIR, then dies as the OOM killer would leave it
+    python.write_text(f'#!/bin/sh\necho "$TMPDIR" > {tmp_path}/tmpdir\n'
+                      '[ -n "$TMPDIR" ] && head -c 1000000 /dev/zero > "$TMPDIR/work.bin"\nkill -9 $$\n')
+    python.chmod(0o755)
+    params = peers.PeersParams(peer_python=str(python))
+    row = next(r for r in peers.ROWS if r.key == "ov-fp32")
+    folder, why = peers.prepare(row, source, params, tmp_path / "logs", log=lambda line: None)
+    assert folder is None and "killed" in why
+    tmpdir = Path((tmp_path / "tmpdir").read_text().strip() or "/")
+    assert tmpdir.parent == source.parent and not tmpdir.exists()
+    assert sorted(p.name for p in source.parent.iterdir()) == ["diffusers"]
