@@ -172,12 +172,16 @@ def single_file(source: Path, path: Path, log) -> Path:
     with the tests' converter (tests/export/original_format.py), the reverse of diffusers' loader."""
     if path.is_file():
         return path
-    root = Path(__file__).resolve().parents[1] / "tests" / "export"
-    if not (root / "original_format.py").is_file():
-        raise RuntimeError("tests/export/original_format.py is not beside this install: run from a source checkout")
-    sys.path.insert(0, str(root))
     from diffusers import DiffusionPipeline
-    from original_format import save_original
+
+    try:  # the tests put tests/export on the path; a source checkout has it beside the package
+        from original_format import save_original
+    except ImportError:
+        root = Path(__file__).resolve().parents[1] / "tests" / "export"
+        if not (root / "original_format.py").is_file():
+            raise RuntimeError("tests/export/original_format.py is not beside this install: run from a source checkout")
+        sys.path.insert(0, str(root))
+        from original_format import save_original
 
     log(f"writing the single-file checkpoint {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

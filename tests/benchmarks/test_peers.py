@@ -63,10 +63,11 @@ def test_table_and_summary(document):
     assert (out / "results.md").read_text().strip() == text.strip()
 
 
-def test_sdxl_runs_through_the_same_rows(tmp_path_factory):
+def test_sdxl_runs_through_the_same_rows(tmp_path_factory, monkeypatch):
     """The peers row on every family: an SDXL folder goes to each engine's XL pipeline (diffusers here;
     optimum-intel's and optimum's XL classes where installed), and stable-diffusion.cpp's single file
     is written in SDXL's original layout before its row is skipped or run."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "export"))  # its single-file writer
     model = save_sdxl_pipeline("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
     params = peers.PeersParams(model=str(model), resolution=64, steps=2, cache=tmp_path_factory.mktemp("cache"),
                                out=tmp_path_factory.mktemp("peers-xl"), peer_python=sys.executable,
