@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .memory import release_freed
+from .weights import nbytes
 
 
 def run_in_parts(graph_path: Path, feed: dict[str, np.ndarray], output_names: list[str], providers: list[str],
@@ -70,7 +71,8 @@ def split(model, budget: int, output_names: list[str]) -> list:
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return [model]
-    groups = _group_nodes(graph, {t.name: _tensor_bytes(t) for t in graph.initializer}, budget)
+    sizes = {t.name: nbytes(t) for t in graph.initializer if t.data_type != onnx.TensorProto.STRING}
+    groups = _group_nodes(graph, sizes, budget)
     if len(groups) == 1:
         return [model]
     needed_after = [set(output_names)]
@@ -138,9 +140,3 @@ def _part(model, nodes, initializers, needed_after: set[str], index: int):
     part.functions.extend(model.functions)
     return part
 
-
-def _tensor_bytes(tensor) -> int:
-    import onnx
-
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
