@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .mapped_weights import Releasing
+
 NAME = "OpenVINO"  # what get_providers() reports, where ONNX Runtime would name its provider
 # OpenVINO element types as ONNX Runtime spells tensor types (check_graph_matches compares those).
 ONNX_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "i32": "tensor(int32)", "i64": "tensor(int64)",
@@ -59,9 +61,13 @@ class OpenVINOSession:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             config = {**config, "CACHE_DIR": str(cache_dir)}
-        self._compiled = core.compile_model(str(path), device, config)
+        # the compiled blob or the graph's weights, which OpenVINO maps, then copies (mapped_weights.py)
+        self._mapped = (Path(path).parent,) + ((cache_dir,) if cache_dir is not None else ())
+        with Releasing(self._mapped):
+            self._compiled = core.compile_model(str(path), device, config)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
+        self._shapes_run: set[tuple] = set()  # a new shape has its weights laid out again on its first run
         self._inputs, self._outputs = _ports(self._compiled.inputs, names), _ports(self._compiled.outputs, names)
 
     def get_providers(self) -> list[str]:
@@ -76,7 +82,13 @@ class OpenVINOSession:
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         ports = range(len(self._outputs)) if output_names is None else [
             next(i for i, out in enumerate(self._outputs) if name in out.names) for name in output_names]
+        shapes = tuple(sorted((name, np.shape(value)) for name, value in feed.items()))
         with self._lock:
-            results = self._request.infer(feed)  # copies the outputs out of the request's buffers
+            if shapes in self._shapes_run:
+                results = self._request.infer(feed)  # copies the outputs out of the request's buffers
+            else:
+                with Releasing(self._mapped):
+                    results = self._request.infer(feed)
+                self._shapes_run.add(shapes)
         values = list(results.values())
         return [np.asarray(values[i]) for i in ports]
