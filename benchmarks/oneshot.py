@@ -31,9 +31,13 @@ PROMPT = "a photograph of an astronaut riding a horse"
 DIFFUSERS_SCRIPT = """
 import sys, torch
 from contextlib import nullcontext
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 folder, size, steps, precision, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+# the folder's own pipeline class (SD 1.x/2.x or SDXL); fp32 as saved: transformers 5 would load SDXL's
+# second text encoder in the fp16 its config names
+pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+if hasattr(pipe, "safety_checker"):
+    pipe.safety_checker = None
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
 pipe.set_progress_bar_config(disable=True)
 autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
