@@ -55,6 +55,11 @@ ROWS = (
         "export-int4-cpu", {"memory": "low"}),
     Row("edgediff-ov-fp32-low", "edgediff OpenVINO fp32, memory=low", "edgediff", "ours", "export-fp32-none",
         {"provider": "openvino", "memory": "low", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
+    # OpenVINO keeps MatMulNBits' 4-bit weights packed in its FullyConnected kernels (convolutions fp32).
+    Row("edgediff-ov-int4", "edgediff OpenVINO int4 U-Net (--optimize-for none export)", "edgediff", "ours",
+        "export-int4-none", {"provider": "openvino", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
+    Row("edgediff-ov-int4-low", "edgediff OpenVINO int4 U-Net, memory=low", "edgediff", "ours", "export-int4-none",
+        {"provider": "openvino", "memory": "low", "env": {"EDGEDIFF_OPENVINO_PRECISION": "FP32"}}),
     Row("diffusers-fp32", "diffusers fp32", "diffusers", "ours", "diffusers"),
     # One generation: without native bf16 (AMX-BF16, AVX512-BF16) it is emulated and slow.
     Row("diffusers-bf16", "diffusers bf16 autocast", "diffusers", "ours", "diffusers",
@@ -66,8 +71,8 @@ ROWS = (
     Row("sdcpp-q8_0", "stable-diffusion.cpp q8_0", "sdcpp", "peer", "single-file", {"wtype": "q8_0"}),
     Row("sdcpp-f16", "stable-diffusion.cpp f16", "sdcpp", "peer", "single-file", {"wtype": "f16"}),
 )
-LEAN = ("edgediff-fp32-low", "edgediff-int4-low", "edgediff-ov-fp32-low")
-OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32", *LEAN)
+LEAN = ("edgediff-fp32-low", "edgediff-int4-low", "edgediff-ov-fp32-low", "edgediff-ov-int4-low")
+OURS = ("edgediff-fp32", "edgediff-int8", "edgediff-int4", "edgediff-ov-fp32", "edgediff-ov-int4", *LEAN)
 PEERS = ("ov-fp32", "ov-int8", "ort-fp32", "sdcpp-q8_0", "sdcpp-f16")
 
 

@@ -202,3 +202,18 @@ def test_bench_measures_int4_when_asked(monkeypatch):
     assert labels["edgediff cpu int4 low"] is None and labels["edgediff cpu int4 high"] is None
     assert labels["edgediff cuda int4 low"] == "unmeasured (no GPU lent to this session)"
     assert labels["diffusers cpu fp32"] is None
+
+
+def test_int4_export_for_openvino_gives_onnx_runtimes_image(tiny_store, monkeypatch):
+    """OpenVINO reads MatMulNBits and keeps its 4-bit weights packed (RESULTS.md, "OpenVINO int4"):
+    an ``--optimize-for none`` int4 export draws the image ONNX Runtime draws from it."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "FP32")  # not bf16 where the CPU has it
+    folder = tiny_store.export("sd1", "int4", "--optimize-for", "none", name="sd1-int4-none")
+    assert read_manifest(folder).graphs["unet"].precision == "int4"
+    latents = start_noise(folder)
+    on_onnxruntime = pixels(folder, latents)
+    result = Pipeline.load(folder, provider="openvino")(PROMPT, negative_prompt="blurry", steps=STEPS,
+                                                         guidance=GUIDANCE, sampler="euler", latents=latents)
+    on_openvino = np.asarray(result.images[0], dtype=np.float64) / 255
+    assert np.abs(on_openvino - on_onnxruntime).max() < 2e-2
