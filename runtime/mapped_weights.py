@@ -16,6 +16,7 @@ elsewhere it does nothing.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def _madvise():
 
 def read_only_mappings(files: tuple[Path, ...]) -> list[tuple[int, int]]:
     """Address ranges of this process's read-only mappings of ``files`` (folders: any file in them)."""
-    roots = tuple(str(path) for path in files)
+    roots = tuple(str(path) + os.sep for path in files)  # a folder's files, not its namesakes' ("unet2")
+    exact = {str(path) for path in files}
     ranges = []
     try:
         lines = MAPS.read_text().splitlines()
@@ -39,7 +41,7 @@ def read_only_mappings(files: tuple[Path, ...]) -> list[tuple[int, int]]:
         return []
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1] in ("r--s", "r--p") and fields[5].startswith(roots):
+        if len(fields) == 6 and fields[1] in ("r--s", "r--p") and (fields[5].startswith(roots) or fields[5] in exact):
             start, end = (int(value, 16) for value in fields[0].split("-"))
             ranges.append((start, end))
     return ranges

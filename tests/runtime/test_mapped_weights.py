@@ -49,6 +49,15 @@ def test_release_leaves_writable_and_other_mappings_alone(tmp_path):
     assert mapped_weights.release((tmp_path / "elsewhere",)) == 0
 
 
+def test_release_takes_a_folders_files_and_named_files_only(tmp_path):
+    (tmp_path / "unet2").mkdir()
+    (tmp_path / "unet2" / "w.bin").write_bytes(bytes(4 << 20))
+    with open(tmp_path / "unet2" / "w.bin", "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ):
+        assert mapped_weights.release((tmp_path / "unet",)) == 0  # a namesake folder is not "unet"
+        assert mapped_weights.release((tmp_path / "unet2" / "w.bin",)) >= 4 << 20
+        assert mapped_weights.release((tmp_path / "unet2",)) >= 4 << 20
+
+
 SESSION_SCRIPT = """
 import json, sys
 from pathlib import Path
