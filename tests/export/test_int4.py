@@ -205,7 +205,7 @@ def test_bench_measures_int4_when_asked(monkeypatch):
 
 
 def test_int4_export_for_openvino_gives_onnx_runtimes_image(tiny_store, monkeypatch):
-    """OpenVINO reads MatMulNBits and keeps its 4-bit weights packed (RESULTS.md, "OpenVINO int4"):
+    """OpenVINO reads MatMulNBits and keeps its 4-bit weights packed (RESULTS.md, "OpenVINO on the int4 U-Net"):
     an ``--optimize-for none`` int4 export draws the image ONNX Runtime draws from it."""
     pytest.importorskip("openvino")
     monkeypatch.setenv("EDGEDIFF_OPENVINO_PRECISION", "FP32")  # not bf16 where the CPU has it
